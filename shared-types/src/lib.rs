@@ -1,0 +1,25 @@
+//! The `marchproxy` wire contract as Rust types, and the conversions the rest of
+//! Switchyard shares.
+//!
+//! `pb` is generated from `proto/marchproxy/*.proto` at build time (protox, no
+//! system `protoc`). Everything else here is hand-written: names for enums as
+//! users write them in YAML and on the command line, timestamps, and builders
+//! for the contract's `Error` message.
+
+#![deny(unsafe_code)]
+
+pub mod error;
+pub mod names;
+pub mod time;
+
+pub mod pb {
+    //! Generated code for package `marchproxy`.
+    #![allow(clippy::all, clippy::pedantic, missing_docs)]
+    tonic::include_proto!("marchproxy");
+}
+
+pub use names::UnknownName;
+
+/// The encoded `FileDescriptorSet` of the contract (for server reflection).
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/marchproxy_descriptor.bin"));
