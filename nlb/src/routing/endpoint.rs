@@ -1,0 +1,105 @@
+//! What the routing core balances over: module instances and static backend
+//! addresses, each with live counters shared across snapshots.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use shared_types::pb::ModuleType;
+
+/// Capacity assumed for an instance with `max_connections` 0 (unlimited) when
+/// computing its load score.
+pub const DEFAULT_CAPACITY: f64 = 1000.0;
+
+/// Live counters of one endpoint. They outlive snapshots: a rebuilt snapshot
+/// points at the same counters, so nothing is lost or double counted.
+#[derive(Debug, Default)]
+pub struct EndpointCounters {
+    active: AtomicI64,
+    total: AtomicU64,
+    last_used_ms: AtomicU64,
+}
+
+impl EndpointCounters {
+    pub fn active(&self) -> i64 {
+        self.active.load(Ordering::Relaxed).max(0)
+    }
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+    pub fn last_used_ms(&self) -> u64 {
+        self.last_used_ms.load(Ordering::Relaxed)
+    }
+    /// Counts one routing decision that sent no connection (a `RouteRequest`).
+    pub fn record_routed(&self, now_ms: u64) {
+        self.total.fetch_add(1, Ordering::Relaxed);
+        self.last_used_ms.store(now_ms, Ordering::Relaxed);
+    }
+    /// Counts a connection opened; the guard counts it closed when dropped.
+    pub fn open_connection(self: &Arc<Self>, now_ms: u64) -> ConnectionGuard {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        self.record_routed(now_ms);
+        ConnectionGuard(Arc::clone(self))
+    }
+}
+
+/// Held for the life of a connection to an endpoint.
+#[derive(Debug)]
+pub struct ConnectionGuard(Arc<EndpointCounters>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Whether an endpoint may take new connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndpointState {
+    Healthy,
+    /// Missed heartbeats or failed active health checks.
+    Unhealthy,
+    /// Unregistering or told to drain: existing connections finish.
+    Draining,
+}
+
+/// A module instance or static backend address, as a snapshot sees it.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// Instance id, or `pool/host:port` for a static backend.
+    pub id: String,
+    /// `Unspecified` for static backends.
+    pub module_type: ModuleType,
+    /// Where traffic goes (`metadata["data_address"]`); `None` takes no traffic.
+    pub address: Option<String>,
+    pub version: String,
+    pub state: EndpointState,
+    /// 0 = unlimited.
+    pub max_connections: u32,
+    /// Refreshed by `RebalanceLoad`; scales the capacity (1.0 = nominal).
+    pub capacity_factor: f64,
+    /// The instance asked for a PROXY v2 header.
+    pub proxy_protocol: bool,
+    pub counters: Arc<EndpointCounters>,
+}
+
+impl Endpoint {
+    /// Full: `max_connections` set and reached.
+    pub fn is_full(&self) -> bool {
+        self.max_connections > 0 && self.counters.active() >= i64::from(self.max_connections)
+    }
+
+    /// Healthy, not draining, has a data address and is not full.
+    pub fn accepts_new(&self) -> bool {
+        self.state == EndpointState::Healthy && self.address.is_some() && !self.is_full()
+    }
+
+    /// Active connections relative to effective capacity.
+    pub fn load_score(&self) -> f64 {
+        let nominal = if self.max_connections > 0 {
+            f64::from(self.max_connections)
+        } else {
+            DEFAULT_CAPACITY
+        };
+        self.counters.active() as f64 / (nominal * self.capacity_factor.clamp(0.05, 10.0))
+    }
+}

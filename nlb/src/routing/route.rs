@@ -1,0 +1,231 @@
+//! A validated route: the contract's `Route` checked field by field, with what
+//! the NLB matches on parsed once.
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+use std::fmt;
+
+use shared_types::pb::{self, ModuleType, Protocol};
+
+use super::pattern::{cmp_cidr_narrowest_first, Cidr, NamePattern};
+use super::Detected;
+
+/// Who serves a route.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Target {
+    /// Announced by module instances (`initial_routes` or `UpdateRouting` with
+    /// `source_instance_id`): served by the instances that announced it.
+    Announced(ModuleType),
+    /// An operator route naming a module type: served by all its instances.
+    ModuleType(ModuleType),
+    /// An operator route naming a static backend pool from the config.
+    Backend(String),
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Announced(t) => write!(f, "announced by {t} instances"),
+            Target::ModuleType(t) => write!(f, "module type {t}"),
+            Target::Backend(b) => write!(f, "backend {b}"),
+        }
+    }
+}
+
+/// One thing wrong with one field of one route.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("route {route_id:?}: {field}: {message}")]
+pub struct FieldError {
+    pub route_id: String,
+    pub field: &'static str,
+    pub message: String,
+}
+
+/// A route the NLB can match.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteSpec {
+    /// The route as given (shown as given in the routing table).
+    pub route: pb::Route,
+    pub protocol: Protocol,
+    pub source: Option<Cidr>,
+    pub destination: NamePattern,
+    /// 0 = any port.
+    pub port: u16,
+    pub priority: i32,
+    pub target: Target,
+}
+
+/// Protocols no TCP listener can carry.
+const NOT_ON_TCP: &[Protocol] = &[Protocol::Udp, Protocol::Http3, Protocol::Hls, Protocol::Dash];
+
+impl RouteSpec {
+    /// Validates an operator route: it must name `metadata["module_type"]` or
+    /// `metadata["backend"]`.
+    pub fn operator(route: &pb::Route) -> Result<Self, Vec<FieldError>> {
+        let module_type = route.metadata.get("module_type").filter(|s| !s.is_empty());
+        let backend = route.metadata.get("backend").filter(|s| !s.is_empty());
+        let target = match (module_type, backend) {
+            (Some(_), Some(_)) => Err("name either module_type or backend, not both".to_string()),
+            (None, None) => Err(
+                "an operator route names metadata[\"module_type\"] (e.g. alb) or metadata[\"backend\"] (a pool from the config)"
+                    .to_string(),
+            ),
+            (Some(t), None) => ModuleType::parse_name(t)
+                .map(Target::ModuleType)
+                .map_err(|e| e.to_string()),
+            (None, Some(b)) => Ok(Target::Backend(b.clone())),
+        };
+        Self::build(route, target.map_err(|m| ("metadata", m)))
+    }
+
+    /// Validates a route announced by an instance of `module_type`.
+    pub fn announced(route: &pb::Route, module_type: ModuleType) -> Result<Self, Vec<FieldError>> {
+        Self::build(route, Ok(Target::Announced(module_type)))
+    }
+
+    fn build(
+        route: &pb::Route,
+        target: Result<Target, (&'static str, String)>,
+    ) -> Result<Self, Vec<FieldError>> {
+        let mut errors = Vec::new();
+        let mut err = |field: &'static str, message: String| {
+            errors.push(FieldError {
+                route_id: route.route_id.clone(),
+                field,
+                message,
+            });
+        };
+        if route.route_id.trim().is_empty() {
+            err("route_id", "is empty".into());
+        } else if route.route_id.len() > 256 || route.route_id.chars().any(char::is_control) {
+            err("route_id", "must be at most 256 printable characters".into());
+        }
+        let protocol = match Protocol::from_wire(route.protocol) {
+            None | Some(Protocol::Unspecified) => {
+                err(
+                    "protocol",
+                    format!("{} is not a protocol this NLB routes", route.protocol),
+                );
+                Protocol::Unspecified
+            }
+            Some(p) if NOT_ON_TCP.contains(&p) => {
+                err(
+                    "protocol",
+                    format!("{p} cannot be carried by the NLB's TCP listeners"),
+                );
+                p
+            }
+            Some(p) => p,
+        };
+        let source = if route.source_pattern.trim().is_empty() {
+            None
+        } else {
+            Cidr::parse(&route.source_pattern)
+                .map_err(|m| err("source_pattern", m))
+                .ok()
+        };
+        let destination = NamePattern::parse(&route.destination_pattern)
+            .map_err(|m| err("destination_pattern", m))
+            .unwrap_or(NamePattern::Any);
+        let port = u16::try_from(route.destination_port).unwrap_or_else(|_| {
+            err(
+                "destination_port",
+                format!(
+                    "{} is not a port (1 to 65535, or 0 for any)",
+                    route.destination_port
+                ),
+            );
+            0
+        });
+        let target = target.map_err(|(f, m)| err(f, m)).ok();
+        match target {
+            Some(target) if errors.is_empty() => Ok(RouteSpec {
+                route: route.clone(),
+                protocol,
+                source,
+                destination,
+                port,
+                priority: route.priority,
+                target,
+            }),
+            _ => Err(errors),
+        }
+    }
+
+    pub fn route_id(&self) -> &str {
+        &self.route.route_id
+    }
+
+    /// Whether this route matches a connection.
+    pub fn matches(&self, conn: &super::ConnInfo<'_>) -> bool {
+        protocol_matches(self.protocol, conn.protocol)
+            && (self.port == 0 || self.port == conn.port)
+            && self
+                .source
+                .is_none_or(|c| conn.client.is_some_and(|ip| c.contains(ip)))
+            && self.destination.matches(conn.server_name.as_deref())
+    }
+
+    /// Precedence (Less = tried first): higher priority; then exact name over
+    /// wildcard, longer wildcard, narrower CIDR, declared port over any; then
+    /// `route_id`.
+    pub fn precedence(&self, other: &Self) -> Ordering {
+        other
+            .priority
+            .cmp(&self.priority)
+            .then_with(|| other.destination.specificity().cmp(&self.destination.specificity()))
+            .then_with(|| cmp_cidr_narrowest_first(self.source.as_ref(), other.source.as_ref()))
+            .then_with(|| (other.port != 0).cmp(&(self.port != 0)))
+            .then_with(|| self.route.route_id.cmp(&other.route.route_id))
+    }
+
+    /// The identity under which announced routes merge: every field but
+    /// metadata, plus the announcing module type.
+    pub fn merge_key(&self) -> MergeKey {
+        let r = &self.route;
+        MergeKey {
+            target: self.target.clone(),
+            route_id: r.route_id.clone(),
+            protocol: r.protocol,
+            source_pattern: r.source_pattern.clone(),
+            destination_pattern: r.destination_pattern.clone(),
+            source_port: r.source_port,
+            destination_port: r.destination_port,
+            path_pattern: r.path_pattern.clone(),
+            headers: r.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            priority: r.priority,
+        }
+    }
+}
+
+/// See [`RouteSpec::merge_key`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MergeKey {
+    target: Target,
+    route_id: String,
+    protocol: i32,
+    source_pattern: String,
+    destination_pattern: String,
+    source_port: i32,
+    destination_port: i32,
+    path_pattern: String,
+    headers: BTreeMap<String, String>,
+    priority: i32,
+}
+
+/// Which detected protocols a route protocol matches. `TCP` matches anything
+/// (it is the fallback, tried after every protocol-specific route).
+pub fn protocol_matches(route: Protocol, detected: Detected) -> bool {
+    match route {
+        Protocol::Tcp => true,
+        Protocol::Https | Protocol::Rtmps => detected == Detected::Tls,
+        Protocol::Http | Protocol::Websocket => detected == Detected::Http1,
+        Protocol::Http2 | Protocol::Grpc => detected == Detected::Http2,
+        Protocol::Postgres => detected == Detected::Postgres,
+        Protocol::Mysql => detected == Detected::Mysql,
+        Protocol::Mongodb => detected == Detected::Mongodb,
+        Protocol::Redis => detected == Detected::Redis,
+        Protocol::Rtmp => detected == Detected::Rtmp,
+        _ => false,
+    }
+}

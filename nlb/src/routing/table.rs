@@ -1,0 +1,232 @@
+//! The routing snapshot: every route in precedence order with the endpoints
+//! that serve it, and the version weights, compiled together and never changed
+//! after. The control plane builds a new one on every change of membership,
+//! health, routes or weights; the data plane reads one per connection.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use shared_types::pb::ModuleType;
+
+use super::balance::{choose_endpoint, choose_version};
+use super::endpoint::Endpoint;
+use super::route::{MergeKey, RouteSpec, Target};
+use super::ConnInfo;
+
+/// Per-route bookkeeping that survives rebuilds.
+#[derive(Debug)]
+pub struct RouteStats {
+    pub created_at_ms: u64,
+    last_used_ms: AtomicU64,
+}
+
+impl RouteStats {
+    pub fn last_used_ms(&self) -> u64 {
+        self.last_used_ms.load(Ordering::Relaxed)
+    }
+}
+
+/// Keeps route stats across rebuilds, keyed by route identity.
+#[derive(Debug, Default)]
+pub struct RouteStatsCache(HashMap<MergeKey, Arc<RouteStats>>);
+
+/// A route with the endpoints serving it.
+#[derive(Debug)]
+pub struct CompiledRoute {
+    pub spec: RouteSpec,
+    /// Every endpoint serving the route, able to take traffic or not.
+    pub servers: Vec<Arc<Endpoint>>,
+    pub stats: Arc<RouteStats>,
+}
+
+/// How versions and instances are chosen.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Policy {
+    /// Per module type: (version, percent) sorted by version, summing to 100.
+    pub weights: HashMap<ModuleType, Vec<(String, u32)>>,
+    /// Choose version and instance by a hash of the client address.
+    pub sticky: bool,
+}
+
+/// Why a connection could not be routed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("no route matches {0}")]
+    NoRoute(String),
+    #[error("route {route_id:?} matches but {reason}")]
+    NoServer { route_id: String, reason: String },
+}
+
+/// A routing decision.
+#[derive(Debug)]
+pub struct Selection<'s> {
+    pub route: &'s CompiledRoute,
+    pub endpoint: &'s Arc<Endpoint>,
+}
+
+/// Everything a snapshot is built from.
+pub struct SnapshotInput<'a> {
+    pub generation: u64,
+    /// Each announced route with the instance that announced it.
+    pub announced: Vec<(&'a RouteSpec, &'a Arc<Endpoint>)>,
+    pub operator: &'a [RouteSpec],
+    /// Every registered instance (for operator routes naming a module type).
+    pub instances: &'a [Arc<Endpoint>],
+    pub backends: &'a BTreeMap<String, Vec<Arc<Endpoint>>>,
+    pub policy: Policy,
+    pub now_ms: u64,
+}
+
+/// One immutable routing table.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub generation: u64,
+    /// Protocol-specific routes, in precedence order.
+    specific: Vec<CompiledRoute>,
+    /// `TCP` routes, in precedence order: tried when no specific route matches.
+    fallback: Vec<CompiledRoute>,
+    pub policy: Policy,
+}
+
+impl Snapshot {
+    /// Compiles a snapshot. Identical announced routes from several instances
+    /// merge into one route served by all of them.
+    pub fn build(input: SnapshotInput<'_>, cache: &mut RouteStatsCache) -> Snapshot {
+        let mut merged: BTreeMap<MergeKey, (RouteSpec, Vec<Arc<Endpoint>>)> = BTreeMap::new();
+        for (spec, instance) in input.announced {
+            merged
+                .entry(spec.merge_key())
+                .or_insert_with(|| (spec.clone(), Vec::new()))
+                .1
+                .push(Arc::clone(instance));
+        }
+        for spec in input.operator {
+            let servers = match &spec.target {
+                Target::ModuleType(t) => input
+                    .instances
+                    .iter()
+                    .filter(|e| e.module_type == *t)
+                    .cloned()
+                    .collect(),
+                Target::Backend(name) => input.backends.get(name).cloned().unwrap_or_default(),
+                Target::Announced(_) => Vec::new(),
+            };
+            merged.insert(spec.merge_key(), (spec.clone(), servers));
+        }
+
+        let mut fresh = HashMap::with_capacity(merged.len());
+        let mut specific = Vec::new();
+        let mut fallback = Vec::new();
+        for (key, (spec, mut servers)) in merged {
+            servers.sort_by(|a, b| a.id.cmp(&b.id));
+            servers.dedup_by(|a, b| a.id == b.id);
+            let stats = cache.0.remove(&key).unwrap_or_else(|| {
+                Arc::new(RouteStats {
+                    created_at_ms: input.now_ms,
+                    last_used_ms: AtomicU64::new(0),
+                })
+            });
+            fresh.insert(key, Arc::clone(&stats));
+            let route = CompiledRoute {
+                spec,
+                servers,
+                stats,
+            };
+            if route.spec.protocol == shared_types::pb::Protocol::Tcp {
+                fallback.push(route);
+            } else {
+                specific.push(route);
+            }
+        }
+        cache.0 = fresh;
+        specific.sort_by(|a, b| a.spec.precedence(&b.spec));
+        fallback.sort_by(|a, b| a.spec.precedence(&b.spec));
+        Snapshot {
+            generation: input.generation,
+            specific,
+            fallback,
+            policy: input.policy,
+        }
+    }
+
+    /// Every route, in the order they are tried.
+    pub fn routes(&self) -> impl Iterator<Item = &CompiledRoute> {
+        self.specific.iter().chain(&self.fallback)
+    }
+
+    /// The route a connection matches: the first protocol-specific route in
+    /// precedence order, else the first `TCP` route.
+    pub fn find_route(&self, conn: &ConnInfo<'_>) -> Option<&CompiledRoute> {
+        self.routes().find(|r| r.spec.matches(conn))
+    }
+
+    /// Routes a connection: its route, then a version by weight, then an
+    /// instance by load. Endpoints whose id is in `exclude` (already tried)
+    /// are skipped.
+    pub fn select(
+        &self,
+        conn: &ConnInfo<'_>,
+        exclude: &[&str],
+    ) -> Result<Selection<'_>, RouteError> {
+        let route = self
+            .find_route(conn)
+            .ok_or_else(|| RouteError::NoRoute(conn.to_string()))?;
+        let no_server = |reason: String| RouteError::NoServer {
+            route_id: route.spec.route_id().to_string(),
+            reason,
+        };
+        if route.servers.is_empty() {
+            return Err(no_server(format!("has no servers ({})", route.spec.target)));
+        }
+        let usable: Vec<&Arc<Endpoint>> = route
+            .servers
+            .iter()
+            .filter(|e| e.accepts_new() && !exclude.contains(&e.id.as_str()))
+            .collect();
+        if usable.is_empty() {
+            return Err(no_server(format!(
+                "none of its {} servers can take a connection (unhealthy, draining, full, without a data address or already tried)",
+                route.servers.len()
+            )));
+        }
+        let sticky = if self.policy.sticky { conn.client } else { None };
+        let module_type = usable[0].module_type;
+        let candidates: Vec<&Arc<Endpoint>> = match self.policy.weights.get(&module_type) {
+            Some(weights) if module_type != ModuleType::Unspecified => {
+                let version = choose_version(weights, &usable, sticky).ok_or_else(|| {
+                    let names: Vec<&str> = weights
+                        .iter()
+                        .filter(|(_, w)| *w > 0)
+                        .map(|(v, _)| v.as_str())
+                        .collect();
+                    no_server(format!(
+                        "no server of the weighted versions ({}) can take a connection",
+                        names.join(", ")
+                    ))
+                })?;
+                usable.into_iter().filter(|e| e.version == version).collect()
+            }
+            _ => usable,
+        };
+        let endpoint = choose_endpoint(&candidates, sticky)
+            .ok_or_else(|| no_server("no candidate left".to_string()))?;
+        Ok(Selection { route, endpoint })
+    }
+
+    /// Counts a routing decision that opened no connection.
+    pub fn record_routed(selection: &Selection<'_>, now_ms: u64) {
+        selection.endpoint.counters.record_routed(now_ms);
+        selection
+            .route
+            .stats
+            .last_used_ms
+            .store(now_ms, Ordering::Relaxed);
+    }
+
+    /// Client address helper for callers building [`ConnInfo`].
+    pub fn sticky_key(&self, client: Option<IpAddr>) -> Option<IpAddr> {
+        client.filter(|_| self.policy.sticky)
+    }
+}
