@@ -137,6 +137,13 @@ impl RouteSpec {
             );
             0
         });
+        if route.priority < 0 {
+            // DESIGN.md: priority 0 (unset) is the lowest; nothing ranks below it.
+            err(
+                "priority",
+                format!("{} is below 0, the lowest priority", route.priority),
+            );
+        }
         let target = target.map_err(|(f, m)| err(f, m)).ok();
         match target {
             Some(target) if errors.is_empty() => Ok(RouteSpec {
@@ -166,9 +173,9 @@ impl RouteSpec {
             && self.destination.matches(conn.server_name.as_deref())
     }
 
-    /// Precedence (Less = tried first): higher priority; then exact name over
-    /// wildcard, longer wildcard, narrower CIDR, declared port over any; then
-    /// `route_id`.
+    /// Precedence (Less = tried first): higher priority (never negative: 0 is
+    /// the lowest); then exact name over wildcard, longer wildcard, narrower
+    /// CIDR, declared port over any; then `route_id`.
     pub fn precedence(&self, other: &Self) -> Ordering {
         other
             .priority
