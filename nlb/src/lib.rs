@@ -3,4 +3,9 @@
 
 #![deny(unsafe_code)]
 
+pub mod app;
+pub mod config;
+pub mod control;
+pub mod metrics;
+pub mod registry;
 pub mod routing;

@@ -1,0 +1,251 @@
+//! The NLB's shared state: registry, config, metrics and module clients, and
+//! how a config change is applied to them.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use shared_types::pb::{self, HealthStatus, ModuleType};
+
+use crate::config::{ConfigStore, NlbConfig};
+use crate::control::module_client::ModuleClients;
+use crate::metrics::{series::NLB_OWNER, NlbMetrics, SeriesStore};
+use crate::registry::{OperatorRouting, Registry, Settings};
+use crate::routing::EndpointState;
+
+/// Everything the control API, the admin port and the background loops share.
+pub struct Nlb {
+    pub registry: Arc<Registry>,
+    pub config: ConfigStore,
+    pub metrics: NlbMetrics,
+    pub series: SeriesStore,
+    pub modules: ModuleClients,
+    pub started_at: SystemTime,
+    /// Routing decisions made (RouteRequest and, later, connections).
+    pub total_requests: AtomicU64,
+    /// False while starting and once shutdown begins.
+    pub ready: AtomicBool,
+    pub shutting_down: AtomicBool,
+}
+
+impl Nlb {
+    pub fn new(config: ConfigStore) -> Arc<Self> {
+        let c = config.current();
+        let nlb = Arc::new(Nlb {
+            registry: Arc::new(Registry::new(
+                Settings::from_config(&c),
+                OperatorRouting::from_config(&c),
+            )),
+            series: SeriesStore::new(c.metrics.retention_points, c.metrics.max_series_per_instance),
+            metrics: NlbMetrics::new(),
+            modules: ModuleClients::default(),
+            config,
+            started_at: SystemTime::now(),
+            total_requests: AtomicU64::new(0),
+            ready: AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
+        });
+        nlb.refresh_gauges();
+        nlb
+    }
+
+    /// Applies a config now in force to the live parts.
+    pub fn apply_config(&self, c: &NlbConfig) {
+        self.registry.set_settings(Settings::from_config(c));
+        self.registry.set_operator_routing(OperatorRouting::from_config(c));
+        self.series
+            .set_limits(c.metrics.retention_points, c.metrics.max_series_per_instance);
+        self.refresh_gauges();
+    }
+
+    /// Re-reads the config file (SIGHUP). Restart-only sections that changed
+    /// are logged and wait for a restart; everything else applies now.
+    pub fn reload(&self) -> Result<bool, String> {
+        match self.config.reload() {
+            Ok(change) => {
+                self.apply_config(&change.config);
+                self.metrics.config_reloads.with_label_values(&["ok"]).inc();
+                if change.requires_restart {
+                    tracing::warn!("config reloaded; grpc, admin or state_file changed and take effect after a restart");
+                } else {
+                    tracing::info!(changed = change.changed, "config reloaded");
+                }
+                Ok(change.changed)
+            }
+            Err(errors) => {
+                self.metrics.config_reloads.with_label_values(&["failed"]).inc();
+                let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+                tracing::error!(errors = %text.join("; "), "config reload refused; the config in force is unchanged");
+                Err(text.join("; "))
+            }
+        }
+    }
+
+    /// Updates gauges from the registry and snapshot.
+    pub fn refresh_gauges(&self) {
+        let snapshot = self.registry.router().load();
+        self.metrics
+            .routing_generation
+            .set(i64::try_from(snapshot.generation).unwrap_or(i64::MAX));
+        self.metrics.routes.set(snapshot.routes().count() as i64);
+        self.metrics.instances.reset();
+        for view in self.registry.list() {
+            let state = view.details.get("state").map_or("unknown", String::as_str);
+            self.metrics
+                .instances
+                .with_label_values(&[view.module_type.short_name(), state])
+                .inc();
+        }
+        self.metrics.metric_series.set(self.series.series_count() as i64);
+    }
+
+    /// Active connections over every instance.
+    pub fn active_connections(&self) -> i64 {
+        self.registry
+            .list()
+            .iter()
+            .map(|v| i64::from(v.instance.current_connections))
+            .sum()
+    }
+
+    /// The NLB's own status: healthy, degraded (some instances unhealthy, or
+    /// the state file cannot be written) or stopping.
+    pub fn own_status(&self) -> (HealthStatus, Vec<(String, String)>) {
+        let mut checks = Vec::new();
+        let views = self.registry.list();
+        let healthy = views
+            .iter()
+            .filter(|v| v.details.get("state").is_some_and(|s| s == "healthy"))
+            .count();
+        checks.push((
+            "registry".to_string(),
+            format!("{} instances, {healthy} healthy", views.len()),
+        ));
+        let snapshot = self.registry.router().load();
+        checks.push((
+            "routing".to_string(),
+            format!(
+                "generation {}, {} routes",
+                snapshot.generation,
+                snapshot.routes().count()
+            ),
+        ));
+        let state = self.config.state_file();
+        let writable = state.writable();
+        checks.push((
+            "state_file".to_string(),
+            if writable {
+                format!("{} writable", state.path().display())
+            } else {
+                format!("{} cannot be written", state.path().display())
+            },
+        ));
+        let status = if self.shutting_down.load(Ordering::Relaxed) {
+            HealthStatus::Stopping
+        } else if !writable || healthy < views.len() {
+            HealthStatus::Degraded
+        } else {
+            HealthStatus::Healthy
+        };
+        (status, checks)
+    }
+
+    /// Samples the NLB's own numbers into its time series (for
+    /// `GetNLBMetrics` and `StreamNLBMetrics`).
+    pub fn own_metric_points(&self) -> Vec<pb::MetricDataPoint> {
+        let views = self.registry.list();
+        let healthy = views
+            .iter()
+            .filter(|v| v.details.get("state").is_some_and(|s| s == "healthy"))
+            .count();
+        let snapshot = self.registry.router().load();
+        let now = shared_types::time::now();
+        let point = |name: &str, value: f64| pb::MetricDataPoint {
+            name: name.to_string(),
+            value,
+            labels: Default::default(),
+            timestamp: Some(now),
+        };
+        vec![
+            point("nlb_registered_instances", views.len() as f64),
+            point("nlb_healthy_instances", healthy as f64),
+            point("nlb_active_connections", self.active_connections() as f64),
+            point(
+                "nlb_total_requests",
+                self.total_requests.load(Ordering::Relaxed) as f64,
+            ),
+            point("nlb_routing_generation", snapshot.generation as f64),
+            point("nlb_routes", snapshot.routes().count() as f64),
+            point(
+                "nlb_uptime_seconds",
+                self.started_at.elapsed().unwrap_or(Duration::ZERO).as_secs_f64(),
+            ),
+        ]
+    }
+
+    /// Records the NLB's sample into its series.
+    pub fn sample_own_metrics(&self) {
+        let points = self.own_metric_points();
+        self.series.record(
+            NLB_OWNER,
+            &points,
+            shared_types::time::unix_millis(SystemTime::now()),
+        );
+    }
+
+    /// Records a heartbeat's stats as series of the instance.
+    pub fn record_heartbeat_stats(&self, instance_id: &str, stats: &pb::ModuleStats) {
+        let now = shared_types::time::now();
+        let point = |name: &str, value: f64| pb::MetricDataPoint {
+            name: name.to_string(),
+            value,
+            labels: [("source".to_string(), "heartbeat".to_string())].into(),
+            timestamp: Some(now),
+        };
+        let points = [
+            point("active_connections", stats.active_connections as f64),
+            point("total_requests", stats.total_requests as f64),
+            point("failed_requests", stats.failed_requests as f64),
+            point("cpu_usage_percent", stats.cpu_usage_percent),
+            point("memory_usage_mb", stats.memory_usage_mb),
+            point("avg_latency_ms", stats.avg_latency_ms),
+            point("p99_latency_ms", stats.p99_latency_ms),
+        ];
+        self.series.record(
+            instance_id,
+            &points,
+            shared_types::time::unix_millis(SystemTime::now()),
+        );
+    }
+
+    /// Counts of registered instances by module type name.
+    pub fn modules_by_type(&self) -> std::collections::HashMap<String, i32> {
+        let mut out = std::collections::HashMap::new();
+        for v in self.registry.list() {
+            *out.entry(v.module_type.short_name().to_string()).or_insert(0) += 1;
+        }
+        out
+    }
+
+    /// Instances (id, ModuleService address) of a type (`Unspecified` = all)
+    /// that are not draining.
+    pub fn module_addresses(&self, module_type: ModuleType) -> Vec<(String, String, ModuleType)> {
+        self.registry
+            .list()
+            .into_iter()
+            .filter(|v| module_type == ModuleType::Unspecified || v.module_type == module_type)
+            .filter(|v| v.details.get("state").is_none_or(|s| s != "draining"))
+            .map(|v| (v.instance.instance_id, v.instance.address, v.module_type))
+            .collect()
+    }
+
+    /// Whether an instance takes new connections now.
+    pub fn takes_traffic(&self, instance_id: &str) -> bool {
+        self.registry
+            .router()
+            .load()
+            .routes()
+            .flat_map(|r| r.servers.iter())
+            .any(|e| e.id == instance_id && e.state == EndpointState::Healthy)
+    }
+}

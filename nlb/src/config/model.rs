@@ -1,0 +1,238 @@
+//! The config structure. Field names are the YAML keys; defaults are the
+//! documented ones.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use shared_types::pb;
+
+/// The NLB's whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NlbConfig {
+    pub grpc: GrpcConfig,
+    pub admin: AdminConfig,
+    /// Where operator changes are persisted.
+    pub state_file: PathBuf,
+    pub registry: RegistryConfig,
+    pub health: HealthConfig,
+    pub routing: RoutingConfig,
+    /// Static backend pools: name -> list of `host:port`.
+    pub backends: BTreeMap<String, Vec<String>>,
+    /// Operator routes.
+    pub routes: Vec<RouteConfig>,
+    /// Per module type (`alb`, ...): version -> percent, summing to 100.
+    pub traffic_weights: BTreeMap<String, BTreeMap<String, u32>>,
+    pub metrics: MetricsConfig,
+}
+
+impl Default for NlbConfig {
+    fn default() -> Self {
+        NlbConfig {
+            grpc: GrpcConfig::default(),
+            admin: AdminConfig::default(),
+            state_file: PathBuf::from("nlb.state.json"),
+            registry: RegistryConfig::default(),
+            health: HealthConfig::default(),
+            routing: RoutingConfig::default(),
+            backends: BTreeMap::new(),
+            routes: Vec::new(),
+            traffic_weights: BTreeMap::new(),
+            metrics: MetricsConfig::default(),
+        }
+    }
+}
+
+/// The control API's gRPC server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpcConfig {
+    pub listen: String,
+    /// Largest request or response message, in bytes.
+    pub max_message_bytes: usize,
+    /// HTTP/2 keepalive ping interval (0 = off).
+    pub keepalive_interval_seconds: u64,
+    /// How long a keepalive ping may go unanswered before the connection closes.
+    pub keepalive_timeout_seconds: u64,
+    /// Concurrent streams per client connection.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        GrpcConfig {
+            listen: "127.0.0.1:50051".into(),
+            max_message_bytes: 4 * 1024 * 1024,
+            keepalive_interval_seconds: 30,
+            keepalive_timeout_seconds: 10,
+            max_concurrent_streams: 256,
+        }
+    }
+}
+
+/// The admin HTTP server (`/healthz`, `/readyz`, `/metrics`, `/status`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: "127.0.0.1:9090".into(),
+        }
+    }
+}
+
+/// Registrations and their lifetime.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Drain deadline for a graceful unregister that names none.
+    pub drain_timeout_seconds: u32,
+    /// How long an instance that stopped heartbeating stays listed (as
+    /// unhealthy, taking no traffic) before it is removed.
+    pub removal_grace_seconds: u32,
+    /// Most instances the registry holds.
+    pub max_instances: usize,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            drain_timeout_seconds: 30,
+            removal_grace_seconds: 30,
+            max_instances: 100_000,
+        }
+    }
+}
+
+/// Active health checks (`ModuleService.HealthCheck`) beside heartbeat leases.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Call each instance's `HealthCheck` every `interval_seconds`.
+    pub active_checks: bool,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            active_checks: true,
+        }
+    }
+}
+
+/// Routing choices.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// Choose version and instance by a hash of the client address.
+    pub sticky: bool,
+    /// Deadline for each `CanHandle` call made by `ValidateRoute`.
+    pub validate_timeout_ms: u64,
+    /// Deadline for each module call made by `CheckHealth`, `TriggerScaling`.
+    pub module_call_timeout_ms: u64,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            sticky: false,
+            validate_timeout_ms: 500,
+            module_call_timeout_ms: 2000,
+        }
+    }
+}
+
+/// The metrics store behind `ReportMetrics` and `Get*Metrics`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Points kept per series (oldest dropped first).
+    pub retention_points: usize,
+    /// Series (name + labels) kept per instance; more are refused.
+    pub max_series_per_instance: usize,
+    /// How often the NLB samples its own metrics into its series.
+    pub sample_interval_seconds: u64,
+    /// `StreamNLBMetrics` interval when the request gives 0.
+    pub stream_default_interval_seconds: u64,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            retention_points: 360,
+            max_series_per_instance: 256,
+            sample_interval_seconds: 10,
+            stream_default_interval_seconds: 5,
+        }
+    }
+}
+
+/// An operator route in YAML: the contract's `Route` with protocol as a name.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouteConfig {
+    pub route_id: String,
+    pub protocol: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub source_pattern: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub destination_pattern: String,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub destination_port: i64,
+    #[serde(skip_serializing_if = "is_zero_i32")]
+    pub priority: i32,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub path_pattern: String,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
+}
+fn is_zero_i32(n: &i32) -> bool {
+    *n == 0
+}
+
+impl RouteConfig {
+    /// The contract form. A protocol name that does not parse becomes
+    /// `UNSPECIFIED`, which route validation refuses.
+    pub fn to_proto(&self) -> pb::Route {
+        pb::Route {
+            route_id: self.route_id.clone(),
+            protocol: pb::Protocol::parse_name(&self.protocol)
+                .map_or(pb::Protocol::Unspecified as i32, |p| p as i32),
+            source_pattern: self.source_pattern.clone(),
+            destination_pattern: self.destination_pattern.clone(),
+            source_port: 0,
+            destination_port: i32::try_from(self.destination_port).unwrap_or(-1),
+            headers: self.headers.clone().into_iter().collect(),
+            path_pattern: self.path_pattern.clone(),
+            priority: self.priority,
+            metadata: self.metadata.clone().into_iter().collect(),
+        }
+    }
+
+    /// From the contract form.
+    pub fn from_proto(route: &pb::Route) -> Self {
+        RouteConfig {
+            route_id: route.route_id.clone(),
+            protocol: pb::Protocol::from_wire(route.protocol)
+                .map_or_else(|| route.protocol.to_string(), |p| p.short_name().to_string()),
+            source_pattern: route.source_pattern.clone(),
+            destination_pattern: route.destination_pattern.clone(),
+            destination_port: i64::from(route.destination_port),
+            priority: route.priority,
+            path_pattern: route.path_pattern.clone(),
+            headers: route.headers.clone().into_iter().collect(),
+            metadata: route.metadata.clone().into_iter().collect(),
+        }
+    }
+}

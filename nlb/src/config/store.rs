@@ -1,0 +1,164 @@
+//! The config in force and its layers: the file, the API layer (persisted in
+//! the state file) and the environment. Changes are validated before they are
+//! swapped in; a bad change leaves the config as it was.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use serde_yaml_ng::Value;
+
+use super::{
+    merge, read_file, requires_restart, ConfigError, NlbConfig, Sections, StateFile, SECTIONS,
+};
+
+type Env = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+struct Layers {
+    file: Sections,
+    api: Sections,
+    updated_at_ms: u64,
+}
+
+/// The result of a section change.
+#[derive(Debug, Clone)]
+pub struct SectionChange {
+    pub config: Arc<NlbConfig>,
+    /// The section's new value differs from the one in force.
+    pub changed: bool,
+    /// The change takes effect only after a restart.
+    pub requires_restart: bool,
+}
+
+/// The config in force.
+pub struct ConfigStore {
+    file_path: Option<PathBuf>,
+    layers: Mutex<Layers>,
+    state: StateFile,
+    current: ArcSwap<NlbConfig>,
+    /// The config the process started with (for `requires_restart`).
+    boot: Arc<NlbConfig>,
+    env: Env,
+}
+
+fn one(e: impl std::fmt::Display) -> Vec<ConfigError> {
+    vec![ConfigError::new("", e.to_string())]
+}
+
+impl ConfigStore {
+    /// Loads the file (if any), the environment and the state file it names.
+    pub fn load(file_path: Option<PathBuf>, env: Env) -> Result<Self, Vec<ConfigError>> {
+        let file = match &file_path {
+            Some(p) => read_file(p)?,
+            None => Sections::new(),
+        };
+        // The state file's location comes from the file and environment alone.
+        let base = merge(&file, &Sections::new(), &*env)?;
+        let state = StateFile::new(base.state_file.clone());
+        let (api, updated_at_ms) = state.load().map_err(one)?;
+        let config = merge(&file, &api, &*env).map_err(|errs| {
+            errs.into_iter()
+                .map(|e| ConfigError::new(
+                    e.key,
+                    format!("{} (after applying {})", e.message, state.path().display()),
+                ))
+                .collect::<Vec<_>>()
+        })?;
+        let config = Arc::new(config);
+        Ok(ConfigStore {
+            file_path,
+            layers: Mutex::new(Layers {
+                file,
+                api,
+                updated_at_ms,
+            }),
+            state,
+            current: ArcSwap::new(Arc::clone(&config)),
+            boot: config,
+            env,
+        })
+    }
+
+    /// The merged config in force.
+    pub fn current(&self) -> Arc<NlbConfig> {
+        self.current.load_full()
+    }
+
+    pub fn file_path(&self) -> Option<&PathBuf> {
+        self.file_path.as_ref()
+    }
+
+    pub fn state_file(&self) -> &StateFile {
+        &self.state
+    }
+
+    /// Unix milliseconds of the last API change (0 = none).
+    pub fn updated_at_ms(&self) -> u64 {
+        self.layers.lock().updated_at_ms
+    }
+
+    /// The sections the API layer overrides.
+    pub fn api_sections(&self) -> Vec<String> {
+        self.layers.lock().api.keys().cloned().collect()
+    }
+
+    /// Validates a new value for one section against everything else in
+    /// force; unless `validate_only`, persists it and swaps it in.
+    pub fn update_section(
+        &self,
+        section: &str,
+        value: Value,
+        validate_only: bool,
+    ) -> Result<SectionChange, Vec<ConfigError>> {
+        if !SECTIONS.contains(&section) {
+            return Err(vec![ConfigError::new(
+                section,
+                format!("unknown section (known: {})", SECTIONS.join(", ")),
+            )]);
+        }
+        let mut layers = self.layers.lock();
+        let mut api = layers.api.clone();
+        api.insert(section.to_string(), value);
+        let config = Arc::new(merge(&layers.file, &api, &*self.env)?);
+        let old = self.current();
+        let changed = super::section_value(&old, section) != super::section_value(&config, section);
+        let restart = requires_restart(section)
+            && super::section_value(&self.boot, section) != super::section_value(&config, section);
+        if !validate_only {
+            let now = shared_types::time::unix_millis(SystemTime::now());
+            self.state.save(&api, now).map_err(one)?;
+            layers.api = api;
+            layers.updated_at_ms = now;
+            self.current.store(Arc::clone(&config));
+        }
+        Ok(SectionChange {
+            config,
+            changed,
+            requires_restart: restart,
+        })
+    }
+
+    /// Re-reads the config file (SIGHUP) and re-applies the API layer on top.
+    pub fn reload(&self) -> Result<SectionChange, Vec<ConfigError>> {
+        let mut layers = self.layers.lock();
+        let file = match &self.file_path {
+            Some(p) => read_file(p)?,
+            None => Sections::new(),
+        };
+        let config = Arc::new(merge(&file, &layers.api, &*self.env)?);
+        let restart = SECTIONS.iter().any(|s| {
+            requires_restart(s)
+                && super::section_value(&self.boot, s) != super::section_value(&config, s)
+        });
+        let changed = *self.current() != *config;
+        layers.file = file;
+        self.current.store(Arc::clone(&config));
+        Ok(SectionChange {
+            config,
+            changed,
+            requires_restart: restart,
+        })
+    }
+}

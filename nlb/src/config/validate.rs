@@ -1,0 +1,226 @@
+//! Validation: every problem in a config, each naming its key and why.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+
+use serde_yaml_ng::{Mapping, Value};
+use shared_types::pb::{ModuleType, Protocol};
+
+use super::{NlbConfig, RouteConfig, Sections, SECTIONS};
+use crate::routing::RouteSpec;
+
+/// One thing wrong with a config, at a key path such as `grpc.listen`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.key, self.message)
+        }
+    }
+}
+
+/// Builds and validates a config from its sections; all errors at once.
+pub fn check(sections: &Sections) -> Result<NlbConfig, Vec<ConfigError>> {
+    let mut errors = Vec::new();
+    let mut good = Mapping::new();
+    for (key, value) in sections {
+        if !SECTIONS.contains(&key.as_str()) {
+            errors.push(ConfigError::new(
+                key.clone(),
+                format!("unknown key (known sections: {})", SECTIONS.join(", ")),
+            ));
+            continue;
+        }
+        // Each section alone, so one bad section does not hide the others.
+        let mut one = Mapping::new();
+        one.insert(Value::String(key.clone()), value.clone());
+        match serde_yaml_ng::from_value::<NlbConfig>(Value::Mapping(one.clone())) {
+            Ok(_) => good.extend(one),
+            Err(e) => errors.push(ConfigError::new(key.clone(), e.to_string())),
+        }
+    }
+    let config: NlbConfig = match serde_yaml_ng::from_value(Value::Mapping(good)) {
+        Ok(c) => c,
+        Err(e) => {
+            errors.push(ConfigError::new("", e.to_string()));
+            return Err(errors);
+        }
+    };
+    semantic(&config, &mut errors);
+    if errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(errors)
+    }
+}
+
+/// A listen address must be `ip:port`.
+pub(super) fn check_listen(addr: &str, key: &str, errors: &mut Vec<ConfigError>) {
+    if addr.parse::<SocketAddr>().is_err() {
+        errors.push(ConfigError::new(
+            key,
+            format!("{addr:?} is not an ip:port address (e.g. 0.0.0.0:50051 or [::]:50051)"),
+        ));
+    }
+}
+
+fn range<T: PartialOrd + fmt::Display + Copy>(
+    value: T,
+    lo: T,
+    hi: T,
+    key: &str,
+    errors: &mut Vec<ConfigError>,
+) {
+    if value < lo || value > hi {
+        errors.push(ConfigError::new(
+            key,
+            format!("{value} is out of range ({lo} to {hi})"),
+        ));
+    }
+}
+
+fn semantic(c: &NlbConfig, errors: &mut Vec<ConfigError>) {
+    check_listen(&c.grpc.listen, "grpc.listen", errors);
+    check_listen(&c.admin.listen, "admin.listen", errors);
+    range(c.grpc.max_message_bytes, 1024, 64 << 20, "grpc.max_message_bytes", errors);
+    range(c.grpc.keepalive_interval_seconds, 0, 3600, "grpc.keepalive_interval_seconds", errors);
+    range(c.grpc.keepalive_timeout_seconds, 1, 600, "grpc.keepalive_timeout_seconds", errors);
+    range(c.grpc.max_concurrent_streams, 1, 100_000, "grpc.max_concurrent_streams", errors);
+    if c.state_file.as_os_str().is_empty() {
+        errors.push(ConfigError::new("state_file", "is empty"));
+    }
+    range(c.registry.drain_timeout_seconds, 0, 86_400, "registry.drain_timeout_seconds", errors);
+    range(c.registry.removal_grace_seconds, 1, 86_400, "registry.removal_grace_seconds", errors);
+    range(c.registry.max_instances, 1, 1_000_000, "registry.max_instances", errors);
+    range(c.routing.validate_timeout_ms, 10, 60_000, "routing.validate_timeout_ms", errors);
+    range(c.routing.module_call_timeout_ms, 10, 60_000, "routing.module_call_timeout_ms", errors);
+    range(c.metrics.retention_points, 1, 100_000, "metrics.retention_points", errors);
+    range(c.metrics.max_series_per_instance, 1, 10_000, "metrics.max_series_per_instance", errors);
+    range(c.metrics.sample_interval_seconds, 1, 3600, "metrics.sample_interval_seconds", errors);
+    range(c.metrics.stream_default_interval_seconds, 1, 3600, "metrics.stream_default_interval_seconds", errors);
+    check_backends(&c.backends, errors);
+    check_routes(&c.routes, &c.backends, errors);
+    check_weights(&c.traffic_weights, errors);
+}
+
+/// `host:port` with a port in 1..=65535.
+pub fn check_host_port(addr: &str) -> Result<(), String> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{addr:?} is not host:port"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c == '/') {
+        return Err(format!("{addr:?} has no valid host"));
+    }
+    match port.parse::<u32>() {
+        Ok(p) if (1..=65535).contains(&p) => Ok(()),
+        _ => Err(format!("{addr:?} has port {port:?}, expected 1 to 65535")),
+    }
+}
+
+fn check_backends(backends: &BTreeMap<String, Vec<String>>, errors: &mut Vec<ConfigError>) {
+    for (name, addrs) in backends {
+        let key = format!("backends.{name}");
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            errors.push(ConfigError::new(
+                key.clone(),
+                "a pool name uses letters, digits, '-', '_' and '.'",
+            ));
+        }
+        if addrs.is_empty() {
+            errors.push(ConfigError::new(key.clone(), "a pool needs at least one host:port"));
+        }
+        for (i, addr) in addrs.iter().enumerate() {
+            if let Err(m) = check_host_port(addr) {
+                errors.push(ConfigError::new(format!("{key}[{i}]"), m));
+            }
+        }
+    }
+}
+
+/// Validates operator routes, as `UpdateRouting` does.
+pub fn check_routes(
+    routes: &[RouteConfig],
+    backends: &BTreeMap<String, Vec<String>>,
+    errors: &mut Vec<ConfigError>,
+) {
+    let mut seen = HashSet::new();
+    for (i, r) in routes.iter().enumerate() {
+        let key = format!("routes[{i}]");
+        if Protocol::parse_name(&r.protocol).is_err() {
+            let e = Protocol::parse_name(&r.protocol).unwrap_err();
+            errors.push(ConfigError::new(format!("{key}.protocol"), e.to_string()));
+            continue;
+        }
+        match RouteSpec::operator(&r.to_proto()) {
+            Ok(spec) => {
+                if let crate::routing::Target::Backend(b) = &spec.target {
+                    if !backends.contains_key(b) {
+                        errors.push(ConfigError::new(
+                            format!("{key}.metadata.backend"),
+                            format!("no backend pool named {b:?} in `backends`"),
+                        ));
+                    }
+                }
+            }
+            Err(field_errors) => {
+                for fe in field_errors {
+                    errors.push(ConfigError::new(
+                        format!("{key}.{}", fe.field),
+                        format!("route {:?}: {}", fe.route_id, fe.message),
+                    ));
+                }
+            }
+        }
+        if !r.route_id.is_empty() && !seen.insert(r.route_id.as_str()) {
+            errors.push(ConfigError::new(
+                format!("{key}.route_id"),
+                format!("route {:?} is listed twice", r.route_id),
+            ));
+        }
+    }
+}
+
+/// Per module type, version percentages summing to 100.
+pub fn check_weights(
+    weights: &BTreeMap<String, BTreeMap<String, u32>>,
+    errors: &mut Vec<ConfigError>,
+) {
+    for (module_type, versions) in weights {
+        let key = format!("traffic_weights.{module_type}");
+        if let Err(e) = ModuleType::parse_name(module_type) {
+            errors.push(ConfigError::new(key.clone(), e.to_string()));
+        }
+        if versions.keys().any(|v| v.trim().is_empty()) {
+            errors.push(ConfigError::new(key.clone(), "a version name is empty"));
+        }
+        let sum: u64 = versions.values().map(|w| u64::from(*w)).sum();
+        if sum != 100 {
+            errors.push(ConfigError::new(
+                key,
+                format!("weights sum to {sum}, they must sum to 100"),
+            ));
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! GetLoadDistribution, RebalanceLoad, TriggerScaling.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use shared_types::pb::{self, ModuleType};
+use shared_types::time::now;
+use tonic::{Code, Status};
+
+use super::module_client::request;
+use super::ControlService;
+use crate::registry::{Registry, Strategy};
+
+impl ControlService {
+    pub(super) async fn get_load_distribution(
+        &self,
+        req: pb::GetLoadDistributionRequest,
+    ) -> Result<pb::GetLoadDistributionResponse, Status> {
+        let filter = ModuleType::from_wire(req.module_type_filter).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "module_type_filter: {} is not a module type",
+                req.module_type_filter
+            ))
+        })?;
+        let mut loads = Vec::new();
+        let mut distribution = HashMap::new();
+        for v in self.nlb.registry.list() {
+            if filter != ModuleType::Unspecified && v.module_type != filter {
+                continue;
+            }
+            let mut load = v.load.clone();
+            if req.include_historical {
+                // Averages over the heartbeat samples retained for the instance.
+                let id = &v.instance.instance_id;
+                let avg = |name: &str| {
+                    let pts = self.nlb.series.query(id, &[name.to_string()], 0, u64::MAX);
+                    (!pts.is_empty()).then(|| pts.iter().map(|p| p.value).sum::<f64>() / pts.len() as f64)
+                };
+                if let Some(c) = avg("cpu_usage_percent") {
+                    load.cpu_usage_percent = c;
+                }
+                if let Some(m) = avg("memory_usage_mb") {
+                    load.memory_usage_mb = m;
+                }
+                if let Some(l) = avg("avg_latency_ms") {
+                    load.avg_latency_ms = l;
+                }
+            }
+            if v.details.get("takes_traffic").is_some_and(|t| t == "true") {
+                loads.push(load.clone());
+            }
+            distribution.insert(v.instance.instance_id.clone(), load);
+        }
+        Ok(pb::GetLoadDistributionResponse {
+            distribution,
+            balance_score: Registry::balance_score(&loads),
+            measured_at: Some(now()),
+        })
+    }
+
+    pub(super) async fn rebalance_load(
+        &self,
+        req: pb::RebalanceLoadRequest,
+    ) -> Result<pb::RebalanceLoadResponse, Status> {
+        let strategy = Strategy::parse(&req.strategy).map_err(Status::invalid_argument)?;
+        let unknown: Vec<&String> = req
+            .target_instances
+            .iter()
+            .filter(|id| self.nlb.registry.module_type_of(id).is_none())
+            .collect();
+        if !unknown.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "target_instances: not registered: {}",
+                unknown.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            )));
+        }
+        let out = self
+            .nlb
+            .registry
+            .rebalance(strategy, req.force, &req.target_instances);
+        let mut message = format!(
+            "load scores refreshed ({}) for {} instances",
+            if strategy == Strategy::Even { "even" } else { "least_connections" },
+            out.previous.len()
+        );
+        if req.force {
+            if out.shed.is_empty() {
+                message.push_str("; no instance is overloaded");
+            } else {
+                let list: Vec<String> = out.shed.iter().map(|(id, n)| format!("{id} sheds {n}")).collect();
+                message.push_str(&format!("; told to shed: {}", list.join(", ")));
+            }
+        }
+        tracing::info!(force = req.force, shed = out.shed.len(), "{message}");
+        self.nlb.refresh_gauges();
+        Ok(pb::RebalanceLoadResponse {
+            success: true,
+            message,
+            previous_distribution: out.previous,
+            new_distribution: out.target,
+            error: None,
+        })
+    }
+
+    pub(super) async fn trigger_scaling(
+        &self,
+        req: pb::TriggerScalingRequest,
+    ) -> Result<pb::TriggerScalingResponse, Status> {
+        let requested_type = ModuleType::from_wire(req.module_type).ok_or_else(|| {
+            Status::invalid_argument(format!("module_type: {} is not a module type", req.module_type))
+        })?;
+        let module_type = if !req.instance_id.is_empty() {
+            let t = self.nlb.registry.module_type_of(&req.instance_id).ok_or_else(|| {
+                Status::not_found(format!("instance_id: no instance {} is registered", req.instance_id))
+            })?;
+            if requested_type != ModuleType::Unspecified && requested_type != t {
+                return Err(Status::invalid_argument(format!(
+                    "instance {} is a {t} instance, not {requested_type}",
+                    req.instance_id
+                )));
+            }
+            t
+        } else if requested_type == ModuleType::Unspecified {
+            return Err(Status::invalid_argument(
+                "name the module type (module_type) or an instance (instance_id) to scale",
+            ));
+        } else {
+            requested_type
+        };
+        let instances = self.nlb.module_addresses(module_type);
+        let current = instances.len() as i32;
+        let target = match req.scaling_action.trim() {
+            "scale_up" => current + 1,
+            "scale_down" => (current - 1).max(0),
+            "scale_to" if req.target_instances >= 0 => req.target_instances,
+            "scale_to" => {
+                return Err(Status::invalid_argument(format!(
+                    "target_instances: {} is negative",
+                    req.target_instances
+                )))
+            }
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "scaling_action: {other:?} is not an action (scale_up, scale_down, scale_to)"
+                )))
+            }
+        };
+        // The instance asked to carry out the scaling: the one named, else the
+        // first of the type by id.
+        let (id, addr, _) = instances
+            .iter()
+            .find(|(id, _, _)| req.instance_id.is_empty() || *id == req.instance_id)
+            .cloned()
+            .ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "no live {module_type} instance is registered to carry out {}",
+                    req.scaling_action
+                ))
+            })?;
+        let mut config = req.config.clone().unwrap_or_default();
+        config.min_instances = target;
+        config.max_instances = config.max_instances.max(target);
+        let deadline = Duration::from_millis(self.nlb.config.current().routing.module_call_timeout_ms);
+        let msg = pb::ScaleRequest {
+            instance_id: id.clone(),
+            config: Some(config),
+            immediate: true,
+        };
+        let answer = self
+            .nlb
+            .modules
+            .call(&id, &addr, deadline, |mut c| async move {
+                c.scale(request(msg, deadline)).await
+            })
+            .await;
+        let answer = match answer {
+            Ok(a) if a.success => a,
+            Ok(a) => {
+                let why = a.error.as_ref().map_or(a.message.as_str(), |e| e.message.as_str());
+                return Err(Status::failed_precondition(format!(
+                    "{module_type} instance {id} cannot scale: {why}"
+                )));
+            }
+            Err(s) if matches!(s.code(), Code::Unimplemented | Code::FailedPrecondition) => {
+                return Err(Status::failed_precondition(format!(
+                    "{module_type} instance {id} cannot scale: {}",
+                    s.message()
+                )));
+            }
+            Err(s) => return Err(s),
+        };
+        self.nlb.registry.with(|inner| {
+            inner.scaling_targets.insert(module_type, target);
+            ((), false)
+        });
+        tracing::info!(%module_type, current, target, instance = %id, "scaling requested");
+        Ok(pb::TriggerScalingResponse {
+            success: true,
+            message: format!(
+                "{module_type}: {} from {current} to {target} instances, carried out by {id}: {}",
+                req.scaling_action.trim(),
+                answer.message
+            ),
+            current_instances: if answer.current_instances > 0 { answer.current_instances } else { current },
+            target_instances: if answer.desired_instances > 0 { answer.desired_instances } else { target },
+            scaling_action: req.scaling_action.trim().to_string(),
+            error: None,
+        })
+    }
+}

@@ -1,0 +1,73 @@
+//! Clients of the modules' `ModuleService`, one lazily connected channel per
+//! address, every call under a deadline.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use shared_types::pb::module_service_client::ModuleServiceClient;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Status;
+
+/// Channels to module instances, keyed by their ModuleService address.
+#[derive(Default)]
+pub struct ModuleClients {
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl ModuleClients {
+    /// A client for the module at `address` (`host:port`).
+    pub fn client(&self, address: &str) -> Result<ModuleServiceClient<Channel>, Status> {
+        let mut channels = self.channels.lock();
+        if let Some(ch) = channels.get(address) {
+            return Ok(ModuleServiceClient::new(ch.clone()));
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| Status::invalid_argument(format!("module address {address:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true);
+        let ch = endpoint.connect_lazy();
+        channels.insert(address.to_string(), ch.clone());
+        Ok(ModuleServiceClient::new(ch))
+    }
+
+    /// Forgets the channel to an address (its instance left).
+    pub fn forget(&self, address: &str) {
+        self.channels.lock().remove(address);
+    }
+
+    /// Calls a module with a deadline; the error names the instance, its
+    /// address and what failed.
+    pub async fn call<T, F, Fut>(
+        &self,
+        instance_id: &str,
+        address: &str,
+        deadline: Duration,
+        f: F,
+    ) -> Result<T, Status>
+    where
+        F: FnOnce(ModuleServiceClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let client = self.client(address)?;
+        match tokio::time::timeout(deadline, f(client)).await {
+            Ok(Ok(resp)) => Ok(resp.into_inner()),
+            Ok(Err(status)) => Err(Status::new(
+                status.code(),
+                format!("module {instance_id} at {address}: {}", status.message()),
+            )),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "module {instance_id} at {address} did not answer within {} ms",
+                deadline.as_millis()
+            ))),
+        }
+    }
+}
+
+/// A request with the grpc-timeout header set.
+pub fn request<T>(msg: T, deadline: Duration) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.set_timeout(deadline);
+    r
+}

@@ -1,0 +1,110 @@
+//! The NLB's Prometheus metrics (served on the admin port) and the bounded
+//! time-series store behind `ReportMetrics` and `Get*Metrics`. Every metric is
+//! documented in `docs/metrics.md`; no label carries a client address or an
+//! instance id.
+
+pub mod series;
+
+use prometheus::{
+    IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry as PromRegistry,
+};
+
+pub use series::SeriesStore;
+
+/// The NLB's own metrics.
+pub struct NlbMetrics {
+    pub prometheus: PromRegistry,
+    /// `nlb_registrations_total{result}`: registered, renewed, refused.
+    pub registrations: IntCounterVec,
+    /// `nlb_unregistrations_total{mode}`: graceful, immediate.
+    pub unregistrations: IntCounterVec,
+    /// `nlb_heartbeats_total{result}`: ok, reregister.
+    pub heartbeats: IntCounterVec,
+    /// `nlb_lease_lapses_total`.
+    pub lease_lapses: IntCounter,
+    /// `nlb_instances_removed_total{reason}`: unregistered, expired.
+    pub removals: IntCounterVec,
+    /// `nlb_instances{module_type,state}`.
+    pub instances: IntGaugeVec,
+    /// `nlb_health_checks_total{result}`: pass, fail.
+    pub health_checks: IntCounterVec,
+    /// `nlb_route_requests_total{result}`: routed, no_route, no_server, dry_run.
+    pub route_requests: IntCounterVec,
+    /// `nlb_routing_generation`.
+    pub routing_generation: IntGauge,
+    /// `nlb_routes`.
+    pub routes: IntGauge,
+    /// `nlb_config_updates_total{result}`: applied, validated, refused.
+    pub config_updates: IntCounterVec,
+    /// `nlb_config_reloads_total{result}`: ok, failed.
+    pub config_reloads: IntCounterVec,
+    /// `nlb_metric_reports_total{result}`: accepted, refused.
+    pub metric_reports: IntCounterVec,
+    /// `nlb_metric_series`.
+    pub metric_series: IntGauge,
+}
+
+fn counter_vec(reg: &PromRegistry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    reg.register(Box::new(c.clone())).expect("metric registered once");
+    c
+}
+
+impl NlbMetrics {
+    pub fn new() -> Self {
+        let reg = PromRegistry::new();
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            reg.register(Box::new(g.clone())).expect("metric registered once");
+            g
+        };
+        let lease_lapses = IntCounter::new(
+            "nlb_lease_lapses_total",
+            "Instances whose heartbeat lease lapsed (they stop taking new connections)",
+        )
+        .expect("valid metric");
+        reg.register(Box::new(lease_lapses.clone()))
+            .expect("metric registered once");
+        let instances = IntGaugeVec::new(
+            Opts::new("nlb_instances", "Registered module instances by type and state"),
+            &["module_type", "state"],
+        )
+        .expect("valid metric");
+        reg.register(Box::new(instances.clone()))
+            .expect("metric registered once");
+        NlbMetrics {
+            registrations: counter_vec(&reg, "nlb_registrations_total", "RegisterModule calls by result", &["result"]),
+            unregistrations: counter_vec(&reg, "nlb_unregistrations_total", "UnregisterModule calls by mode", &["mode"]),
+            heartbeats: counter_vec(&reg, "nlb_heartbeats_total", "Heartbeats by result", &["result"]),
+            lease_lapses,
+            removals: counter_vec(&reg, "nlb_instances_removed_total", "Instances removed from the registry by reason", &["reason"]),
+            instances,
+            health_checks: counter_vec(&reg, "nlb_health_checks_total", "Active HealthCheck calls to modules by result", &["result"]),
+            route_requests: counter_vec(&reg, "nlb_route_requests_total", "RouteRequest calls by result", &["result"]),
+            routing_generation: gauge("nlb_routing_generation", "Generation of the routing snapshot in force"),
+            routes: gauge("nlb_routes", "Routes in the routing snapshot in force"),
+            config_updates: counter_vec(&reg, "nlb_config_updates_total", "Config changes through the API by result", &["result"]),
+            config_reloads: counter_vec(&reg, "nlb_config_reloads_total", "Config file reloads (SIGHUP) by result", &["result"]),
+            metric_reports: counter_vec(&reg, "nlb_metric_reports_total", "ReportMetrics calls by result", &["result"]),
+            metric_series: gauge("nlb_metric_series", "Time series held for ReportMetrics data"),
+            prometheus: reg,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        use prometheus::Encoder;
+        let mut buf = Vec::new();
+        let encoder = prometheus::TextEncoder::new();
+        if encoder.encode(&self.prometheus.gather(), &mut buf).is_err() {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for NlbMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,282 @@
+//! Bounded per-owner time series: each owner (a module instance, or `nlb`)
+//! holds at most `max_series` series (name + labels), each a ring of at most
+//! `retention` points. Old points fall off; new series past the cap are
+//! refused, so one module cannot grow the NLB's memory without bound.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use parking_lot::Mutex;
+use shared_types::pb::MetricDataPoint;
+use shared_types::time::{from_unix_millis, to_system, unix_millis};
+
+/// The owner name of the NLB's own series.
+pub const NLB_OWNER: &str = "nlb";
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct SeriesKey {
+    name: String,
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Default)]
+struct Owner {
+    series: HashMap<SeriesKey, VecDeque<(u64, f64)>>,
+}
+
+/// What a `record` call kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Recorded {
+    pub accepted: usize,
+    /// Points refused because their series would pass the per-owner cap.
+    pub refused_new_series: usize,
+}
+
+/// Limits on a stored point.
+pub const MAX_NAME_LEN: usize = 200;
+pub const MAX_LABELS: usize = 16;
+
+/// The store. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct SeriesStore {
+    owners: Mutex<HashMap<String, Owner>>,
+    limits: Mutex<(usize, usize)>,
+}
+
+impl SeriesStore {
+    pub fn new(retention: usize, max_series: usize) -> Self {
+        SeriesStore {
+            owners: Mutex::new(HashMap::new()),
+            limits: Mutex::new((retention.max(1), max_series.max(1))),
+        }
+    }
+
+    pub fn set_limits(&self, retention: usize, max_series: usize) {
+        *self.limits.lock() = (retention.max(1), max_series.max(1));
+    }
+
+    /// Checks points before any is stored; the error names the bad one.
+    pub fn validate(points: &[MetricDataPoint]) -> Result<(), String> {
+        for (i, p) in points.iter().enumerate() {
+            if p.name.is_empty() || p.name.len() > MAX_NAME_LEN {
+                return Err(format!(
+                    "metrics.metrics[{i}].name: must be 1 to {MAX_NAME_LEN} characters"
+                ));
+            }
+            if !p.value.is_finite() {
+                return Err(format!(
+                    "metrics.metrics[{i}] ({}): value {} is not a finite number",
+                    p.name, p.value
+                ));
+            }
+            if p.labels.len() > MAX_LABELS {
+                return Err(format!(
+                    "metrics.metrics[{i}] ({}): {} labels, at most {MAX_LABELS}",
+                    p.name,
+                    p.labels.len()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores points for `owner`; a point without a timestamp is stamped `now_ms`.
+    pub fn record(&self, owner: &str, points: &[MetricDataPoint], now_ms: u64) -> Recorded {
+        let (retention, max_series) = *self.limits.lock();
+        let mut owners = self.owners.lock();
+        let o = owners.entry(owner.to_string()).or_default();
+        let mut out = Recorded::default();
+        for p in points {
+            let key = SeriesKey {
+                name: p.name.clone(),
+                labels: p.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            };
+            let ts = p
+                .timestamp
+                .as_ref()
+                .map_or(now_ms, |t| unix_millis(to_system(t)));
+            if !o.series.contains_key(&key) && o.series.len() >= max_series {
+                out.refused_new_series += 1;
+                continue;
+            }
+            let ring = o.series.entry(key).or_default();
+            // Keep the ring ordered by time; late points go in their place.
+            let pos = ring.partition_point(|(t, _)| *t <= ts);
+            ring.insert(pos, (ts, p.value));
+            while ring.len() > retention {
+                ring.pop_front();
+            }
+            out.accepted += 1;
+        }
+        out
+    }
+
+    /// Points of `owner` whose name is in `names` (empty = all), within
+    /// `[start_ms, end_ms]`, ordered by name, labels, then time.
+    pub fn query(&self, owner: &str, names: &[String], start_ms: u64, end_ms: u64) -> Vec<MetricDataPoint> {
+        let owners = self.owners.lock();
+        let Some(o) = owners.get(owner) else {
+            return Vec::new();
+        };
+        let mut keys: Vec<&SeriesKey> = o
+            .series
+            .keys()
+            .filter(|k| names.is_empty() || names.contains(&k.name))
+            .collect();
+        keys.sort();
+        let mut out = Vec::new();
+        for key in keys {
+            for (ts, v) in &o.series[key] {
+                if *ts >= start_ms && *ts <= end_ms {
+                    out.push(point(key, *ts, *v));
+                }
+            }
+        }
+        out
+    }
+
+    /// The latest point of each matching series of `owner`.
+    pub fn latest(&self, owner: &str, names: &[String]) -> Vec<MetricDataPoint> {
+        let owners = self.owners.lock();
+        let Some(o) = owners.get(owner) else {
+            return Vec::new();
+        };
+        let mut keys: Vec<&SeriesKey> = o
+            .series
+            .keys()
+            .filter(|k| names.is_empty() || names.contains(&k.name))
+            .collect();
+        keys.sort();
+        keys.into_iter()
+            .filter_map(|k| o.series[k].back().map(|(ts, v)| point(k, *ts, *v)))
+            .collect()
+    }
+
+    /// Owners with any series (module instances and `nlb`).
+    pub fn owners(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.owners.lock().keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Drops an owner's series (its instance left the registry).
+    pub fn remove_owner(&self, owner: &str) {
+        self.owners.lock().remove(owner);
+    }
+
+    /// Total series held.
+    pub fn series_count(&self) -> usize {
+        self.owners.lock().values().map(|o| o.series.len()).sum()
+    }
+}
+
+fn point(key: &SeriesKey, ts: u64, value: f64) -> MetricDataPoint {
+    MetricDataPoint {
+        name: key.name.clone(),
+        value,
+        labels: key.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        timestamp: Some(from_unix_millis(ts)),
+    }
+}
+
+/// Aggregates points per series (name + labels) into five points each,
+/// labelled `agg` = `avg`, `min`, `max`, `sum`, `count`, stamped with the
+/// latest time seen. Series keep their order of first appearance.
+pub fn aggregate(points: &[MetricDataPoint]) -> Vec<MetricDataPoint> {
+    let mut order: Vec<SeriesKey> = Vec::new();
+    let mut acc: HashMap<SeriesKey, (f64, f64, f64, u64, u64)> = HashMap::new();
+    for p in points {
+        let key = SeriesKey {
+            name: p.name.clone(),
+            labels: p.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        };
+        let ts = p.timestamp.as_ref().map_or(0, |t| unix_millis(to_system(t)));
+        let e = acc.entry(key.clone()).or_insert_with(|| {
+            order.push(key);
+            (0.0, f64::INFINITY, f64::NEG_INFINITY, 0, 0)
+        });
+        e.0 += p.value;
+        e.1 = e.1.min(p.value);
+        e.2 = e.2.max(p.value);
+        e.3 += 1;
+        e.4 = e.4.max(ts);
+    }
+    let mut out = Vec::new();
+    for key in order {
+        let (sum, min, max, count, ts) = acc[&key];
+        for (agg, value) in [
+            ("avg", sum / count as f64),
+            ("min", min),
+            ("max", max),
+            ("sum", sum),
+            ("count", count as f64),
+        ] {
+            let mut p = point(&key, ts, value);
+            p.labels.insert("agg".into(), agg.into());
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(name: &str, v: f64, ts: u64) -> MetricDataPoint {
+        MetricDataPoint {
+            name: name.into(),
+            value: v,
+            labels: Default::default(),
+            timestamp: Some(from_unix_millis(ts)),
+        }
+    }
+
+    #[test]
+    fn rings_keep_the_newest_points_in_time_order() {
+        let s = SeriesStore::new(3, 10);
+        let pts: Vec<_> = (0..5).map(|i| p("rps", i as f64, 1000 + i)).collect();
+        assert_eq!(s.record("a", &pts, 0).accepted, 5);
+        s.record("a", &[p("rps", 9.0, 1001)], 0); // late point lands in place, then the oldest drops
+        let got: Vec<f64> = s.query("a", &[], 0, u64::MAX).iter().map(|p| p.value).collect();
+        // 0..4 at t=1000..1004, then 9 at t=1001: the ring keeps the three newest by time.
+        assert_eq!(got, vec![2.0, 3.0, 4.0]);
+    }
+
+    #[test]
+    fn series_past_the_cap_are_refused() {
+        let s = SeriesStore::new(10, 2);
+        let r = s.record("a", &[p("a", 1.0, 1), p("b", 1.0, 1), p("c", 1.0, 1), p("a", 2.0, 2)], 0);
+        assert_eq!(r, Recorded { accepted: 3, refused_new_series: 1 });
+        assert_eq!(s.series_count(), 2);
+    }
+
+    #[test]
+    fn queries_filter_by_name_and_window() {
+        let s = SeriesStore::new(10, 10);
+        s.record("a", &[p("x", 1.0, 100), p("x", 2.0, 200), p("y", 3.0, 150)], 0);
+        let got = s.query("a", &["x".into()], 150, 250);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].value, 2.0);
+        assert_eq!(s.latest("a", &[]).len(), 2);
+        assert!(s.query("nobody", &[], 0, u64::MAX).is_empty());
+    }
+
+    #[test]
+    fn aggregation_gives_avg_min_max_sum_count() {
+        let agg = aggregate(&[p("x", 1.0, 1), p("x", 3.0, 5), p("x", 8.0, 3)]);
+        let get = |a: &str| agg.iter().find(|p| p.labels["agg"] == a).unwrap().value;
+        assert_eq!(get("avg"), 4.0);
+        assert_eq!(get("min"), 1.0);
+        assert_eq!(get("max"), 8.0);
+        assert_eq!(get("sum"), 12.0);
+        assert_eq!(get("count"), 3.0);
+        assert_eq!(unix_millis(to_system(agg[0].timestamp.as_ref().unwrap())), 5);
+    }
+
+    #[test]
+    fn bad_points_are_named() {
+        let err = SeriesStore::validate(&[p("ok", 1.0, 1), p("bad", f64::NAN, 1)]).unwrap_err();
+        assert!(err.contains("metrics.metrics[1] (bad)"), "{err}");
+        assert!(SeriesStore::validate(&[p("", 1.0, 1)]).unwrap_err().contains("name"));
+    }
+}

@@ -1,0 +1,526 @@
+//! Register, heartbeat, unregister, and the timed parts of liveness: leases,
+//! drain deadlines, removal, and active health check results.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use shared_types::pb::{self, HealthStatus, ModuleType};
+use tokio::time::Instant;
+
+use super::instance::{Drain, HealthTimings, Instance, Instruction};
+use super::{Inner, Registry, RegistryError};
+use crate::config::check_host_port;
+use crate::routing::RouteSpec;
+
+/// A successful registration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Registered {
+    pub registration_id: String,
+    pub registered_at: SystemTime,
+    /// False when the instance has no `data_address` (registered, managed,
+    /// but routed no traffic).
+    pub takes_traffic: bool,
+    /// True when this was a re-registration of a live instance.
+    pub renewed: bool,
+    pub message: String,
+}
+
+/// The result of an unregister.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unregistered {
+    /// Active connections at the time of the call (drained gracefully, or cut).
+    pub active_connections: i64,
+    pub graceful: bool,
+    pub deadline: Option<SystemTime>,
+    pub message: String,
+}
+
+/// What a heartbeat is answered with.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HeartbeatOutcome {
+    pub acknowledged: bool,
+    pub message: String,
+    pub should_reload: bool,
+    pub should_scale: bool,
+    pub instructions: HashMap<String, String>,
+}
+
+/// What a reaper tick did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Tick {
+    /// Instances whose lease lapsed (now unhealthy).
+    pub lapsed: Vec<String>,
+    /// Instances removed (drain deadline reached or grace expired).
+    pub removed: Vec<String>,
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+}
+
+/// Checks a `RegisterModuleRequest`; every problem in one message.
+fn validate(
+    req: &pb::RegisterModuleRequest,
+) -> Result<(ModuleType, Vec<RouteSpec>, HealthTimings, Option<String>, bool), RegistryError> {
+    let Some(inst) = req.instance.as_ref() else {
+        return Err(RegistryError::InvalidArgument(
+            "instance: is required".into(),
+        ));
+    };
+    let mut errors = Vec::new();
+    if !valid_id(&inst.instance_id) {
+        errors.push(format!(
+            "instance.instance_id: {:?} must be 1 to 128 characters of letters, digits, '-', '_', '.', ':'",
+            inst.instance_id
+        ));
+    }
+    let module_type = match ModuleType::from_wire(inst.module_type) {
+        Some(ModuleType::Unspecified) | None => {
+            errors.push(format!(
+                "instance.module_type: {} is not a module type (alb, dblb, ailb, rtmp, nlb)",
+                inst.module_type
+            ));
+            ModuleType::Unspecified
+        }
+        Some(t) => t,
+    };
+    if let Err(m) = check_host_port(&inst.address) {
+        errors.push(format!("instance.address (its ModuleService address): {m}"));
+    }
+    let data_address = inst
+        .metadata
+        .get("data_address")
+        .filter(|a| !a.trim().is_empty())
+        .cloned();
+    if let Some(addr) = &data_address {
+        if let Err(m) = check_host_port(addr) {
+            errors.push(format!("instance.metadata[\"data_address\"]: {m}"));
+        }
+    }
+    if inst.max_connections < 0 {
+        errors.push(format!(
+            "instance.max_connections: {} is negative (0 = unlimited)",
+            inst.max_connections
+        ));
+    }
+    if inst.version.len() > 128 {
+        errors.push("instance.version: longer than 128 characters".into());
+    }
+    let proxy_protocol = match req.capabilities.get("proxy_protocol").map(String::as_str) {
+        None | Some("") | Some("none") => false,
+        Some(v) if v.eq_ignore_ascii_case("v2") => true,
+        Some(other) => {
+            errors.push(format!(
+                "capabilities[\"proxy_protocol\"]: {other:?} is not supported (use \"v2\")"
+            ));
+            false
+        }
+    };
+    let timings = HealthTimings::from_proto(req.health_config.as_ref()).unwrap_or_else(|m| {
+        errors.push(m);
+        HealthTimings::default()
+    });
+    let mut routes = Vec::new();
+    for route in &req.initial_routes {
+        match RouteSpec::announced(route, module_type) {
+            Ok(spec) => routes.push(spec),
+            Err(es) => errors.extend(es.iter().map(|e| format!("initial_routes: {e}"))),
+        }
+    }
+    if errors.is_empty() {
+        Ok((module_type, routes, timings, data_address, proxy_protocol))
+    } else {
+        Err(RegistryError::InvalidArgument(errors.join("; ")))
+    }
+}
+
+impl Registry {
+    /// Registers an instance. Re-registering a live instance from the same
+    /// address is idempotent: same registration id, lease renewed, fields
+    /// updated.
+    pub fn register(&self, req: &pb::RegisterModuleRequest) -> Result<Registered, RegistryError> {
+        let (module_type, routes, timings, data_address, proxy_protocol) = validate(req)?;
+        let inst = req.instance.clone().unwrap_or_default();
+        let id = inst.instance_id.clone();
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        self.with(|inner| {
+            let existing = inner.instances.get(&id);
+            let renew = match existing {
+                Some(old) if old.info.address == inst.address => true,
+                Some(old) if old.draining.is_none() && old.lease_ok => {
+                    let err = RegistryError::AlreadyExists(format!(
+                        "instance {id} is already registered from {} and is alive; unregister it or use another instance_id",
+                        old.info.address
+                    ));
+                    return (Err(err), false);
+                }
+                _ => false,
+            };
+            if existing.is_none() && inner.instances.len() >= inner.settings.max_instances {
+                let err = RegistryError::ResourceExhausted(format!(
+                    "the registry holds its maximum of {} instances",
+                    inner.settings.max_instances
+                ));
+                return (Err(err), false);
+            }
+            let (registration_id, registered_at, counters) = match inner.instances.remove(&id) {
+                Some(old) if renew => (old.registration_id, old.registered_at, old.counters),
+                Some(old) => {
+                    inner.by_registration.remove(&old.registration_id);
+                    (uuid::Uuid::new_v4().to_string(), wall, Arc::default())
+                }
+                None => (uuid::Uuid::new_v4().to_string(), wall, Arc::default()),
+            };
+            let takes_traffic = data_address.is_some();
+            let instance = Instance {
+                module_type,
+                registration_id: registration_id.clone(),
+                routes,
+                capabilities: req.capabilities.clone(),
+                timings,
+                registered_at,
+                data_address,
+                proxy_protocol,
+                counters,
+                capacity_factor: 1.0,
+                last_beat: now,
+                last_beat_wall: wall,
+                reported: HealthStatus::from_wire(inst.health_status).unwrap_or_default(),
+                lease_ok: true,
+                recovering_beats: 0,
+                check_ok: true,
+                check_failures: 0,
+                check_successes: 0,
+                last_check: None,
+                next_check: now + timings.interval,
+                draining: None,
+                stats: None,
+                stats_at: None,
+                pending: None,
+                info: inst,
+            };
+            inner
+                .by_registration
+                .insert(registration_id.clone(), id.clone());
+            inner.instances.insert(id.clone(), instance);
+            let mut message = format!(
+                "{} {module_type} instance {id}",
+                if renew { "renewed" } else { "registered" }
+            );
+            if !takes_traffic {
+                message.push_str(
+                    "; it has no metadata[\"data_address\"], so it is managed but routed no traffic",
+                );
+            }
+            let out = Registered {
+                registration_id,
+                registered_at,
+                takes_traffic,
+                renewed: renew,
+                message,
+            };
+            (Ok(out), true)
+        })
+    }
+
+    /// Unregisters an instance. Graceful: it takes no new traffic at once and
+    /// is removed at the drain deadline. Otherwise it is removed now. An empty
+    /// `registration_id` is an operator acting on the instance.
+    pub fn unregister(
+        &self,
+        instance_id: &str,
+        registration_id: &str,
+        graceful: bool,
+        drain_timeout_seconds: i32,
+    ) -> Result<Unregistered, RegistryError> {
+        if instance_id.is_empty() {
+            return Err(RegistryError::InvalidArgument("instance_id: is empty".into()));
+        }
+        if !(0..=86_400).contains(&drain_timeout_seconds) {
+            return Err(RegistryError::InvalidArgument(format!(
+                "drain_timeout_seconds: {drain_timeout_seconds} is out of range (0 to 86400; 0 = the configured default)"
+            )));
+        }
+        self.with(|inner| {
+            let default_drain = inner.settings.drain_timeout;
+            let Some(inst) = inner.instances.get_mut(instance_id) else {
+                return (
+                    Err(RegistryError::NotFound(format!(
+                        "no instance {instance_id} is registered"
+                    ))),
+                    false,
+                );
+            };
+            if !registration_id.is_empty() && inst.registration_id != registration_id {
+                return (
+                    Err(RegistryError::PermissionDenied(format!(
+                        "registration id does not belong to instance {instance_id}"
+                    ))),
+                    false,
+                );
+            }
+            let active = inst.counters.active();
+            if graceful {
+                let timeout = if drain_timeout_seconds > 0 {
+                    Duration::from_secs(drain_timeout_seconds as u64)
+                } else {
+                    default_drain
+                };
+                let deadline_wall = SystemTime::now() + timeout;
+                let already = inst.draining.is_some();
+                inst.draining = Some(Drain {
+                    deadline: Instant::now() + timeout,
+                    deadline_wall,
+                    connections_at_start: active,
+                });
+                let out = Unregistered {
+                    active_connections: active,
+                    graceful: true,
+                    deadline: Some(deadline_wall),
+                    message: format!(
+                        "instance {instance_id} is draining: no new traffic, {active} active connections finish within {}s, then it is removed",
+                        timeout.as_secs()
+                    ),
+                };
+                (Ok(out), !already)
+            } else {
+                let inst = inner.instances.remove(instance_id).expect("present");
+                inner.by_registration.remove(&inst.registration_id);
+                let out = Unregistered {
+                    active_connections: active,
+                    graceful: false,
+                    deadline: None,
+                    message: format!(
+                        "instance {instance_id} removed; {active} active connections were not drained"
+                    ),
+                };
+                (Ok(out), true)
+            }
+        })
+    }
+
+    /// Renews a lease. An unknown or mismatched registration is answered
+    /// `acknowledged = false` with `action = reregister`.
+    pub fn heartbeat(&self, req: &pb::HeartbeatRequest) -> Result<HeartbeatOutcome, RegistryError> {
+        if req.instance_id.is_empty() {
+            return Err(RegistryError::InvalidArgument("instance_id: is empty".into()));
+        }
+        let now = Instant::now();
+        Ok(self.with(|inner| {
+            let known = inner
+                .by_registration
+                .get(&req.registration_id)
+                .is_some_and(|id| *id == req.instance_id);
+            let Some(inst) = inner
+                .instances
+                .get_mut(&req.instance_id)
+                .filter(|_| known)
+            else {
+                let mut instructions = HashMap::new();
+                instructions.insert("action".to_string(), "reregister".to_string());
+                let out = HeartbeatOutcome {
+                    acknowledged: false,
+                    message: format!(
+                        "registration {:?} of instance {} is unknown to this NLB; register again",
+                        req.registration_id, req.instance_id
+                    ),
+                    instructions,
+                    ..HeartbeatOutcome::default()
+                };
+                return (out, false);
+            };
+            let before = inst.state();
+            inst.last_beat = now;
+            inst.last_beat_wall = SystemTime::now();
+            if let Some(status) = HealthStatus::from_wire(req.status) {
+                if status != HealthStatus::Unspecified {
+                    inst.reported = status;
+                }
+            }
+            if let Some(stats) = &req.current_stats {
+                inst.stats = Some(stats.clone());
+                inst.stats_at = Some(SystemTime::now());
+            }
+            if !inst.lease_ok {
+                inst.recovering_beats += 1;
+                if inst.recovering_beats >= inst.timings.healthy_threshold {
+                    inst.lease_ok = true;
+                    inst.recovering_beats = 0;
+                }
+            }
+            let mut out = HeartbeatOutcome {
+                acknowledged: true,
+                message: format!("lease renewed for {}s", inst.timings.lease().as_secs()),
+                ..HeartbeatOutcome::default()
+            };
+            if let Some(drain) = inst.draining {
+                let left = drain.deadline.saturating_duration_since(now).as_secs();
+                out.instructions.insert("action".into(), "drain".into());
+                out.instructions
+                    .insert("drain_deadline_seconds".into(), left.to_string());
+                out.message = format!("draining: finish open connections within {left}s");
+            } else {
+                match inst.pending.take() {
+                    Some(Instruction::Reload) => {
+                        out.instructions.insert("action".into(), "reload".into());
+                        out.should_reload = true;
+                    }
+                    Some(Instruction::Shed(n)) => {
+                        out.instructions.insert("action".into(), "shed".into());
+                        out.instructions
+                            .insert("shed_connections".into(), n.to_string());
+                    }
+                    None => {}
+                }
+            }
+            let module_type = inst.module_type;
+            let changed = inst.state() != before;
+            if let Some(target) = inner.scaling_targets.get(&module_type) {
+                let current = inner
+                    .instances
+                    .values()
+                    .filter(|i| i.module_type == module_type && i.draining.is_none())
+                    .count() as i32;
+                if current != *target {
+                    out.should_scale = true;
+                    out.instructions
+                        .insert("desired_instances".into(), target.to_string());
+                } else {
+                    inner.scaling_targets.remove(&module_type);
+                }
+            }
+            (out, changed)
+        }))
+    }
+
+    /// Queues an instruction for an instance's next heartbeat response.
+    pub fn instruct(&self, instance_id: &str, instruction: Instruction) -> bool {
+        self.with(|inner| match inner.instances.get_mut(instance_id) {
+            Some(inst) => {
+                inst.pending = Some(instruction);
+                (true, false)
+            }
+            None => (false, false),
+        })
+    }
+
+    /// Applies leases and deadlines as of `now`: lapsed leases stop new
+    /// traffic; drains past their deadline and instances silent past the
+    /// removal grace are removed.
+    pub fn tick(&self, now: Instant) -> Tick {
+        self.with(|inner| {
+            let grace = inner.settings.removal_grace;
+            let mut tick = Tick::default();
+            for inst in inner.instances.values_mut() {
+                let silent = now.saturating_duration_since(inst.last_beat);
+                if inst.draining.is_some_and(|d| now >= d.deadline)
+                    || silent > inst.timings.lease() + grace
+                {
+                    tick.removed.push(inst.info.instance_id.clone());
+                } else if inst.lease_ok && silent > inst.timings.lease() {
+                    inst.lease_ok = false;
+                    inst.recovering_beats = 0;
+                    tick.lapsed.push(inst.info.instance_id.clone());
+                }
+            }
+            for id in &tick.removed {
+                remove(inner, id);
+            }
+            let changed = !tick.lapsed.is_empty() || !tick.removed.is_empty();
+            (tick, changed)
+        })
+    }
+
+    /// Instances due an active health check at `now`: (id, ModuleService
+    /// address, timeout). Their next check is scheduled one interval on.
+    pub fn due_checks(&self, now: Instant) -> Vec<(String, String, Duration)> {
+        self.with(|inner| {
+            let mut due = Vec::new();
+            for inst in inner.instances.values_mut() {
+                if inst.draining.is_none() && inst.next_check <= now {
+                    inst.next_check = now + inst.timings.interval;
+                    due.push((
+                        inst.info.instance_id.clone(),
+                        inst.info.address.clone(),
+                        inst.timings.timeout,
+                    ));
+                }
+            }
+            (due, false)
+        })
+    }
+
+    /// Records an active health check result: `unhealthy_threshold`
+    /// consecutive failures stop new traffic, `healthy_threshold` consecutive
+    /// passes restore it.
+    pub fn record_check(&self, instance_id: &str, passed: bool, message: String) {
+        self.with(|inner| {
+            let Some(inst) = inner.instances.get_mut(instance_id) else {
+                return ((), false);
+            };
+            let before = inst.check_ok;
+            inst.last_check = Some((SystemTime::now(), message));
+            if passed {
+                inst.check_failures = 0;
+                inst.check_successes += 1;
+                if inst.check_successes >= inst.timings.healthy_threshold {
+                    inst.check_ok = true;
+                }
+            } else {
+                inst.check_successes = 0;
+                inst.check_failures += 1;
+                if inst.check_failures >= inst.timings.unhealthy_threshold {
+                    inst.check_ok = false;
+                }
+            }
+            ((), inst.check_ok != before)
+        });
+    }
+
+    /// Replaces (or extends) the routes an instance announces.
+    pub fn set_instance_routes(
+        &self,
+        instance_id: &str,
+        routes: Vec<RouteSpec>,
+        replace_all: bool,
+    ) -> Result<usize, RegistryError> {
+        self.with(|inner| {
+            let Some(inst) = inner.instances.get_mut(instance_id) else {
+                return (
+                    Err(RegistryError::NotFound(format!(
+                        "no instance {instance_id} is registered"
+                    ))),
+                    false,
+                );
+            };
+            let n = routes.len();
+            if replace_all {
+                inst.routes = routes;
+            } else {
+                for spec in routes {
+                    inst.routes.retain(|r| r.route_id() != spec.route_id());
+                    inst.routes.push(spec);
+                }
+            }
+            inst.pending = Some(Instruction::Reload);
+            (Ok(n), true)
+        })
+    }
+
+    /// The module type an instance registered as.
+    pub fn module_type_of(&self, instance_id: &str) -> Option<ModuleType> {
+        self.read(|inner| inner.instances.get(instance_id).map(|i| i.module_type))
+    }
+}
+
+fn remove(inner: &mut Inner, id: &str) {
+    if let Some(inst) = inner.instances.remove(id) {
+        inner.by_registration.remove(&inst.registration_id);
+    }
+}

@@ -1,0 +1,256 @@
+//! The registry of module instances: registrations, leases, drains, pending
+//! instructions, and the operator's routing inputs. Every change of
+//! membership, health, routes or weights compiles and publishes a new routing
+//! snapshot; heartbeats that change none of these rebuild nothing.
+
+mod instance;
+mod lifecycle;
+mod views;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use shared_types::pb::ModuleType;
+
+pub use instance::{Drain, HealthTimings, Instance, Instruction};
+pub use lifecycle::{HeartbeatOutcome, Registered, Tick, Unregistered};
+pub use views::{InstanceView, Rebalanced, Strategy, OVERLOAD_TOLERANCE};
+
+use crate::config::NlbConfig;
+use crate::routing::{
+    Endpoint, EndpointCounters, EndpointState, Policy, RouteSpec, Router, RouteStatsCache,
+    Snapshot, SnapshotInput,
+};
+
+/// Why a registry operation was refused. Each maps to one gRPC code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+}
+
+/// Registry settings taken from the config.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Settings {
+    pub drain_timeout: Duration,
+    pub removal_grace: Duration,
+    pub max_instances: usize,
+}
+
+impl Settings {
+    pub fn from_config(c: &NlbConfig) -> Self {
+        Settings {
+            drain_timeout: Duration::from_secs(c.registry.drain_timeout_seconds.into()),
+            removal_grace: Duration::from_secs(c.registry.removal_grace_seconds.into()),
+            max_instances: c.registry.max_instances,
+        }
+    }
+}
+
+/// The operator's routing inputs, from the merged config.
+#[derive(Debug, Clone, Default)]
+pub struct OperatorRouting {
+    pub routes: Vec<RouteSpec>,
+    /// Pool name -> addresses.
+    pub backends: BTreeMap<String, Vec<String>>,
+    pub policy: Policy,
+}
+
+impl OperatorRouting {
+    /// From a validated config (invalid entries were refused by validation).
+    pub fn from_config(c: &NlbConfig) -> Self {
+        let routes = c
+            .routes
+            .iter()
+            .filter_map(|r| RouteSpec::operator(&r.to_proto()).ok())
+            .collect();
+        let weights = c
+            .traffic_weights
+            .iter()
+            .filter_map(|(t, versions)| {
+                let t = ModuleType::parse_name(t).ok()?;
+                Some((t, versions.iter().map(|(v, w)| (v.clone(), *w)).collect()))
+            })
+            .collect();
+        OperatorRouting {
+            routes,
+            backends: c.backends.clone(),
+            policy: Policy {
+                weights,
+                sticky: c.routing.sticky,
+            },
+        }
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) instances: HashMap<String, Instance>,
+    /// registration id -> instance id
+    pub(crate) by_registration: HashMap<String, String>,
+    generation: u64,
+    stats_cache: RouteStatsCache,
+    operator: OperatorRouting,
+    backend_endpoints: BTreeMap<String, Vec<Arc<Endpoint>>>,
+    settings: Settings,
+    /// Desired instance counts asked for by `TriggerScaling`, per module type.
+    pub(crate) scaling_targets: HashMap<ModuleType, i32>,
+}
+
+/// The registry. Cheap to share (`Arc<Registry>`); the lock is held only for
+/// short, non-async sections.
+pub struct Registry {
+    inner: Mutex<Inner>,
+    router: Arc<Router>,
+}
+
+impl Registry {
+    pub fn new(settings: Settings, operator: OperatorRouting) -> Self {
+        let registry = Registry {
+            inner: Mutex::new(Inner {
+                instances: HashMap::new(),
+                by_registration: HashMap::new(),
+                generation: 0,
+                stats_cache: RouteStatsCache::default(),
+                operator: OperatorRouting::default(),
+                backend_endpoints: BTreeMap::new(),
+                settings,
+                scaling_targets: HashMap::new(),
+            }),
+            router: Arc::new(Router::default()),
+        };
+        registry.set_operator_routing(operator);
+        registry
+    }
+
+    /// The router the data plane and `RouteRequest` read.
+    pub fn router(&self) -> &Arc<Router> {
+        &self.router
+    }
+
+    /// The current snapshot's generation (bumped on every rebuild).
+    pub fn generation(&self) -> u64 {
+        self.inner.lock().generation
+    }
+
+    pub fn settings(&self) -> Settings {
+        self.inner.lock().settings
+    }
+
+    pub fn set_settings(&self, settings: Settings) {
+        self.inner.lock().settings = settings;
+    }
+
+    /// Replaces the operator routes, backend pools and policy; rebuilds.
+    pub fn set_operator_routing(&self, operator: OperatorRouting) {
+        let mut inner = self.inner.lock();
+        // Keep the live counters of backend addresses that stay.
+        let mut old: HashMap<String, Arc<EndpointCounters>> = inner
+            .backend_endpoints
+            .values()
+            .flatten()
+            .map(|e| (e.id.clone(), Arc::clone(&e.counters)))
+            .collect();
+        inner.backend_endpoints = operator
+            .backends
+            .iter()
+            .map(|(name, addrs)| {
+                let endpoints = addrs
+                    .iter()
+                    .map(|addr| {
+                        let id = format!("{name}/{addr}");
+                        Arc::new(Endpoint {
+                            counters: old.remove(&id).unwrap_or_default(),
+                            id,
+                            module_type: ModuleType::Unspecified,
+                            address: Some(addr.clone()),
+                            version: String::new(),
+                            state: EndpointState::Healthy,
+                            max_connections: 0,
+                            capacity_factor: 1.0,
+                            proxy_protocol: false,
+                        })
+                    })
+                    .collect();
+                (name.clone(), endpoints)
+            })
+            .collect();
+        inner.operator = operator;
+        Self::rebuild(&mut inner, &self.router);
+    }
+
+    /// The operator routing inputs in force.
+    pub fn operator_routing(&self) -> OperatorRouting {
+        self.inner.lock().operator.clone()
+    }
+
+    /// The instance a registration id belongs to.
+    pub fn instance_for_registration(&self, registration_id: &str) -> Option<String> {
+        self.inner
+            .lock()
+            .by_registration
+            .get(registration_id)
+            .cloned()
+    }
+
+    /// Compiles and publishes a snapshot from the current state.
+    fn rebuild(inner: &mut Inner, router: &Router) {
+        inner.generation += 1;
+        let endpoints: Vec<Arc<Endpoint>> = {
+            let mut ids: Vec<&String> = inner.instances.keys().collect();
+            ids.sort();
+            ids.iter()
+                .map(|id| Arc::new(inner.instances[*id].endpoint()))
+                .collect()
+        };
+        let by_id: HashMap<&str, &Arc<Endpoint>> =
+            endpoints.iter().map(|e| (e.id.as_str(), e)).collect();
+        let mut announced = Vec::new();
+        for instance in inner.instances.values() {
+            let endpoint = by_id[instance.info.instance_id.as_str()];
+            for spec in &instance.routes {
+                announced.push((spec, endpoint));
+            }
+        }
+        let snapshot = Snapshot::build(
+            SnapshotInput {
+                generation: inner.generation,
+                announced,
+                operator: &inner.operator.routes,
+                instances: &endpoints,
+                backends: &inner.backend_endpoints,
+                policy: inner.operator.policy.clone(),
+                now_ms: shared_types::time::unix_millis(std::time::SystemTime::now()),
+            },
+            &mut inner.stats_cache,
+        );
+        router.publish(snapshot);
+    }
+
+    /// Runs `f` on the locked state; rebuilds the snapshot if it returns true.
+    pub(crate) fn with<R>(&self, f: impl FnOnce(&mut Inner) -> (R, bool)) -> R {
+        let mut inner = self.inner.lock();
+        let (out, changed) = f(&mut inner);
+        if changed {
+            Self::rebuild(&mut inner, &self.router);
+        }
+        out
+    }
+
+    /// Reads the locked state.
+    pub(crate) fn read<R>(&self, f: impl FnOnce(&Inner) -> R) -> R {
+        f(&self.inner.lock())
+    }
+}
