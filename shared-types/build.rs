@@ -21,7 +21,10 @@ fn main() -> anyhow::Result<()> {
 
     let fds = protox::compile(FILES, [&proto_root])?;
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
-    fs::write(out_dir.join("marchproxy_descriptor.bin"), fds.encode_to_vec())?;
+    fs::write(
+        out_dir.join("marchproxy_descriptor.bin"),
+        fds.encode_to_vec(),
+    )?;
 
     tonic_prost_build::configure()
         .build_server(true)

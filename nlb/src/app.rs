@@ -36,7 +36,10 @@ impl Nlb {
                 Settings::from_config(&c),
                 OperatorRouting::from_config(&c),
             )),
-            series: SeriesStore::new(c.metrics.retention_points, c.metrics.max_series_per_instance),
+            series: SeriesStore::new(
+                c.metrics.retention_points,
+                c.metrics.max_series_per_instance,
+            ),
             metrics: NlbMetrics::new(),
             modules: ModuleClients::default(),
             config,
@@ -52,9 +55,12 @@ impl Nlb {
     /// Applies a config now in force to the live parts.
     pub fn apply_config(&self, c: &NlbConfig) {
         self.registry.set_settings(Settings::from_config(c));
-        self.registry.set_operator_routing(OperatorRouting::from_config(c));
-        self.series
-            .set_limits(c.metrics.retention_points, c.metrics.max_series_per_instance);
+        self.registry
+            .set_operator_routing(OperatorRouting::from_config(c));
+        self.series.set_limits(
+            c.metrics.retention_points,
+            c.metrics.max_series_per_instance,
+        );
         self.refresh_gauges();
     }
 
@@ -73,7 +79,10 @@ impl Nlb {
                 Ok(change.changed)
             }
             Err(errors) => {
-                self.metrics.config_reloads.with_label_values(&["failed"]).inc();
+                self.metrics
+                    .config_reloads
+                    .with_label_values(&["failed"])
+                    .inc();
                 let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
                 tracing::error!(errors = %text.join("; "), "config reload refused; the config in force is unchanged");
                 Err(text.join("; "))
@@ -96,7 +105,9 @@ impl Nlb {
                 .with_label_values(&[view.module_type.short_name(), state])
                 .inc();
         }
-        self.metrics.metric_series.set(self.series.series_count() as i64);
+        self.metrics
+            .metric_series
+            .set(self.series.series_count() as i64);
     }
 
     /// Active connections over every instance.
@@ -178,7 +189,10 @@ impl Nlb {
             point("nlb_routes", snapshot.routes().count() as f64),
             point(
                 "nlb_uptime_seconds",
-                self.started_at.elapsed().unwrap_or(Duration::ZERO).as_secs_f64(),
+                self.started_at
+                    .elapsed()
+                    .unwrap_or(Duration::ZERO)
+                    .as_secs_f64(),
             ),
         ]
     }
@@ -222,7 +236,8 @@ impl Nlb {
     pub fn modules_by_type(&self) -> std::collections::HashMap<String, i32> {
         let mut out = std::collections::HashMap::new();
         for v in self.registry.list() {
-            *out.entry(v.module_type.short_name().to_string()).or_insert(0) += 1;
+            *out.entry(v.module_type.short_name().to_string())
+                .or_insert(0) += 1;
         }
         out
     }

@@ -1,11 +1,25 @@
 //! Switchyard's network load balancer as a library: the binary `nlb` wires
 //! these parts together, and tests drive them directly.
+//!
+//! - [`config`]: the one validated config model (YAML file, API layer in the
+//!   state file, environment).
+//! - [`registry`]: module instances, leases, drains and instructions.
+//! - [`routing`]: the routing core shared by `RouteRequest` and the data plane.
+//! - [`control`]: the `NLBService` control API and the `ModuleService` clients.
+//! - [`metrics`]: Prometheus metrics and the `ReportMetrics` series store.
+//! - [`server`], [`admin`], [`liveness`]: serving, the admin port, background loops.
 
 #![deny(unsafe_code)]
 
+pub mod admin;
 pub mod app;
 pub mod config;
 pub mod control;
+pub mod liveness;
 pub mod metrics;
 pub mod registry;
 pub mod routing;
+pub mod server;
+
+pub use app::Nlb;
+pub use server::{start, Running, StartError};

@@ -101,10 +101,19 @@ mod tests {
     #[test]
     fn short_and_full_names_parse_case_insensitively() {
         assert_eq!(ModuleType::parse_name("alb"), Ok(ModuleType::Alb));
-        assert_eq!(ModuleType::parse_name("MODULE_TYPE_DBLB"), Ok(ModuleType::Dblb));
+        assert_eq!(
+            ModuleType::parse_name("MODULE_TYPE_DBLB"),
+            Ok(ModuleType::Dblb)
+        );
         assert_eq!(Protocol::parse_name("Http2"), Ok(Protocol::Http2));
-        assert_eq!(Protocol::parse_name("protocol_postgres"), Ok(Protocol::Postgres));
-        assert_eq!(HealthStatus::parse_name(" healthy "), Ok(HealthStatus::Healthy));
+        assert_eq!(
+            Protocol::parse_name("protocol_postgres"),
+            Ok(Protocol::Postgres)
+        );
+        assert_eq!(
+            HealthStatus::parse_name(" healthy "),
+            Ok(HealthStatus::Healthy)
+        );
     }
 
     #[test]

@@ -51,7 +51,10 @@ mod tests {
 
     #[test]
     fn malformed_timestamps_clamp() {
-        let ts = Timestamp { seconds: -5, nanos: -1 };
+        let ts = Timestamp {
+            seconds: -5,
+            nanos: -1,
+        };
         assert_eq!(to_system(&ts), UNIX_EPOCH);
     }
 }

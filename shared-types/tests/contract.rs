@@ -14,13 +14,16 @@ use prost_types::{
 };
 use serde_json::Value;
 
+/// (path, request, response, client_streaming, server_streaming)
+type RpcFacts = (String, String, String, bool, bool);
+
 /// What our descriptors say, flattened into the facts file's vocabulary.
 struct Compiled {
     enums: BTreeMap<String, BTreeMap<String, i32>>,
     /// message -> field name -> (number, type, label)
     messages: BTreeMap<String, BTreeMap<String, (i32, String, String)>>,
     /// service -> rpc -> (path, request, response, client_streaming, server_streaming)
-    services: BTreeMap<String, BTreeMap<String, (String, String, String, bool, bool)>>,
+    services: BTreeMap<String, BTreeMap<String, RpcFacts>>,
 }
 
 fn scalar_name(t: Type) -> &'static str {
@@ -69,9 +72,7 @@ fn compile_ours() -> Compiled {
             compiled.enums.insert(e.name().to_string(), values);
         }
         for m in &file.message_type {
-            compiled
-                .messages
-                .insert(m.name().to_string(), fields_of(m));
+            compiled.messages.insert(m.name().to_string(), fields_of(m));
         }
         for s in &file.service {
             let rpcs = s
@@ -217,9 +218,17 @@ fn differences(facts: &Value, ours: &Compiled) -> Vec<String> {
                 continue;
             };
             let checks = [
-                ("path", path.as_str(), rpc["path"].as_str().unwrap_or_default()),
+                (
+                    "path",
+                    path.as_str(),
+                    rpc["path"].as_str().unwrap_or_default(),
+                ),
                 ("request", req, rpc["request"].as_str().unwrap_or_default()),
-                ("response", resp, rpc["response"].as_str().unwrap_or_default()),
+                (
+                    "response",
+                    resp,
+                    rpc["response"].as_str().unwrap_or_default(),
+                ),
             ];
             for (what, got, want) in checks {
                 if got != want {
@@ -229,10 +238,14 @@ fn differences(facts: &Value, ours: &Compiled) -> Vec<String> {
                 }
             }
             if Some(*cs) != rpc["client_streaming"].as_bool() {
-                diffs.push(format!("service {service}: rpc {rname} client streaming differs"));
+                diffs.push(format!(
+                    "service {service}: rpc {rname} client streaming differs"
+                ));
             }
             if Some(*ss) != rpc["server_streaming"].as_bool() {
-                diffs.push(format!("service {service}: rpc {rname} server streaming differs"));
+                diffs.push(format!(
+                    "service {service}: rpc {rname} server streaming differs"
+                ));
             }
         }
     }
@@ -257,8 +270,14 @@ fn compiled_protos_match_the_marchproxy_contract() {
     // The facts are not vacuous: they list what the contract README counts.
     assert_eq!(facts["enums"].as_object().map(|e| e.len()), Some(4));
     assert_eq!(facts["messages"].as_object().map(|m| m.len()), Some(103));
-    assert_eq!(facts["services"]["NLBService"].as_array().map(Vec::len), Some(20));
-    assert_eq!(facts["services"]["ModuleService"].as_array().map(Vec::len), Some(22));
+    assert_eq!(
+        facts["services"]["NLBService"].as_array().map(Vec::len),
+        Some(20)
+    );
+    assert_eq!(
+        facts["services"]["ModuleService"].as_array().map(Vec::len),
+        Some(22)
+    );
 }
 
 #[test]
@@ -274,7 +293,9 @@ fn the_check_names_each_difference() {
     facts["messages"]["Error"]["fields"]
         .as_array_mut()
         .unwrap()
-        .push(serde_json::json!({"number": 9, "name": "hint", "type": "string", "label": "optional"}));
+        .push(
+            serde_json::json!({"number": 9, "name": "hint", "type": "string", "label": "optional"}),
+        );
 
     let diffs = differences(&facts, &ours);
     let expect = [

@@ -14,6 +14,7 @@ mod validate;
 pub use model::*;
 pub use state::{StateFile, StateFileError};
 pub use store::{ConfigStore, SectionChange};
+pub use validate::check_routes;
 pub use validate::{check, check_host_port, ConfigError};
 
 use std::collections::BTreeMap;
@@ -118,8 +119,16 @@ pub fn merge(
             }
         }
     }
-    validate::check_listen(&config.grpc.listen, "grpc.listen (or NLB_GRPC_LISTEN)", &mut errors);
-    validate::check_listen(&config.admin.listen, "admin.listen (or NLB_ADMIN_LISTEN)", &mut errors);
+    validate::check_listen(
+        &config.grpc.listen,
+        "grpc.listen (or NLB_GRPC_LISTEN)",
+        &mut errors,
+    );
+    validate::check_listen(
+        &config.admin.listen,
+        "admin.listen (or NLB_ADMIN_LISTEN)",
+        &mut errors,
+    );
     if errors.is_empty() {
         Ok(config)
     } else {

@@ -224,8 +224,10 @@ impl RouteConfig {
     pub fn from_proto(route: &pb::Route) -> Self {
         RouteConfig {
             route_id: route.route_id.clone(),
-            protocol: pb::Protocol::from_wire(route.protocol)
-                .map_or_else(|| route.protocol.to_string(), |p| p.short_name().to_string()),
+            protocol: pb::Protocol::from_wire(route.protocol).map_or_else(
+                || route.protocol.to_string(),
+                |p| p.short_name().to_string(),
+            ),
             source_pattern: route.source_pattern.clone(),
             destination_pattern: route.destination_pattern.clone(),
             destination_port: i64::from(route.destination_port),

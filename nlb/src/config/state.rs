@@ -67,7 +67,10 @@ impl StateFile {
         };
         let disk: OnDisk = serde_json::from_str(&text).map_err(|e| parse_err(e.to_string()))?;
         if disk.version != 1 {
-            return Err(parse_err(format!("unknown format version {}", disk.version)));
+            return Err(parse_err(format!(
+                "unknown format version {}",
+                disk.version
+            )));
         }
         let mut sections = Sections::new();
         for (k, v) in disk.sections {

@@ -60,10 +60,12 @@ impl ConfigStore {
         let (api, updated_at_ms) = state.load().map_err(one)?;
         let config = merge(&file, &api, &*env).map_err(|errs| {
             errs.into_iter()
-                .map(|e| ConfigError::new(
-                    e.key,
-                    format!("{} (after applying {})", e.message, state.path().display()),
-                ))
+                .map(|e| {
+                    ConfigError::new(
+                        e.key,
+                        format!("{} (after applying {})", e.message, state.path().display()),
+                    )
+                })
                 .collect::<Vec<_>>()
         })?;
         let config = Arc::new(config);

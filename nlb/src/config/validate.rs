@@ -99,22 +99,100 @@ fn range<T: PartialOrd + fmt::Display + Copy>(
 fn semantic(c: &NlbConfig, errors: &mut Vec<ConfigError>) {
     check_listen(&c.grpc.listen, "grpc.listen", errors);
     check_listen(&c.admin.listen, "admin.listen", errors);
-    range(c.grpc.max_message_bytes, 1024, 64 << 20, "grpc.max_message_bytes", errors);
-    range(c.grpc.keepalive_interval_seconds, 0, 3600, "grpc.keepalive_interval_seconds", errors);
-    range(c.grpc.keepalive_timeout_seconds, 1, 600, "grpc.keepalive_timeout_seconds", errors);
-    range(c.grpc.max_concurrent_streams, 1, 100_000, "grpc.max_concurrent_streams", errors);
+    range(
+        c.grpc.max_message_bytes,
+        1024,
+        64 << 20,
+        "grpc.max_message_bytes",
+        errors,
+    );
+    range(
+        c.grpc.keepalive_interval_seconds,
+        0,
+        3600,
+        "grpc.keepalive_interval_seconds",
+        errors,
+    );
+    range(
+        c.grpc.keepalive_timeout_seconds,
+        1,
+        600,
+        "grpc.keepalive_timeout_seconds",
+        errors,
+    );
+    range(
+        c.grpc.max_concurrent_streams,
+        1,
+        100_000,
+        "grpc.max_concurrent_streams",
+        errors,
+    );
     if c.state_file.as_os_str().is_empty() {
         errors.push(ConfigError::new("state_file", "is empty"));
     }
-    range(c.registry.drain_timeout_seconds, 0, 86_400, "registry.drain_timeout_seconds", errors);
-    range(c.registry.removal_grace_seconds, 1, 86_400, "registry.removal_grace_seconds", errors);
-    range(c.registry.max_instances, 1, 1_000_000, "registry.max_instances", errors);
-    range(c.routing.validate_timeout_ms, 10, 60_000, "routing.validate_timeout_ms", errors);
-    range(c.routing.module_call_timeout_ms, 10, 60_000, "routing.module_call_timeout_ms", errors);
-    range(c.metrics.retention_points, 1, 100_000, "metrics.retention_points", errors);
-    range(c.metrics.max_series_per_instance, 1, 10_000, "metrics.max_series_per_instance", errors);
-    range(c.metrics.sample_interval_seconds, 1, 3600, "metrics.sample_interval_seconds", errors);
-    range(c.metrics.stream_default_interval_seconds, 1, 3600, "metrics.stream_default_interval_seconds", errors);
+    range(
+        c.registry.drain_timeout_seconds,
+        0,
+        86_400,
+        "registry.drain_timeout_seconds",
+        errors,
+    );
+    range(
+        c.registry.removal_grace_seconds,
+        1,
+        86_400,
+        "registry.removal_grace_seconds",
+        errors,
+    );
+    range(
+        c.registry.max_instances,
+        1,
+        1_000_000,
+        "registry.max_instances",
+        errors,
+    );
+    range(
+        c.routing.validate_timeout_ms,
+        10,
+        60_000,
+        "routing.validate_timeout_ms",
+        errors,
+    );
+    range(
+        c.routing.module_call_timeout_ms,
+        10,
+        60_000,
+        "routing.module_call_timeout_ms",
+        errors,
+    );
+    range(
+        c.metrics.retention_points,
+        1,
+        100_000,
+        "metrics.retention_points",
+        errors,
+    );
+    range(
+        c.metrics.max_series_per_instance,
+        1,
+        10_000,
+        "metrics.max_series_per_instance",
+        errors,
+    );
+    range(
+        c.metrics.sample_interval_seconds,
+        1,
+        3600,
+        "metrics.sample_interval_seconds",
+        errors,
+    );
+    range(
+        c.metrics.stream_default_interval_seconds,
+        1,
+        3600,
+        "metrics.stream_default_interval_seconds",
+        errors,
+    );
     check_backends(&c.backends, errors);
     check_routes(&c.routes, &c.backends, errors);
     check_weights(&c.traffic_weights, errors);
@@ -149,7 +227,10 @@ fn check_backends(backends: &BTreeMap<String, Vec<String>>, errors: &mut Vec<Con
             ));
         }
         if addrs.is_empty() {
-            errors.push(ConfigError::new(key.clone(), "a pool needs at least one host:port"));
+            errors.push(ConfigError::new(
+                key.clone(),
+                "a pool needs at least one host:port",
+            ));
         }
         for (i, addr) in addrs.iter().enumerate() {
             if let Err(m) = check_host_port(addr) {

@@ -34,7 +34,8 @@ impl ControlService {
                 let id = &v.instance.instance_id;
                 let avg = |name: &str| {
                     let pts = self.nlb.series.query(id, &[name.to_string()], 0, u64::MAX);
-                    (!pts.is_empty()).then(|| pts.iter().map(|p| p.value).sum::<f64>() / pts.len() as f64)
+                    (!pts.is_empty())
+                        .then(|| pts.iter().map(|p| p.value).sum::<f64>() / pts.len() as f64)
                 };
                 if let Some(c) = avg("cpu_usage_percent") {
                     load.cpu_usage_percent = c;
@@ -71,7 +72,11 @@ impl ControlService {
         if !unknown.is_empty() {
             return Err(Status::invalid_argument(format!(
                 "target_instances: not registered: {}",
-                unknown.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                unknown
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         }
         let out = self
@@ -80,14 +85,22 @@ impl ControlService {
             .rebalance(strategy, req.force, &req.target_instances);
         let mut message = format!(
             "load scores refreshed ({}) for {} instances",
-            if strategy == Strategy::Even { "even" } else { "least_connections" },
+            if strategy == Strategy::Even {
+                "even"
+            } else {
+                "least_connections"
+            },
             out.previous.len()
         );
         if req.force {
             if out.shed.is_empty() {
                 message.push_str("; no instance is overloaded");
             } else {
-                let list: Vec<String> = out.shed.iter().map(|(id, n)| format!("{id} sheds {n}")).collect();
+                let list: Vec<String> = out
+                    .shed
+                    .iter()
+                    .map(|(id, n)| format!("{id} sheds {n}"))
+                    .collect();
                 message.push_str(&format!("; told to shed: {}", list.join(", ")));
             }
         }
@@ -107,12 +120,22 @@ impl ControlService {
         req: pb::TriggerScalingRequest,
     ) -> Result<pb::TriggerScalingResponse, Status> {
         let requested_type = ModuleType::from_wire(req.module_type).ok_or_else(|| {
-            Status::invalid_argument(format!("module_type: {} is not a module type", req.module_type))
+            Status::invalid_argument(format!(
+                "module_type: {} is not a module type",
+                req.module_type
+            ))
         })?;
         let module_type = if !req.instance_id.is_empty() {
-            let t = self.nlb.registry.module_type_of(&req.instance_id).ok_or_else(|| {
-                Status::not_found(format!("instance_id: no instance {} is registered", req.instance_id))
-            })?;
+            let t = self
+                .nlb
+                .registry
+                .module_type_of(&req.instance_id)
+                .ok_or_else(|| {
+                    Status::not_found(format!(
+                        "instance_id: no instance {} is registered",
+                        req.instance_id
+                    ))
+                })?;
             if requested_type != ModuleType::Unspecified && requested_type != t {
                 return Err(Status::invalid_argument(format!(
                     "instance {} is a {t} instance, not {requested_type}",
@@ -157,10 +180,11 @@ impl ControlService {
                     req.scaling_action
                 ))
             })?;
-        let mut config = req.config.clone().unwrap_or_default();
+        let mut config = req.config.unwrap_or_default();
         config.min_instances = target;
         config.max_instances = config.max_instances.max(target);
-        let deadline = Duration::from_millis(self.nlb.config.current().routing.module_call_timeout_ms);
+        let deadline =
+            Duration::from_millis(self.nlb.config.current().routing.module_call_timeout_ms);
         let msg = pb::ScaleRequest {
             instance_id: id.clone(),
             config: Some(config),
@@ -176,7 +200,10 @@ impl ControlService {
         let answer = match answer {
             Ok(a) if a.success => a,
             Ok(a) => {
-                let why = a.error.as_ref().map_or(a.message.as_str(), |e| e.message.as_str());
+                let why = a
+                    .error
+                    .as_ref()
+                    .map_or(a.message.as_str(), |e| e.message.as_str());
                 return Err(Status::failed_precondition(format!(
                     "{module_type} instance {id} cannot scale: {why}"
                 )));
@@ -201,8 +228,16 @@ impl ControlService {
                 req.scaling_action.trim(),
                 answer.message
             ),
-            current_instances: if answer.current_instances > 0 { answer.current_instances } else { current },
-            target_instances: if answer.desired_instances > 0 { answer.desired_instances } else { target },
+            current_instances: if answer.current_instances > 0 {
+                answer.current_instances
+            } else {
+                current
+            },
+            target_instances: if answer.desired_instances > 0 {
+                answer.desired_instances
+            } else {
+                target
+            },
             scaling_action: req.scaling_action.trim().to_string(),
             error: None,
         })

@@ -32,8 +32,9 @@ impl Queryable for InstanceView {
             "instance_id" => Some(Value::Str(i.instance_id.clone())),
             "module_type" => Some(Value::Str(self.module_type.short_name().into())),
             "address" => Some(Value::Str(i.address.clone())),
-            "health_status" => HealthStatus::from_wire(i.health_status)
-                .map(|s| Value::Str(s.short_name().into())),
+            "health_status" => {
+                HealthStatus::from_wire(i.health_status).map(|s| Value::Str(s.short_name().into()))
+            }
             "version" => Some(Value::Str(i.version.clone())),
             "current_connections" => num(i.current_connections),
             "max_connections" => num(i.max_connections),
@@ -85,17 +86,33 @@ impl ControlService {
         &self,
         req: pb::UnregisterModuleRequest,
     ) -> Result<pb::UnregisterModuleResponse, Status> {
-        let address = self.nlb.registry.get(&req.instance_id).map(|v| v.instance.address);
+        let address = self
+            .nlb
+            .registry
+            .get(&req.instance_id)
+            .map(|v| v.instance.address);
         let out = self.nlb.registry.unregister(
             &req.instance_id,
             &req.registration_id,
             req.graceful,
             req.drain_timeout_seconds,
         )?;
-        let mode = if out.graceful { "graceful" } else { "immediate" };
-        self.nlb.metrics.unregistrations.with_label_values(&[mode]).inc();
+        let mode = if out.graceful {
+            "graceful"
+        } else {
+            "immediate"
+        };
+        self.nlb
+            .metrics
+            .unregistrations
+            .with_label_values(&[mode])
+            .inc();
         if !out.graceful {
-            self.nlb.metrics.removals.with_label_values(&["unregistered"]).inc();
+            self.nlb
+                .metrics
+                .removals
+                .with_label_values(&["unregistered"])
+                .inc();
             self.nlb.series.remove_owner(&req.instance_id);
             if let Some(a) = address {
                 self.nlb.modules.forget(&a);
@@ -121,7 +138,11 @@ impl ControlService {
     ) -> Result<pb::HeartbeatResponse, Status> {
         let out = self.nlb.registry.heartbeat(&req)?;
         let result = if out.acknowledged { "ok" } else { "reregister" };
-        self.nlb.metrics.heartbeats.with_label_values(&[result]).inc();
+        self.nlb
+            .metrics
+            .heartbeats
+            .with_label_values(&[result])
+            .inc();
         if out.acknowledged {
             if let Some(stats) = &req.current_stats {
                 self.nlb.record_heartbeat_stats(&req.instance_id, stats);

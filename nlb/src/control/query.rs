@@ -29,7 +29,11 @@ impl Value {
 
     fn cmp_to(&self, other: &str) -> Option<Ordering> {
         match self {
-            Value::Num(n) => other.trim().parse::<f64>().ok().and_then(|o| n.partial_cmp(&o)),
+            Value::Num(n) => other
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .and_then(|o| n.partial_cmp(&o)),
             Value::Str(s) => Some(s.to_ascii_lowercase().cmp(&other.to_ascii_lowercase())),
         }
     }
@@ -62,10 +66,10 @@ pub struct Fields {
 impl Fields {
     fn check(&self, name: &str, what: &str) -> Result<(), Status> {
         let ok = self.names.contains(&name)
-            || self
-                .map_prefixes
-                .iter()
-                .any(|p| name.strip_prefix(p).is_some_and(|k| k.starts_with('.') && k.len() > 1));
+            || self.map_prefixes.iter().any(|p| {
+                name.strip_prefix(p)
+                    .is_some_and(|k| k.starts_with('.') && k.len() > 1)
+            });
         if ok {
             Ok(())
         } else {
@@ -111,7 +115,10 @@ pub fn apply<T: Queryable>(
     let q = query.unwrap_or(&default);
     for f in &q.filters {
         fields.check(&f.field, "filters")?;
-        if !matches!(f.operator.as_str(), "eq" | "ne" | "gt" | "lt" | "in" | "contains") {
+        if !matches!(
+            f.operator.as_str(),
+            "eq" | "ne" | "gt" | "lt" | "in" | "contains"
+        ) {
             return Err(Status::invalid_argument(format!(
                 "query.filters: unknown operator {:?} on field {:?} (eq, ne, gt, lt, in, contains)",
                 f.operator, f.field
@@ -148,7 +155,7 @@ pub fn apply<T: Queryable>(
             }
         });
     }
-    let p = q.pagination.clone().unwrap_or_default();
+    let p = q.pagination.unwrap_or_default();
     if p.page < 0 || p.page_size < 0 || p.page_size > MAX_PAGE_SIZE {
         return Err(Status::invalid_argument(format!(
             "query.pagination: page {} and page_size {} must be 0 or more, page_size at most {MAX_PAGE_SIZE}",
@@ -156,7 +163,11 @@ pub fn apply<T: Queryable>(
         )));
     }
     let page = p.page.max(1);
-    let size = if p.page_size == 0 { DEFAULT_PAGE_SIZE } else { p.page_size };
+    let size = if p.page_size == 0 {
+        DEFAULT_PAGE_SIZE
+    } else {
+        p.page_size
+    };
     let total = kept.len();
     let total_pages = total.div_ceil(size as usize);
     let start = (page as usize - 1).saturating_mul(size as usize);
@@ -177,6 +188,7 @@ mod tests {
     use super::*;
     use shared_types::pb::Filter;
 
+    #[derive(Debug)]
     struct Row(&'static str, f64);
     impl Queryable for Row {
         fn field(&self, name: &str) -> Option<Value> {
@@ -187,21 +199,37 @@ mod tests {
             }
         }
     }
-    const FIELDS: Fields = Fields { names: &["name", "n"], map_prefixes: &["meta"] };
+    const FIELDS: Fields = Fields {
+        names: &["name", "n"],
+        map_prefixes: &["meta"],
+    };
 
     fn rows() -> Vec<Row> {
-        vec![Row("alb-1", 5.0), Row("alb-2", 10.0), Row("dblb-1", 1.0), Row("ALB-3", 7.0)]
+        vec![
+            Row("alb-1", 5.0),
+            Row("alb-2", 10.0),
+            Row("dblb-1", 1.0),
+            Row("ALB-3", 7.0),
+        ]
     }
 
     fn q(filters: &[(&str, &str, &str)], sort: &str, desc: bool, page: i32, size: i32) -> Query {
         Query {
             filters: filters
                 .iter()
-                .map(|(f, o, v)| Filter { field: f.to_string(), operator: o.to_string(), value: v.to_string() })
+                .map(|(f, o, v)| Filter {
+                    field: f.to_string(),
+                    operator: o.to_string(),
+                    value: v.to_string(),
+                })
                 .collect(),
             sort_by: sort.into(),
             sort_desc: desc,
-            pagination: Some(Pagination { page, page_size: size, ..Default::default() }),
+            pagination: Some(Pagination {
+                page,
+                page_size: size,
+                ..Default::default()
+            }),
         }
     }
 
@@ -211,21 +239,38 @@ mod tests {
 
     #[test]
     fn every_operator_filters() {
-        let run = |f: &[(&str, &str, &str)]| names(&apply(rows(), Some(&q(f, "n", false, 0, 0)), &FIELDS).unwrap().0).join(" ");
-        assert_eq!(run(&[("name", "contains", "alb")]), "alb-1 ALB-3 alb-2 dblb-1");
+        let run = |f: &[(&str, &str, &str)]| {
+            names(
+                &apply(rows(), Some(&q(f, "n", false, 0, 0)), &FIELDS)
+                    .unwrap()
+                    .0,
+            )
+            .join(" ")
+        };
+        assert_eq!(run(&[("name", "contains", "alb")]), "alb-1 ALB-3 alb-2");
+        assert_eq!(
+            run(&[("name", "contains", "LB-")]),
+            "dblb-1 alb-1 ALB-3 alb-2"
+        );
         assert_eq!(run(&[("name", "eq", "alb-3")]), "ALB-3");
         assert_eq!(run(&[("name", "ne", "alb-1")]), "dblb-1 ALB-3 alb-2");
         assert_eq!(run(&[("n", "gt", "5")]), "ALB-3 alb-2");
         assert_eq!(run(&[("n", "lt", "5")]), "dblb-1");
         assert_eq!(run(&[("name", "in", "alb-1, dblb-1")]), "dblb-1 alb-1");
-        assert_eq!(run(&[("name", "contains", "alb"), ("n", "gt", "6")]), "ALB-3 alb-2");
+        assert_eq!(
+            run(&[("name", "contains", "alb"), ("n", "gt", "6")]),
+            "ALB-3 alb-2"
+        );
     }
 
     #[test]
     fn sorts_and_pages() {
         let (page, p) = apply(rows(), Some(&q(&[], "n", true, 2, 3)), &FIELDS).unwrap();
         assert_eq!(names(&page), vec!["dblb-1"]);
-        assert_eq!((p.page, p.page_size, p.total_items, p.total_pages), (2, 3, 4, 2));
+        assert_eq!(
+            (p.page, p.page_size, p.total_items, p.total_pages),
+            (2, 3, 4, 2)
+        );
         let (page, p) = apply(rows(), None, &FIELDS).unwrap();
         assert_eq!(page.len(), 4);
         assert_eq!(p.page_size, DEFAULT_PAGE_SIZE);
@@ -235,14 +280,37 @@ mod tests {
 
     #[test]
     fn unknown_fields_and_operators_are_invalid() {
-        let e = apply(rows(), Some(&q(&[("colour", "eq", "x")], "", false, 0, 0)), &FIELDS).unwrap_err();
+        let e = apply(
+            rows(),
+            Some(&q(&[("colour", "eq", "x")], "", false, 0, 0)),
+            &FIELDS,
+        )
+        .unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
-        assert!(e.message().contains("unknown field \"colour\""), "{}", e.message());
-        let e = apply(rows(), Some(&q(&[("name", "like", "x")], "", false, 0, 0)), &FIELDS).unwrap_err();
-        assert!(e.message().contains("unknown operator \"like\""), "{}", e.message());
+        assert!(
+            e.message().contains("unknown field \"colour\""),
+            "{}",
+            e.message()
+        );
+        let e = apply(
+            rows(),
+            Some(&q(&[("name", "like", "x")], "", false, 0, 0)),
+            &FIELDS,
+        )
+        .unwrap_err();
+        assert!(
+            e.message().contains("unknown operator \"like\""),
+            "{}",
+            e.message()
+        );
         let e = apply(rows(), Some(&q(&[], "bogus", false, 0, 0)), &FIELDS).unwrap_err();
         assert!(e.message().contains("query.sort_by"), "{}", e.message());
-        assert!(apply(rows(), Some(&q(&[("meta.zone", "eq", "a")], "", false, 0, 0)), &FIELDS).is_ok());
+        assert!(apply(
+            rows(),
+            Some(&q(&[("meta.zone", "eq", "a")], "", false, 0, 0)),
+            &FIELDS
+        )
+        .is_ok());
         let e = apply(rows(), Some(&q(&[], "", false, -1, 0)), &FIELDS).unwrap_err();
         assert!(e.message().contains("query.pagination"));
     }

@@ -72,10 +72,14 @@ impl Queryable for Entry {
 /// asks when the route names none). `TCP` may be served by any.
 fn affinity(p: Protocol) -> &'static [ModuleType] {
     match p {
-        Protocol::Http | Protocol::Https | Protocol::Http2 | Protocol::Grpc | Protocol::Websocket => {
-            &[ModuleType::Alb, ModuleType::Ailb]
+        Protocol::Http
+        | Protocol::Https
+        | Protocol::Http2
+        | Protocol::Grpc
+        | Protocol::Websocket => &[ModuleType::Alb, ModuleType::Ailb],
+        Protocol::Mysql | Protocol::Postgres | Protocol::Mongodb | Protocol::Redis => {
+            &[ModuleType::Dblb]
         }
-        Protocol::Mysql | Protocol::Postgres | Protocol::Mongodb | Protocol::Redis => &[ModuleType::Dblb],
         Protocol::Rtmp | Protocol::Rtmps => &[ModuleType::Rtmp],
         _ => &[],
     }
@@ -203,16 +207,22 @@ impl ControlService {
             if !errors.is_empty() || req.validate_only {
                 return respond(errors, format!("{n} routes are valid"));
             }
-            self.nlb
-                .registry
-                .set_instance_routes(&req.source_instance_id, specs, req.replace_all)?;
+            self.nlb.registry.set_instance_routes(
+                &req.source_instance_id,
+                specs,
+                req.replace_all,
+            )?;
             self.nlb.refresh_gauges();
             return respond(
                 Vec::new(),
                 format!(
                     "{n} routes announced for instance {}{}",
                     req.source_instance_id,
-                    if req.replace_all { " (replacing its routes)" } else { "" }
+                    if req.replace_all {
+                        " (replacing its routes)"
+                    } else {
+                        ""
+                    }
                 ),
             );
         }
@@ -245,22 +255,48 @@ impl ControlService {
         }
         let value = serde_yaml_ng::to_value(&routes)
             .map_err(|e| Status::internal(format!("routes do not serialize: {e}")))?;
-        match self.nlb.config.update_section("routes", value, req.validate_only) {
+        match self
+            .nlb
+            .config
+            .update_section("routes", value, req.validate_only)
+        {
             Ok(change) => {
                 if !req.validate_only {
                     self.nlb.apply_config(&change.config);
-                    self.nlb.metrics.config_updates.with_label_values(&["applied"]).inc();
-                    tracing::info!(routes = n, replace_all = req.replace_all, "operator routes updated");
+                    self.nlb
+                        .metrics
+                        .config_updates
+                        .with_label_values(&["applied"])
+                        .inc();
+                    tracing::info!(
+                        routes = n,
+                        replace_all = req.replace_all,
+                        "operator routes updated"
+                    );
                 }
-                let verb = if req.validate_only { "are valid" } else { "applied" };
+                let verb = if req.validate_only {
+                    "are valid"
+                } else {
+                    "applied"
+                };
                 respond(
                     Vec::new(),
-                    format!("{n} routes {verb}; {} operator routes in force", routes.len()),
+                    format!(
+                        "{n} routes {verb}; {} operator routes in force",
+                        routes.len()
+                    ),
                 )
             }
             Err(errs) => {
-                self.nlb.metrics.config_updates.with_label_values(&["refused"]).inc();
-                respond(errs.iter().map(ToString::to_string).collect(), String::new())
+                self.nlb
+                    .metrics
+                    .config_updates
+                    .with_label_values(&["refused"])
+                    .inc();
+                respond(
+                    errs.iter().map(ToString::to_string).collect(),
+                    String::new(),
+                )
             }
         }
     }
@@ -309,7 +345,8 @@ impl ControlService {
                     entry: pb::RoutingEntry {
                         route: Some(r.spec.route.clone()),
                         target_instance_id: server.map(|e| e.id.clone()).unwrap_or_default(),
-                        target_module_type: server.map_or(ModuleType::Unspecified, |e| e.module_type)
+                        target_module_type: server
+                            .map_or(ModuleType::Unspecified, |e| e.module_type)
                             as i32,
                         current_connections: server.map_or(0, |e| {
                             i32::try_from(e.counters.active()).unwrap_or(i32::MAX)
@@ -346,7 +383,11 @@ impl ControlService {
             Err(RouteError::NoServer { .. }) => "no_server",
         };
         if !req.dry_run {
-            self.nlb.metrics.route_requests.with_label_values(&[result]).inc();
+            self.nlb
+                .metrics
+                .route_requests
+                .with_label_values(&[result])
+                .inc();
         }
         Ok(match outcome {
             Ok(sel) => {
@@ -365,8 +406,16 @@ impl ControlService {
                         "{conn} matches route {:?}; sent to {}{}{}",
                         sel.route.spec.route_id(),
                         e.id,
-                        if e.version.is_empty() { String::new() } else { format!(" (version {})", e.version) },
-                        if req.dry_run { " (dry run: nothing counted)" } else { "" }
+                        if e.version.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" (version {})", e.version)
+                        },
+                        if req.dry_run {
+                            " (dry run: nothing counted)"
+                        } else {
+                            ""
+                        }
                     ),
                     error: None,
                 }
@@ -463,15 +512,23 @@ impl ControlService {
                     Ok(a) if a.can_handle => {
                         details.insert(
                             format!("instance.{id}"),
-                            format!("can handle (priority {}) {}", a.priority, a.reason).trim().to_string(),
+                            format!("can handle (priority {}) {}", a.priority, a.reason)
+                                .trim()
+                                .to_string(),
                         );
                         capable.push(id);
                     }
                     Ok(a) => {
-                        details.insert(format!("instance.{id}"), format!("cannot handle: {}", a.reason));
+                        details.insert(
+                            format!("instance.{id}"),
+                            format!("cannot handle: {}", a.reason),
+                        );
                     }
                     Err(e) => {
-                        details.insert(format!("instance.{id}"), format!("not asked: {}", e.message()));
+                        details.insert(
+                            format!("instance.{id}"),
+                            format!("not asked: {}", e.message()),
+                        );
                     }
                 }
             }

@@ -30,26 +30,28 @@ impl ControlService {
             module_health.insert(v.instance.instance_id.clone(), v.instance.health_status);
         }
         if req.deep_check || req.check_modules {
-            let deadline = Duration::from_millis(self.nlb.config.current().routing.module_call_timeout_ms);
+            let deadline =
+                Duration::from_millis(self.nlb.config.current().routing.module_call_timeout_ms);
             let targets = self.nlb.module_addresses(ModuleType::Unspecified);
-            let results: Vec<(String, Result<pb::HealthCheckResponse, Status>)> = stream::iter(targets)
-                .map(|(id, addr, _)| async move {
-                    let msg = pb::HealthCheckRequest {
-                        instance_id: id.clone(),
-                        deep_check: req.deep_check,
-                    };
-                    let r = self
-                        .nlb
-                        .modules
-                        .call(&id, &addr, deadline, |mut c| async move {
-                            c.health_check(request(msg, deadline)).await
-                        })
-                        .await;
-                    (id, r)
-                })
-                .buffer_unordered(32)
-                .collect()
-                .await;
+            let results: Vec<(String, Result<pb::HealthCheckResponse, Status>)> =
+                stream::iter(targets)
+                    .map(|(id, addr, _)| async move {
+                        let msg = pb::HealthCheckRequest {
+                            instance_id: id.clone(),
+                            deep_check: req.deep_check,
+                        };
+                        let r = self
+                            .nlb
+                            .modules
+                            .call(&id, &addr, deadline, |mut c| async move {
+                                c.health_check(request(msg, deadline)).await
+                            })
+                            .await;
+                        (id, r)
+                    })
+                    .buffer_unordered(32)
+                    .collect()
+                    .await;
             let mut failing = 0;
             for (id, r) in results {
                 let (s, text) = match r {
@@ -57,7 +59,10 @@ impl ControlService {
                         let s = HealthStatus::from_wire(h.status).unwrap_or_default();
                         (s, format!("{s}: {}", h.message))
                     }
-                    Err(e) => (HealthStatus::Unhealthy, format!("unreachable: {}", e.message())),
+                    Err(e) => (
+                        HealthStatus::Unhealthy,
+                        format!("unreachable: {}", e.message()),
+                    ),
                 };
                 if !matches!(s, HealthStatus::Healthy | HealthStatus::Degraded) {
                     failing += 1;
@@ -105,7 +110,12 @@ impl ControlService {
         );
         details.insert(
             "uptime_seconds".into(),
-            self.nlb.started_at.elapsed().unwrap_or_default().as_secs().to_string(),
+            self.nlb
+                .started_at
+                .elapsed()
+                .unwrap_or_default()
+                .as_secs()
+                .to_string(),
         );
         Ok(pb::GetNlbStatusResponse {
             status: status as i32,
@@ -155,18 +165,37 @@ impl ControlService {
         let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).map_err(|e| {
             Status::invalid_argument(format!("config.config_data: not valid YAML or JSON: {e}"))
         })?;
-        match self.nlb.config.update_section(section, value, req.validate_only) {
+        match self
+            .nlb
+            .config
+            .update_section(section, value, req.validate_only)
+        {
             Ok(change) => {
-                let result = if req.validate_only { "validated" } else { "applied" };
-                self.nlb.metrics.config_updates.with_label_values(&[result]).inc();
+                let result = if req.validate_only {
+                    "validated"
+                } else {
+                    "applied"
+                };
+                self.nlb
+                    .metrics
+                    .config_updates
+                    .with_label_values(&[result])
+                    .inc();
                 if !req.validate_only {
                     self.nlb.apply_config(&change.config);
-                    tracing::info!(section, changed = change.changed, requires_restart = change.requires_restart, "config section updated");
+                    tracing::info!(
+                        section,
+                        changed = change.changed,
+                        requires_restart = change.requires_restart,
+                        "config section updated"
+                    );
                 }
                 let message = match (req.validate_only, change.changed, change.requires_restart) {
                     (true, _, _) => format!("section {section} is valid"),
                     (false, false, _) => format!("section {section} unchanged"),
-                    (false, true, true) => format!("section {section} saved; it takes effect after a restart"),
+                    (false, true, true) => {
+                        format!("section {section} saved; it takes effect after a restart")
+                    }
                     (false, true, false) => format!("section {section} applied"),
                 };
                 Ok(pb::UpdateNlbConfigResponse {
@@ -179,7 +208,11 @@ impl ControlService {
                 })
             }
             Err(errors) => {
-                self.nlb.metrics.config_updates.with_label_values(&["refused"]).inc();
+                self.nlb
+                    .metrics
+                    .config_updates
+                    .with_label_values(&["refused"])
+                    .inc();
                 let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
                 if req.validate_only {
                     Ok(pb::UpdateNlbConfigResponse {
@@ -229,7 +262,11 @@ impl ControlService {
             let data = serde_yaml_ng::to_string(&value)
                 .map_err(|e| Status::internal(format!("section {s} does not serialize: {e}")))?
                 .into_bytes();
-            let source = if api.iter().any(|a| a == s) { "api" } else { "file" };
+            let source = if api.iter().any(|a| a == s) {
+                "api"
+            } else {
+                "file"
+            };
             configs.push(pb::ConfigUpdate {
                 config_id: s.to_string(),
                 config_type: s.to_string(),
@@ -239,7 +276,10 @@ impl ControlService {
                 metadata: [
                     ("source".to_string(), source.to_string()),
                     ("format".to_string(), "yaml".to_string()),
-                    ("requires_restart".to_string(), requires_restart(s).to_string()),
+                    (
+                        "requires_restart".to_string(),
+                        requires_restart(s).to_string(),
+                    ),
                 ]
                 .into(),
             });

@@ -24,9 +24,7 @@ fn window(
     let s = start.map_or(0, |t| unix_millis(to_system(t)));
     let e = end.map_or(u64::MAX, |t| unix_millis(to_system(t)));
     if s > e {
-        return Err(Status::invalid_argument(
-            "start_time is after end_time",
-        ));
+        return Err(Status::invalid_argument("start_time is after end_time"));
     }
     Ok((s, e))
 }
@@ -37,7 +35,11 @@ impl ControlService {
         req: pb::ReportMetricsRequest,
     ) -> Result<pb::ReportMetricsResponse, Status> {
         let refuse = |s: Status| {
-            self.nlb.metrics.metric_reports.with_label_values(&["refused"]).inc();
+            self.nlb
+                .metrics
+                .metric_reports
+                .with_label_values(&["refused"])
+                .inc();
             s
         };
         if req.instance_id.is_empty() {
@@ -64,9 +66,16 @@ impl ControlService {
             .collected_at
             .as_ref()
             .or(req.reported_at.as_ref())
-            .map_or_else(|| unix_millis(SystemTime::now()), |t| unix_millis(to_system(t)));
+            .map_or_else(
+                || unix_millis(SystemTime::now()),
+                |t| unix_millis(to_system(t)),
+            );
         let rec = self.nlb.series.record(&req.instance_id, &m.metrics, stamp);
-        self.nlb.metrics.metric_reports.with_label_values(&["accepted"]).inc();
+        self.nlb
+            .metrics
+            .metric_reports
+            .with_label_values(&["accepted"])
+            .inc();
         let mut message = format!("stored {} points", rec.accepted);
         if rec.refused_new_series > 0 {
             message.push_str(&format!(
@@ -91,7 +100,10 @@ impl ControlService {
         }
         let (s, e) = window(req.start_time.as_ref(), req.end_time.as_ref())?;
         let module_type = self.nlb.registry.module_type_of(&req.instance_id);
-        let points = self.nlb.series.query(&req.instance_id, &req.metric_names, s, e);
+        let points = self
+            .nlb
+            .series
+            .query(&req.instance_id, &req.metric_names, s, e);
         if module_type.is_none() && !self.nlb.series.owners().contains(&req.instance_id) {
             return Err(Status::not_found(format!(
                 "no instance {} is registered",
@@ -161,7 +173,13 @@ impl ControlService {
             )));
         }
         let interval = if req.interval_seconds == 0 {
-            Duration::from_secs(self.nlb.config.current().metrics.stream_default_interval_seconds)
+            Duration::from_secs(
+                self.nlb
+                    .config
+                    .current()
+                    .metrics
+                    .stream_default_interval_seconds,
+            )
         } else {
             Duration::from_secs(req.interval_seconds as u64)
         };

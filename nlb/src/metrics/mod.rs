@@ -28,7 +28,7 @@ pub struct NlbMetrics {
     pub instances: IntGaugeVec,
     /// `nlb_health_checks_total{result}`: pass, fail.
     pub health_checks: IntCounterVec,
-    /// `nlb_route_requests_total{result}`: routed, no_route, no_server, dry_run.
+    /// `nlb_route_requests_total{result}`: routed, no_route, no_server (dry runs are not counted).
     pub route_requests: IntCounterVec,
     /// `nlb_routing_generation`.
     pub routing_generation: IntGauge,
@@ -46,7 +46,8 @@ pub struct NlbMetrics {
 
 fn counter_vec(reg: &PromRegistry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-    reg.register(Box::new(c.clone())).expect("metric registered once");
+    reg.register(Box::new(c.clone()))
+        .expect("metric registered once");
     c
 }
 
@@ -55,7 +56,8 @@ impl NlbMetrics {
         let reg = PromRegistry::new();
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid metric");
-            reg.register(Box::new(g.clone())).expect("metric registered once");
+            reg.register(Box::new(g.clone()))
+                .expect("metric registered once");
             g
         };
         let lease_lapses = IntCounter::new(
@@ -66,27 +68,81 @@ impl NlbMetrics {
         reg.register(Box::new(lease_lapses.clone()))
             .expect("metric registered once");
         let instances = IntGaugeVec::new(
-            Opts::new("nlb_instances", "Registered module instances by type and state"),
+            Opts::new(
+                "nlb_instances",
+                "Registered module instances by type and state",
+            ),
             &["module_type", "state"],
         )
         .expect("valid metric");
         reg.register(Box::new(instances.clone()))
             .expect("metric registered once");
         NlbMetrics {
-            registrations: counter_vec(&reg, "nlb_registrations_total", "RegisterModule calls by result", &["result"]),
-            unregistrations: counter_vec(&reg, "nlb_unregistrations_total", "UnregisterModule calls by mode", &["mode"]),
-            heartbeats: counter_vec(&reg, "nlb_heartbeats_total", "Heartbeats by result", &["result"]),
+            registrations: counter_vec(
+                &reg,
+                "nlb_registrations_total",
+                "RegisterModule calls by result",
+                &["result"],
+            ),
+            unregistrations: counter_vec(
+                &reg,
+                "nlb_unregistrations_total",
+                "UnregisterModule calls by mode",
+                &["mode"],
+            ),
+            heartbeats: counter_vec(
+                &reg,
+                "nlb_heartbeats_total",
+                "Heartbeats by result",
+                &["result"],
+            ),
             lease_lapses,
-            removals: counter_vec(&reg, "nlb_instances_removed_total", "Instances removed from the registry by reason", &["reason"]),
+            removals: counter_vec(
+                &reg,
+                "nlb_instances_removed_total",
+                "Instances removed from the registry by reason",
+                &["reason"],
+            ),
             instances,
-            health_checks: counter_vec(&reg, "nlb_health_checks_total", "Active HealthCheck calls to modules by result", &["result"]),
-            route_requests: counter_vec(&reg, "nlb_route_requests_total", "RouteRequest calls by result", &["result"]),
-            routing_generation: gauge("nlb_routing_generation", "Generation of the routing snapshot in force"),
+            health_checks: counter_vec(
+                &reg,
+                "nlb_health_checks_total",
+                "Active HealthCheck calls to modules by result",
+                &["result"],
+            ),
+            route_requests: counter_vec(
+                &reg,
+                "nlb_route_requests_total",
+                "RouteRequest calls by result",
+                &["result"],
+            ),
+            routing_generation: gauge(
+                "nlb_routing_generation",
+                "Generation of the routing snapshot in force",
+            ),
             routes: gauge("nlb_routes", "Routes in the routing snapshot in force"),
-            config_updates: counter_vec(&reg, "nlb_config_updates_total", "Config changes through the API by result", &["result"]),
-            config_reloads: counter_vec(&reg, "nlb_config_reloads_total", "Config file reloads (SIGHUP) by result", &["result"]),
-            metric_reports: counter_vec(&reg, "nlb_metric_reports_total", "ReportMetrics calls by result", &["result"]),
-            metric_series: gauge("nlb_metric_series", "Time series held for ReportMetrics data"),
+            config_updates: counter_vec(
+                &reg,
+                "nlb_config_updates_total",
+                "Config changes through the API by result",
+                &["result"],
+            ),
+            config_reloads: counter_vec(
+                &reg,
+                "nlb_config_reloads_total",
+                "Config file reloads (SIGHUP) by result",
+                &["result"],
+            ),
+            metric_reports: counter_vec(
+                &reg,
+                "nlb_metric_reports_total",
+                "ReportMetrics calls by result",
+                &["result"],
+            ),
+            metric_series: gauge(
+                "nlb_metric_series",
+                "Time series held for ReportMetrics data",
+            ),
             prometheus: reg,
         }
     }

@@ -88,7 +88,11 @@ impl SeriesStore {
         for p in points {
             let key = SeriesKey {
                 name: p.name.clone(),
-                labels: p.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                labels: p
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
             };
             let ts = p
                 .timestamp
@@ -112,7 +116,13 @@ impl SeriesStore {
 
     /// Points of `owner` whose name is in `names` (empty = all), within
     /// `[start_ms, end_ms]`, ordered by name, labels, then time.
-    pub fn query(&self, owner: &str, names: &[String], start_ms: u64, end_ms: u64) -> Vec<MetricDataPoint> {
+    pub fn query(
+        &self,
+        owner: &str,
+        names: &[String],
+        start_ms: u64,
+        end_ms: u64,
+    ) -> Vec<MetricDataPoint> {
         let owners = self.owners.lock();
         let Some(o) = owners.get(owner) else {
             return Vec::new();
@@ -173,7 +183,11 @@ fn point(key: &SeriesKey, ts: u64, value: f64) -> MetricDataPoint {
     MetricDataPoint {
         name: key.name.clone(),
         value,
-        labels: key.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        labels: key
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         timestamp: Some(from_unix_millis(ts)),
     }
 }
@@ -187,9 +201,16 @@ pub fn aggregate(points: &[MetricDataPoint]) -> Vec<MetricDataPoint> {
     for p in points {
         let key = SeriesKey {
             name: p.name.clone(),
-            labels: p.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            labels: p
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         };
-        let ts = p.timestamp.as_ref().map_or(0, |t| unix_millis(to_system(t)));
+        let ts = p
+            .timestamp
+            .as_ref()
+            .map_or(0, |t| unix_millis(to_system(t)));
         let e = acc.entry(key.clone()).or_insert_with(|| {
             order.push(key);
             (0.0, f64::INFINITY, f64::NEG_INFINITY, 0, 0)
@@ -237,7 +258,11 @@ mod tests {
         let pts: Vec<_> = (0..5).map(|i| p("rps", i as f64, 1000 + i)).collect();
         assert_eq!(s.record("a", &pts, 0).accepted, 5);
         s.record("a", &[p("rps", 9.0, 1001)], 0); // late point lands in place, then the oldest drops
-        let got: Vec<f64> = s.query("a", &[], 0, u64::MAX).iter().map(|p| p.value).collect();
+        let got: Vec<f64> = s
+            .query("a", &[], 0, u64::MAX)
+            .iter()
+            .map(|p| p.value)
+            .collect();
         // 0..4 at t=1000..1004, then 9 at t=1001: the ring keeps the three newest by time.
         assert_eq!(got, vec![2.0, 3.0, 4.0]);
     }
@@ -245,15 +270,34 @@ mod tests {
     #[test]
     fn series_past_the_cap_are_refused() {
         let s = SeriesStore::new(10, 2);
-        let r = s.record("a", &[p("a", 1.0, 1), p("b", 1.0, 1), p("c", 1.0, 1), p("a", 2.0, 2)], 0);
-        assert_eq!(r, Recorded { accepted: 3, refused_new_series: 1 });
+        let r = s.record(
+            "a",
+            &[
+                p("a", 1.0, 1),
+                p("b", 1.0, 1),
+                p("c", 1.0, 1),
+                p("a", 2.0, 2),
+            ],
+            0,
+        );
+        assert_eq!(
+            r,
+            Recorded {
+                accepted: 3,
+                refused_new_series: 1
+            }
+        );
         assert_eq!(s.series_count(), 2);
     }
 
     #[test]
     fn queries_filter_by_name_and_window() {
         let s = SeriesStore::new(10, 10);
-        s.record("a", &[p("x", 1.0, 100), p("x", 2.0, 200), p("y", 3.0, 150)], 0);
+        s.record(
+            "a",
+            &[p("x", 1.0, 100), p("x", 2.0, 200), p("y", 3.0, 150)],
+            0,
+        );
         let got = s.query("a", &["x".into()], 150, 250);
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].value, 2.0);
@@ -270,13 +314,18 @@ mod tests {
         assert_eq!(get("max"), 8.0);
         assert_eq!(get("sum"), 12.0);
         assert_eq!(get("count"), 3.0);
-        assert_eq!(unix_millis(to_system(agg[0].timestamp.as_ref().unwrap())), 5);
+        assert_eq!(
+            unix_millis(to_system(agg[0].timestamp.as_ref().unwrap())),
+            5
+        );
     }
 
     #[test]
     fn bad_points_are_named() {
         let err = SeriesStore::validate(&[p("ok", 1.0, 1), p("bad", f64::NAN, 1)]).unwrap_err();
         assert!(err.contains("metrics.metrics[1] (bad)"), "{err}");
-        assert!(SeriesStore::validate(&[p("", 1.0, 1)]).unwrap_err().contains("name"));
+        assert!(SeriesStore::validate(&[p("", 1.0, 1)])
+            .unwrap_err()
+            .contains("name"));
     }
 }

@@ -38,7 +38,9 @@ impl HealthTimings {
         let Some(c) = cfg else { return Ok(d) };
         let field = |name: &str, v: i32, max: i32| -> Result<Option<u32>, String> {
             if v < 0 || v > max {
-                Err(format!("health_config.{name}: {v} is out of range (0 to {max})"))
+                Err(format!(
+                    "health_config.{name}: {v} is out of range (0 to {max})"
+                ))
             } else {
                 Ok((v > 0).then_some(v as u32))
             }
@@ -139,14 +141,23 @@ impl Instance {
     pub fn effective_status(&self) -> HealthStatus {
         match self.state().0 {
             EndpointState::Draining => HealthStatus::Stopping,
-            EndpointState::Unhealthy if self.reported == HealthStatus::Starting && self.lease_ok => {
+            EndpointState::Unhealthy
+                if self.reported == HealthStatus::Starting && self.lease_ok =>
+            {
                 HealthStatus::Starting
             }
-            EndpointState::Unhealthy if matches!(self.reported, HealthStatus::Stopping | HealthStatus::Stopped) => {
+            EndpointState::Unhealthy
+                if matches!(
+                    self.reported,
+                    HealthStatus::Stopping | HealthStatus::Stopped
+                ) =>
+            {
                 self.reported
             }
             EndpointState::Unhealthy => HealthStatus::Unhealthy,
-            EndpointState::Healthy if self.reported == HealthStatus::Degraded => HealthStatus::Degraded,
+            EndpointState::Healthy if self.reported == HealthStatus::Degraded => {
+                HealthStatus::Degraded
+            }
             EndpointState::Healthy => HealthStatus::Healthy,
         }
     }

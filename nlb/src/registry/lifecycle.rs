@@ -51,8 +51,10 @@ pub struct HeartbeatOutcome {
 pub struct Tick {
     /// Instances whose lease lapsed (now unhealthy).
     pub lapsed: Vec<String>,
-    /// Instances removed (drain deadline reached or grace expired).
-    pub removed: Vec<String>,
+    /// Instances removed at their drain deadline.
+    pub drained: Vec<String>,
+    /// Instances removed after staying silent past the removal grace.
+    pub expired: Vec<String>,
 }
 
 fn valid_id(id: &str) -> bool {
@@ -63,10 +65,17 @@ fn valid_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
 }
 
+/// A registration that passed validation.
+struct Checked {
+    module_type: ModuleType,
+    routes: Vec<RouteSpec>,
+    timings: HealthTimings,
+    data_address: Option<String>,
+    proxy_protocol: bool,
+}
+
 /// Checks a `RegisterModuleRequest`; every problem in one message.
-fn validate(
-    req: &pb::RegisterModuleRequest,
-) -> Result<(ModuleType, Vec<RouteSpec>, HealthTimings, Option<String>, bool), RegistryError> {
+fn validate(req: &pb::RegisterModuleRequest) -> Result<Checked, RegistryError> {
     let Some(inst) = req.instance.as_ref() else {
         return Err(RegistryError::InvalidArgument(
             "instance: is required".into(),
@@ -133,7 +142,13 @@ fn validate(
         }
     }
     if errors.is_empty() {
-        Ok((module_type, routes, timings, data_address, proxy_protocol))
+        Ok(Checked {
+            module_type,
+            routes,
+            timings,
+            data_address,
+            proxy_protocol,
+        })
     } else {
         Err(RegistryError::InvalidArgument(errors.join("; ")))
     }
@@ -144,7 +159,13 @@ impl Registry {
     /// address is idempotent: same registration id, lease renewed, fields
     /// updated.
     pub fn register(&self, req: &pb::RegisterModuleRequest) -> Result<Registered, RegistryError> {
-        let (module_type, routes, timings, data_address, proxy_protocol) = validate(req)?;
+        let Checked {
+            module_type,
+            routes,
+            timings,
+            data_address,
+            proxy_protocol,
+        } = validate(req)?;
         let inst = req.instance.clone().unwrap_or_default();
         let id = inst.instance_id.clone();
         let now = Instant::now();
@@ -240,7 +261,9 @@ impl Registry {
         drain_timeout_seconds: i32,
     ) -> Result<Unregistered, RegistryError> {
         if instance_id.is_empty() {
-            return Err(RegistryError::InvalidArgument("instance_id: is empty".into()));
+            return Err(RegistryError::InvalidArgument(
+                "instance_id: is empty".into(),
+            ));
         }
         if !(0..=86_400).contains(&drain_timeout_seconds) {
             return Err(RegistryError::InvalidArgument(format!(
@@ -309,7 +332,9 @@ impl Registry {
     /// `acknowledged = false` with `action = reregister`.
     pub fn heartbeat(&self, req: &pb::HeartbeatRequest) -> Result<HeartbeatOutcome, RegistryError> {
         if req.instance_id.is_empty() {
-            return Err(RegistryError::InvalidArgument("instance_id: is empty".into()));
+            return Err(RegistryError::InvalidArgument(
+                "instance_id: is empty".into(),
+            ));
         }
         let now = Instant::now();
         Ok(self.with(|inner| {
@@ -317,11 +342,7 @@ impl Registry {
                 .by_registration
                 .get(&req.registration_id)
                 .is_some_and(|id| *id == req.instance_id);
-            let Some(inst) = inner
-                .instances
-                .get_mut(&req.instance_id)
-                .filter(|_| known)
-            else {
+            let Some(inst) = inner.instances.get_mut(&req.instance_id).filter(|_| known) else {
                 let mut instructions = HashMap::new();
                 instructions.insert("action".to_string(), "reregister".to_string());
                 let out = HeartbeatOutcome {
@@ -419,20 +440,21 @@ impl Registry {
             let mut tick = Tick::default();
             for inst in inner.instances.values_mut() {
                 let silent = now.saturating_duration_since(inst.last_beat);
-                if inst.draining.is_some_and(|d| now >= d.deadline)
-                    || silent > inst.timings.lease() + grace
-                {
-                    tick.removed.push(inst.info.instance_id.clone());
+                if inst.draining.is_some_and(|d| now >= d.deadline) {
+                    tick.drained.push(inst.info.instance_id.clone());
+                } else if silent > inst.timings.lease() + grace {
+                    tick.expired.push(inst.info.instance_id.clone());
                 } else if inst.lease_ok && silent > inst.timings.lease() {
                     inst.lease_ok = false;
                     inst.recovering_beats = 0;
                     tick.lapsed.push(inst.info.instance_id.clone());
                 }
             }
-            for id in &tick.removed {
+            for id in tick.drained.iter().chain(&tick.expired) {
                 remove(inner, id);
             }
-            let changed = !tick.lapsed.is_empty() || !tick.removed.is_empty();
+            let changed =
+                !tick.lapsed.is_empty() || !tick.drained.is_empty() || !tick.expired.is_empty();
             (tick, changed)
         })
     }

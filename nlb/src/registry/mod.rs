@@ -23,7 +23,7 @@ pub use views::{InstanceView, Rebalanced, Strategy, OVERLOAD_TOLERANCE};
 
 use crate::config::NlbConfig;
 use crate::routing::{
-    Endpoint, EndpointCounters, EndpointState, Policy, RouteSpec, Router, RouteStatsCache,
+    Endpoint, EndpointCounters, EndpointState, Policy, RouteSpec, RouteStatsCache, Router,
     Snapshot, SnapshotInput,
 };
 

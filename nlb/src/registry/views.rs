@@ -173,12 +173,15 @@ fn view(inner: &Inner, inst: &Instance) -> InstanceView {
         "lease_seconds".into(),
         inst.timings.lease().as_secs().to_string(),
     );
+    details.insert("total_routed".into(), inst.counters.total().to_string());
     details.insert(
-        "total_routed".into(),
-        inst.counters.total().to_string(),
+        "capacity_factor".into(),
+        format!("{:.3}", inst.capacity_factor),
     );
-    details.insert("capacity_factor".into(), format!("{:.3}", inst.capacity_factor));
-    details.insert("proxy_protocol".into(), if inst.proxy_protocol { "v2" } else { "none" }.into());
+    details.insert(
+        "proxy_protocol".into(),
+        if inst.proxy_protocol { "v2" } else { "none" }.into(),
+    );
     if let Some((at, msg)) = &inst.last_check {
         details.insert("last_health_check".into(), msg.clone());
         details.insert(

@@ -95,7 +95,11 @@ pub fn choose_endpoint<'e>(
                 b += 1;
             }
             let (ea, eb) = (candidates[a], candidates[b]);
-            Some(if eb.load_score() < ea.load_score() { eb } else { ea })
+            Some(if eb.load_score() < ea.load_score() {
+                eb
+            } else {
+                ea
+            })
         }
     }
 }

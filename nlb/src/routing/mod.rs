@@ -24,7 +24,9 @@ use shared_types::pb::Protocol;
 pub use endpoint::{ConnectionGuard, Endpoint, EndpointCounters, EndpointState};
 pub use pattern::{normalize_name, Cidr, NamePattern};
 pub use route::{FieldError, RouteSpec, Target};
-pub use table::{CompiledRoute, Policy, RouteError, RouteStatsCache, Selection, Snapshot, SnapshotInput};
+pub use table::{
+    CompiledRoute, Policy, RouteError, RouteStatsCache, Selection, Snapshot, SnapshotInput,
+};
 
 /// The protocol family found on a connection (declared by the listener or
 /// sniffed from its first bytes).
@@ -92,7 +94,13 @@ pub struct ConnInfo<'a> {
 
 impl fmt::Display for ConnInfo<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} to {}:{}", self.protocol, self.server_name.as_deref().unwrap_or("(no name)"), self.port)?;
+        write!(
+            f,
+            "{} to {}:{}",
+            self.protocol,
+            self.server_name.as_deref().unwrap_or("(no name)"),
+            self.port
+        )?;
         if let Some(c) = self.client {
             write!(f, " from {c}")?;
         }

@@ -53,7 +53,9 @@ impl NamePattern {
             .chars()
             .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':')))
         {
-            return Err(format!("{pattern:?} has the character {bad:?}, not allowed in a name"));
+            return Err(format!(
+                "{pattern:?} has the character {bad:?}, not allowed in a name"
+            ));
         }
         if body.split('.').any(str::is_empty) {
             return Err(format!("{pattern:?} has an empty label"));
@@ -127,14 +129,13 @@ impl Cidr {
             .map_err(|_| format!("{text:?} is not an IP address or CIDR"))?;
         let addr = canonical_ip(addr);
         let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            None => max,
-            Some(p) => p
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("{text:?} has prefix length {p:?}, expected 0 to {max}"))?,
-        };
+        let prefix =
+            match prefix {
+                None => max,
+                Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| {
+                    format!("{text:?} has prefix length {p:?}, expected 0 to {max}")
+                })?,
+            };
         Ok(Cidr {
             addr: mask(addr, prefix),
             prefix,
@@ -163,12 +164,20 @@ fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
     match ip {
         IpAddr::V4(v4) => {
             let bits = u32::from(v4);
-            let m = if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix)) };
+            let m = if prefix == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(prefix))
+            };
             IpAddr::V4((bits & m).into())
         }
         IpAddr::V6(v6) => {
             let bits = u128::from(v6);
-            let m = if prefix == 0 { 0 } else { u128::MAX << (128 - u32::from(prefix)) };
+            let m = if prefix == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(prefix))
+            };
             IpAddr::V6((bits & m).into())
         }
     }

@@ -56,7 +56,12 @@ pub struct RouteSpec {
 }
 
 /// Protocols no TCP listener can carry.
-const NOT_ON_TCP: &[Protocol] = &[Protocol::Udp, Protocol::Http3, Protocol::Hls, Protocol::Dash];
+const NOT_ON_TCP: &[Protocol] = &[
+    Protocol::Udp,
+    Protocol::Http3,
+    Protocol::Hls,
+    Protocol::Dash,
+];
 
 impl RouteSpec {
     /// Validates an operator route: it must name `metadata["module_type"]` or
@@ -98,7 +103,10 @@ impl RouteSpec {
         if route.route_id.trim().is_empty() {
             err("route_id", "is empty".into());
         } else if route.route_id.len() > 256 || route.route_id.chars().any(char::is_control) {
-            err("route_id", "must be at most 256 printable characters".into());
+            err(
+                "route_id",
+                "must be at most 256 printable characters".into(),
+            );
         }
         let protocol = match Protocol::from_wire(route.protocol) {
             None | Some(Protocol::Unspecified) => {
@@ -180,7 +188,12 @@ impl RouteSpec {
         other
             .priority
             .cmp(&self.priority)
-            .then_with(|| other.destination.specificity().cmp(&self.destination.specificity()))
+            .then_with(|| {
+                other
+                    .destination
+                    .specificity()
+                    .cmp(&self.destination.specificity())
+            })
             .then_with(|| cmp_cidr_narrowest_first(self.source.as_ref(), other.source.as_ref()))
             .then_with(|| (other.port != 0).cmp(&(self.port != 0)))
             .then_with(|| self.route.route_id.cmp(&other.route.route_id))
@@ -199,7 +212,11 @@ impl RouteSpec {
             source_port: r.source_port,
             destination_port: r.destination_port,
             path_pattern: r.path_pattern.clone(),
-            headers: r.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            headers: r
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             priority: r.priority,
         }
     }

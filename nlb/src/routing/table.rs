@@ -191,7 +191,11 @@ impl Snapshot {
                 route.servers.len()
             )));
         }
-        let sticky = if self.policy.sticky { conn.client } else { None };
+        let sticky = if self.policy.sticky {
+            conn.client
+        } else {
+            None
+        };
         let module_type = usable[0].module_type;
         let candidates: Vec<&Arc<Endpoint>> = match self.policy.weights.get(&module_type) {
             Some(weights) if module_type != ModuleType::Unspecified => {
@@ -206,7 +210,10 @@ impl Snapshot {
                         names.join(", ")
                     ))
                 })?;
-                usable.into_iter().filter(|e| e.version == version).collect()
+                usable
+                    .into_iter()
+                    .filter(|e| e.version == version)
+                    .collect()
             }
             _ => usable,
         };

@@ -1,0 +1,138 @@
+//! Background loops: the lease reaper (lapses, drain deadlines, removals),
+//! active `HealthCheck` calls, and sampling of the NLB's own metrics.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use shared_types::pb::{self, HealthStatus};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tonic::Code;
+
+use crate::app::Nlb;
+use crate::control::module_client::request;
+
+/// How often leases and deadlines are checked.
+pub const REAPER_PERIOD: Duration = Duration::from_millis(250);
+/// Most active health checks in flight at once.
+pub const MAX_CONCURRENT_CHECKS: usize = 64;
+
+fn every(period: Duration) -> tokio::time::Interval {
+    let mut t = tokio::time::interval(period);
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    t
+}
+
+/// One reaper pass.
+pub fn reap(nlb: &Nlb) {
+    let tick = nlb.registry.tick(Instant::now());
+    for id in &tick.lapsed {
+        nlb.metrics.lease_lapses.inc();
+        tracing::warn!(instance = %id, "heartbeat lease lapsed: no new connections until it heartbeats again");
+    }
+    for (ids, reason) in [(&tick.drained, "unregistered"), (&tick.expired, "expired")] {
+        for id in ids {
+            nlb.metrics.removals.with_label_values(&[reason]).inc();
+            nlb.series.remove_owner(id);
+            tracing::info!(instance = %id, reason, "instance removed from the registry");
+        }
+    }
+    if !(tick.lapsed.is_empty() && tick.drained.is_empty() && tick.expired.is_empty()) {
+        nlb.refresh_gauges();
+    }
+}
+
+/// Runs one active health check and records it.
+async fn check(nlb: Arc<Nlb>, id: String, address: String, timeout: Duration) {
+    let msg = pb::HealthCheckRequest {
+        instance_id: id.clone(),
+        deep_check: false,
+    };
+    let result = nlb
+        .modules
+        .call(&id, &address, timeout, |mut c| async move {
+            c.health_check(request(msg, timeout)).await
+        })
+        .await;
+    let (passed, message) = match result {
+        Ok(h) => {
+            let s = HealthStatus::from_wire(h.status).unwrap_or_default();
+            (
+                matches!(
+                    s,
+                    HealthStatus::Healthy | HealthStatus::Degraded | HealthStatus::Unspecified
+                ),
+                format!("{s}: {}", h.message),
+            )
+        }
+        // A module without active checks relies on its heartbeats alone.
+        Err(e) if e.code() == Code::Unimplemented => {
+            (true, "HealthCheck not implemented; heartbeats only".into())
+        }
+        Err(e) => (false, e.message().to_string()),
+    };
+    nlb.metrics
+        .health_checks
+        .with_label_values(&[if passed { "pass" } else { "fail" }])
+        .inc();
+    if !passed {
+        tracing::debug!(instance = %id, %message, "health check failed");
+    }
+    nlb.registry.record_check(&id, passed, message);
+}
+
+/// Spawns the loops; they end when `stop` turns true.
+pub fn spawn_loops(nlb: Arc<Nlb>, stop: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
+    let mut handles = Vec::new();
+    let until_stop = |mut stop: watch::Receiver<bool>| async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+
+    let n = Arc::clone(&nlb);
+    let s = stop.clone();
+    handles.push(tokio::spawn(async move {
+        let mut t = every(REAPER_PERIOD);
+        tokio::select! {
+            _ = async { loop { t.tick().await; reap(&n); } } => {}
+            _ = until_stop(s) => {}
+        }
+    }));
+
+    let n = Arc::clone(&nlb);
+    let s = stop.clone();
+    handles.push(tokio::spawn(async move {
+        let limit = Arc::new(Semaphore::new(MAX_CONCURRENT_CHECKS));
+        let mut t = every(Duration::from_millis(200));
+        tokio::select! {
+            _ = async {
+                loop {
+                    t.tick().await;
+                    if !n.config.current().health.active_checks {
+                        continue;
+                    }
+                    for (id, addr, timeout) in n.registry.due_checks(Instant::now()) {
+                        let Ok(permit) = Arc::clone(&limit).acquire_owned().await else { return };
+                        let n = Arc::clone(&n);
+                        tokio::spawn(async move {
+                            check(n, id, addr, timeout).await;
+                            drop(permit);
+                        });
+                    }
+                }
+            } => {}
+            _ = until_stop(s) => {}
+        }
+    }));
+
+    let n = Arc::clone(&nlb);
+    handles.push(tokio::spawn(async move {
+        let period = Duration::from_secs(n.config.current().metrics.sample_interval_seconds.max(1));
+        let mut t = every(period);
+        tokio::select! {
+            _ = async { loop { t.tick().await; n.sample_own_metrics(); n.refresh_gauges(); } } => {}
+            _ = until_stop(stop) => {}
+        }
+    }));
+    handles
+}

@@ -1,0 +1,179 @@
+//! Starting and stopping the NLB: the gRPC control API (with grpc.health.v1,
+//! server reflection, `x-request-id`, message limits and keepalive), the admin
+//! HTTP port, and the background loops (leases, health checks, sampling).
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shared_types::pb::nlb_service_server::NlbServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::app::Nlb;
+use crate::control::ControlService;
+use crate::{admin, liveness};
+
+/// Why the NLB could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {what} address {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("reflection service: {0}")]
+    Reflection(String),
+}
+
+/// A running NLB.
+pub struct Running {
+    pub nlb: Arc<Nlb>,
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    health: tonic_health::server::HealthReporter,
+    servers: Vec<JoinHandle<()>>,
+    loops: Vec<JoinHandle<()>>,
+}
+
+async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            what,
+            addr: addr.to_string(),
+            source,
+        })
+}
+
+fn request_span(req: &http::Request<tonic::body::Body>) -> tracing::Span {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    tracing::info_span!("grpc", method = %req.uri().path(), request_id = %id)
+}
+
+/// Binds the ports and starts serving.
+pub async fn start(nlb: Arc<Nlb>) -> Result<Running, StartError> {
+    let config = nlb.config.current();
+    let grpc_listener = bind("gRPC", &config.grpc.listen).await?;
+    let admin_listener = bind("admin", &config.admin.listen).await?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            what: "gRPC",
+            addr: config.grpc.listen.clone(),
+            source,
+        })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            what: "admin",
+            addr: config.admin.listen.clone(),
+            source,
+        })?;
+    let (stop, stopped) = watch::channel(false);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(shared_types::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| StartError::Reflection(e.to_string()))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(shared_types::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| StartError::Reflection(e.to_string()))?;
+    let max = config.grpc.max_message_bytes;
+    let control = NlbServiceServer::new(ControlService::new(Arc::clone(&nlb)))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let keepalive = (config.grpc.keepalive_interval_seconds > 0)
+        .then(|| Duration::from_secs(config.grpc.keepalive_interval_seconds));
+    let layers = tower::ServiceBuilder::new()
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(TraceLayer::new_for_grpc().make_span_with(request_span));
+    let mut grpc_stop = stopped.clone();
+    let grpc = tonic::transport::Server::builder()
+        .http2_keepalive_interval(keepalive)
+        .http2_keepalive_timeout(Some(Duration::from_secs(
+            config.grpc.keepalive_timeout_seconds,
+        )))
+        .max_concurrent_streams(config.grpc.max_concurrent_streams)
+        .tcp_nodelay(true)
+        .layer(layers)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(control)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
+            let _ = grpc_stop.wait_for(|s| *s).await;
+        });
+    let grpc_task = tokio::spawn(async move {
+        if let Err(e) = grpc.await {
+            tracing::error!(error = %e, "gRPC server stopped with an error");
+        }
+    });
+    let admin_task = tokio::spawn(admin::serve(
+        Arc::clone(&nlb),
+        admin_listener,
+        stopped.clone(),
+    ));
+
+    let loops = liveness::spawn_loops(Arc::clone(&nlb), stopped);
+    health
+        .set_serving::<NlbServiceServer<ControlService>>()
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    nlb.ready.store(true, Ordering::Relaxed);
+    tracing::info!(%grpc_addr, %admin_addr, "NLB control API serving");
+    Ok(Running {
+        nlb,
+        grpc_addr,
+        admin_addr,
+        stop,
+        health,
+        servers: vec![grpc_task, admin_task],
+        loops,
+    })
+}
+
+impl Running {
+    /// Stops: not ready and NOT_SERVING at once, then servers finish the calls
+    /// in flight until `grace`, then everything stops.
+    pub async fn shutdown(self, grace: Duration) {
+        self.nlb.ready.store(false, Ordering::Relaxed);
+        self.nlb.shutting_down.store(true, Ordering::Relaxed);
+        self.health
+            .set_not_serving::<NlbServiceServer<ControlService>>()
+            .await;
+        self.health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        let _ = self.stop.send(true);
+        for l in &self.loops {
+            l.abort();
+        }
+        let servers = futures::future::join_all(self.servers);
+        if tokio::time::timeout(grace, servers).await.is_err() {
+            tracing::warn!(
+                grace_ms = grace.as_millis() as u64,
+                "calls still in flight at the shutdown deadline were cut"
+            );
+        }
+        tracing::info!("NLB stopped");
+    }
+}
