@@ -1,1 +1,423 @@
+//! Registry rules: registration, leases, drains, instructions, and that only
+//! changes of membership, health, routes or weights rebuild the snapshot.
 
+use std::collections::HashMap;
+use std::time::Duration;
+
+use shared_types::pb::{self, HealthStatus, ModuleType, Protocol};
+use tokio::time::Instant;
+
+use super::*;
+
+fn settings() -> Settings {
+    Settings {
+        drain_timeout: Duration::from_secs(30),
+        removal_grace: Duration::from_secs(30),
+        max_instances: 3,
+    }
+}
+
+fn registry() -> Registry {
+    Registry::new(settings(), OperatorRouting::default())
+}
+
+fn route(id: &str, port: i32) -> pb::Route {
+    pb::Route {
+        route_id: id.into(),
+        protocol: Protocol::Http as i32,
+        destination_port: port,
+        ..Default::default()
+    }
+}
+
+fn req(id: &str, addr: &str, data: Option<&str>) -> pb::RegisterModuleRequest {
+    let mut metadata = HashMap::new();
+    if let Some(d) = data {
+        metadata.insert("data_address".to_string(), d.to_string());
+    }
+    pb::RegisterModuleRequest {
+        instance: Some(pb::ModuleInstance {
+            instance_id: id.into(),
+            module_type: ModuleType::Alb as i32,
+            address: addr.into(),
+            metadata,
+            version: "v1".into(),
+            ..Default::default()
+        }),
+        initial_routes: vec![route("web", 80)],
+        health_config: Some(pb::HealthCheckConfig {
+            interval_seconds: 1,
+            unhealthy_threshold: 2,
+            healthy_threshold: 2,
+            ..Default::default()
+        }),
+        capabilities: HashMap::new(),
+    }
+}
+
+fn beat(id: &str, reg: &str, status: HealthStatus) -> pb::HeartbeatRequest {
+    pb::HeartbeatRequest {
+        instance_id: id.into(),
+        registration_id: reg.into(),
+        status: status as i32,
+        ..Default::default()
+    }
+}
+
+fn routable(r: &Registry, id: &str) -> bool {
+    r.router()
+        .load()
+        .routes()
+        .flat_map(|r| r.servers.iter())
+        .any(|e| e.id == id && e.accepts_new())
+}
+
+#[test]
+fn zero_health_values_take_the_documented_defaults() {
+    let t = HealthTimings::from_proto(Some(&pb::HealthCheckConfig::default())).unwrap();
+    assert_eq!(t.interval, Duration::from_secs(2));
+    assert_eq!(t.timeout, Duration::from_secs(1));
+    assert_eq!(t.unhealthy_threshold, 3);
+    assert_eq!(t.healthy_threshold, 1);
+    assert_eq!(t.lease(), Duration::from_secs(6));
+    let err = HealthTimings::from_proto(Some(&pb::HealthCheckConfig {
+        interval_seconds: -1,
+        ..Default::default()
+    }))
+    .unwrap_err();
+    assert!(err.contains("health_config.interval_seconds"), "{err}");
+}
+
+#[test]
+fn registration_validates_every_field_at_once() {
+    let r = registry();
+    let mut bad = req("bad id!", "10.0.0.1", Some("10.0.0.1:70000"));
+    bad.instance.as_mut().unwrap().module_type = 0;
+    bad.initial_routes.push(route("", 70000));
+    let RegistryError::InvalidArgument(msg) = r.register(&bad).unwrap_err() else {
+        panic!("expected InvalidArgument")
+    };
+    for needle in [
+        "instance.instance_id",
+        "instance.module_type",
+        "instance.address",
+        "data_address",
+        "route_id: is empty",
+        "destination_port: 70000",
+    ] {
+        assert!(msg.contains(needle), "{needle:?} missing from {msg}");
+    }
+    assert!(r.list().is_empty());
+}
+
+#[test]
+fn re_registering_a_live_instance_is_idempotent() {
+    let r = registry();
+    let first = r
+        .register(&req("alb-1", "10.0.0.1:9000", Some("10.0.0.1:8080")))
+        .unwrap();
+    let again = r
+        .register(&req("alb-1", "10.0.0.1:9000", Some("10.0.0.1:8080")))
+        .unwrap();
+    assert_eq!(first.registration_id, again.registration_id);
+    assert!(again.renewed && !first.renewed);
+    assert_eq!(r.list().len(), 1);
+    // Another address while the first is alive is refused.
+    let clash = r
+        .register(&req("alb-1", "10.0.0.2:9000", None))
+        .unwrap_err();
+    assert!(matches!(clash, RegistryError::AlreadyExists(m) if m.contains("10.0.0.1:9000")));
+}
+
+#[test]
+fn without_data_address_an_instance_is_managed_but_takes_no_traffic() {
+    let r = registry();
+    let out = r.register(&req("alb-1", "10.0.0.1:9000", None)).unwrap();
+    assert!(!out.takes_traffic);
+    assert!(
+        out.message.contains("no metadata[\"data_address\"]"),
+        "{}",
+        out.message
+    );
+    assert!(!routable(&r, "alb-1"));
+    assert_eq!(r.get("alb-1").unwrap().details["takes_traffic"], "false");
+}
+
+#[test]
+fn the_registry_is_bounded() {
+    let r = registry();
+    for i in 0..3 {
+        r.register(&req(&format!("alb-{i}"), "10.0.0.1:9000", None))
+            .unwrap();
+    }
+    let err = r
+        .register(&req("alb-9", "10.0.0.1:9000", None))
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::ResourceExhausted(_)));
+}
+
+#[test]
+fn heartbeats_that_change_nothing_rebuild_nothing() {
+    let r = registry();
+    let reg = r
+        .register(&req("alb-1", "10.0.0.1:9000", Some("10.0.0.1:8080")))
+        .unwrap();
+    let generation = r.generation();
+    for _ in 0..5 {
+        let out = r
+            .heartbeat(&beat("alb-1", &reg.registration_id, HealthStatus::Healthy))
+            .unwrap();
+        assert!(out.acknowledged);
+    }
+    assert_eq!(
+        r.generation(),
+        generation,
+        "plain heartbeats must not rebuild"
+    );
+    // A health change does.
+    r.heartbeat(&beat(
+        "alb-1",
+        &reg.registration_id,
+        HealthStatus::Unhealthy,
+    ))
+    .unwrap();
+    assert_eq!(r.generation(), generation + 1);
+    assert!(!routable(&r, "alb-1"));
+    assert_eq!(
+        r.get("alb-1").unwrap().instance.health_status,
+        HealthStatus::Unhealthy as i32
+    );
+}
+
+#[test]
+fn unknown_registrations_are_told_to_reregister() {
+    let r = registry();
+    let reg = r.register(&req("alb-1", "10.0.0.1:9000", None)).unwrap();
+    for (id, rid) in [("alb-1", "nope"), ("alb-2", reg.registration_id.as_str())] {
+        let out = r.heartbeat(&beat(id, rid, HealthStatus::Healthy)).unwrap();
+        assert!(!out.acknowledged);
+        assert_eq!(out.instructions["action"], "reregister");
+    }
+    assert!(matches!(
+        r.heartbeat(&beat("", "x", HealthStatus::Healthy)),
+        Err(RegistryError::InvalidArgument(_))
+    ));
+}
+
+#[test]
+fn a_lapsed_lease_stops_traffic_and_heartbeats_restore_it() {
+    let r = registry();
+    let reg = r
+        .register(&req("alb-1", "10.0.0.1:9000", Some("10.0.0.1:8080")))
+        .unwrap();
+    assert!(routable(&r, "alb-1"));
+    // Lease = interval 1 s x unhealthy_threshold 2.
+    let tick = r.tick(Instant::now() + Duration::from_millis(1500));
+    assert!(tick.lapsed.is_empty());
+    let tick = r.tick(Instant::now() + Duration::from_secs(3));
+    assert_eq!(tick.lapsed, vec!["alb-1".to_string()]);
+    assert!(!routable(&r, "alb-1"));
+    assert_eq!(
+        r.get("alb-1").unwrap().details["reason"],
+        "missed heartbeats"
+    );
+    // healthy_threshold 2: one beat is not enough, two are.
+    r.heartbeat(&beat("alb-1", &reg.registration_id, HealthStatus::Healthy))
+        .unwrap();
+    assert!(!routable(&r, "alb-1"));
+    r.heartbeat(&beat("alb-1", &reg.registration_id, HealthStatus::Healthy))
+        .unwrap();
+    assert!(routable(&r, "alb-1"));
+}
+
+#[test]
+fn silent_instances_are_removed_after_the_grace() {
+    let r = registry();
+    r.register(&req("alb-1", "10.0.0.1:9000", None)).unwrap();
+    // Lease 2 s + grace 30 s.
+    let tick = r.tick(Instant::now() + Duration::from_secs(20));
+    assert_eq!(tick.lapsed.len(), 1);
+    assert!(tick.expired.is_empty());
+    let tick = r.tick(Instant::now() + Duration::from_secs(40));
+    assert_eq!(tick.expired, vec!["alb-1".to_string()]);
+    assert!(r.get("alb-1").is_none());
+}
+
+#[test]
+fn graceful_unregister_drains_until_the_deadline() {
+    let r = registry();
+    let reg = r
+        .register(&req("alb-1", "10.0.0.1:9000", Some("10.0.0.1:8080")))
+        .unwrap();
+    let counters = r
+        .router()
+        .load()
+        .routes()
+        .flat_map(|r| r.servers.iter())
+        .find(|e| e.id == "alb-1")
+        .map(|e| std::sync::Arc::clone(&e.counters))
+        .unwrap();
+    let _a = counters.open_connection(0);
+    let _b = counters.open_connection(0);
+    let out = r
+        .unregister("alb-1", &reg.registration_id, true, 5)
+        .unwrap();
+    assert_eq!(out.active_connections, 2);
+    assert!(!routable(&r, "alb-1"), "no new traffic at once");
+    let view = r.get("alb-1").unwrap();
+    assert_eq!(view.instance.health_status, HealthStatus::Stopping as i32);
+    assert_eq!(view.instance.current_connections, 2);
+    // Heartbeats now carry the drain instruction.
+    let hb = r
+        .heartbeat(&beat("alb-1", &reg.registration_id, HealthStatus::Healthy))
+        .unwrap();
+    assert_eq!(hb.instructions["action"], "drain");
+    assert!(r
+        .tick(Instant::now() + Duration::from_secs(4))
+        .drained
+        .is_empty());
+    assert_eq!(
+        r.tick(Instant::now() + Duration::from_secs(6)).drained,
+        vec!["alb-1".to_string()]
+    );
+    assert!(r.get("alb-1").is_none());
+}
+
+#[test]
+fn unregister_checks_the_binding() {
+    let r = registry();
+    r.register(&req("alb-1", "10.0.0.1:9000", None)).unwrap();
+    assert!(matches!(
+        r.unregister("alb-1", "someone-else", false, 0),
+        Err(RegistryError::PermissionDenied(_))
+    ));
+    assert!(matches!(
+        r.unregister("alb-9", "", false, 0),
+        Err(RegistryError::NotFound(_))
+    ));
+    assert!(matches!(
+        r.unregister("alb-1", "", true, -1),
+        Err(RegistryError::InvalidArgument(_))
+    ));
+    let out = r.unregister("alb-1", "", false, 0).unwrap();
+    assert!(!out.graceful);
+    assert!(r.get("alb-1").is_none());
+}
+
+#[test]
+fn instructions_are_delivered_once() {
+    let r = registry();
+    let reg = r.register(&req("alb-1", "10.0.0.1:9000", None)).unwrap();
+    assert!(r.instruct("alb-1", Instruction::Shed(7)));
+    let hb = r
+        .heartbeat(&beat("alb-1", &reg.registration_id, HealthStatus::Healthy))
+        .unwrap();
+    assert_eq!(hb.instructions["action"], "shed");
+    assert_eq!(hb.instructions["shed_connections"], "7");
+    let hb = r
+        .heartbeat(&beat("alb-1", &reg.registration_id, HealthStatus::Healthy))
+        .unwrap();
+    assert!(hb.instructions.is_empty());
+    r.set_instance_routes("alb-1", Vec::new(), true).unwrap();
+    let hb = r
+        .heartbeat(&beat("alb-1", &reg.registration_id, HealthStatus::Healthy))
+        .unwrap();
+    assert_eq!(hb.instructions["action"], "reload");
+    assert!(hb.should_reload);
+}
+
+#[test]
+fn failing_active_checks_stop_traffic_after_the_threshold() {
+    let r = registry();
+    r.register(&req("alb-1", "10.0.0.1:9000", Some("10.0.0.1:8080")))
+        .unwrap();
+    r.record_check("alb-1", false, "refused".into());
+    assert!(
+        routable(&r, "alb-1"),
+        "one failure is below unhealthy_threshold 2"
+    );
+    r.record_check("alb-1", false, "refused".into());
+    assert!(!routable(&r, "alb-1"));
+    r.record_check("alb-1", true, "ok".into());
+    assert!(!routable(&r, "alb-1"), "healthy_threshold is 2");
+    r.record_check("alb-1", true, "ok".into());
+    assert!(routable(&r, "alb-1"));
+    // Checks come due one interval apart.
+    let due = r.due_checks(Instant::now() + Duration::from_secs(2));
+    assert_eq!(due.len(), 1);
+    assert!(r
+        .due_checks(Instant::now() + Duration::from_secs(2))
+        .is_empty());
+}
+
+#[test]
+fn identical_announcements_merge_and_weights_show_per_instance() {
+    let r = Registry::new(
+        settings(),
+        OperatorRouting {
+            policy: crate::routing::Policy {
+                weights: [(
+                    ModuleType::Alb,
+                    vec![("v1".to_string(), 80), ("v2".to_string(), 20)],
+                )]
+                .into(),
+                sticky: false,
+            },
+            ..Default::default()
+        },
+    );
+    for i in 0..3 {
+        r.register(&req(
+            &format!("alb-{i}"),
+            &format!("10.0.0.{i}:9000"),
+            Some("10.0.0.1:8080"),
+        ))
+        .unwrap();
+    }
+    let snapshot = r.router().load();
+    let routes: Vec<_> = snapshot.routes().collect();
+    assert_eq!(routes.len(), 1);
+    assert_eq!(routes[0].servers.len(), 3);
+    let view = r.get("alb-0").unwrap();
+    assert_eq!(view.instance.traffic_weight, 80);
+    assert_eq!(view.deployment.active_version, "v1");
+    assert_eq!(view.deployment.green_version, "v2");
+    assert_eq!(view.deployment.canary_percent, 20);
+}
+
+#[test]
+fn force_rebalance_tells_overloaded_instances_to_shed() {
+    let r = registry();
+    for i in 0..2 {
+        r.register(&req(
+            &format!("alb-{i}"),
+            &format!("10.0.0.{i}:9000"),
+            Some("10.0.0.1:8080"),
+        ))
+        .unwrap();
+    }
+    let snapshot = r.router().load();
+    let counters = |id: &str| {
+        snapshot
+            .routes()
+            .flat_map(|r| r.servers.iter())
+            .find(|e| e.id == id)
+            .map(|e| std::sync::Arc::clone(&e.counters))
+            .unwrap()
+    };
+    let hot = counters("alb-0");
+    let guards: Vec<_> = (0..30).map(|_| hot.open_connection(0)).collect();
+    let out = r.rebalance(Strategy::Even, true, &[]);
+    assert_eq!(out.previous["alb-0"], 30);
+    assert_eq!(out.previous["alb-1"], 0);
+    assert_eq!(out.target["alb-0"], 15);
+    assert_eq!(out.target["alb-1"], 15);
+    assert_eq!(out.shed, vec![("alb-0".to_string(), 15)]);
+    // Without force, nothing is told to shed.
+    assert!(r.rebalance(Strategy::Even, false, &[]).shed.is_empty());
+    drop(guards);
+    assert_eq!(Strategy::parse("").unwrap(), Strategy::LeastConnections);
+    assert!(Strategy::parse("random")
+        .unwrap_err()
+        .contains("least_connections, even"));
+}
