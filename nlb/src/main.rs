@@ -84,14 +84,8 @@ async fn main() -> ExitCode {
     if args.config.is_none() {
         tracing::info!("no --config given: running on the documented defaults");
     }
-    let nlb = nlb::Nlb::new(store);
-    let running = match nlb::start(nlb).await {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("nlb: {e}");
-            return ExitCode::from(1);
-        }
-    };
+    // Signal handlers first: once `/readyz` says ready, a SIGHUP or SIGTERM
+    // must reach the loop below, not the default action (which kills).
     let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::hangup()),
         signal(SignalKind::terminate()),
@@ -99,6 +93,14 @@ async fn main() -> ExitCode {
     ) else {
         eprintln!("nlb: cannot install signal handlers");
         return ExitCode::from(1);
+    };
+    let nlb = nlb::Nlb::new(store);
+    let running = match nlb::start(nlb).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("nlb: {e}");
+            return ExitCode::from(1);
+        }
     };
     loop {
         tokio::select! {

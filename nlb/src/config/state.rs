@@ -124,11 +124,51 @@ impl StateFile {
     }
 
     /// Whether the state file's directory accepts writes (for health checks).
+    /// A directory that does not exist yet is created by [`StateFile::save`],
+    /// so the nearest existing ancestor is the one that must accept writes.
     pub fn writable(&self) -> bool {
         let dir = match self.path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        std::fs::metadata(&dir).is_ok_and(|m| m.is_dir() && !m.permissions().readonly())
+        let Some(existing) = dir
+            .ancestors()
+            .map(|d| {
+                if d.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    d
+                }
+            })
+            .find(|d| d.exists())
+        else {
+            return false;
+        };
+        std::fs::metadata(existing).is_ok_and(|m| m.is_dir() && !m.permissions().readonly())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_save_would_create_counts_as_writable() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateFile::new(dir.path().join("not/yet/nlb.state.json"));
+        assert!(state.writable());
+        state.save(&Sections::new(), 1).unwrap();
+        assert!(state.path().is_file());
+        assert!(StateFile::new("nlb.state.json").writable());
+        assert!(StateFile::new("relative/dir/nlb.state.json").writable());
+    }
+
+    #[test]
+    fn a_file_in_the_way_is_not_writable() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("blocker"), "x").unwrap();
+        let state = StateFile::new(dir.path().join("blocker/nlb.state.json"));
+        assert!(!state.writable());
+        assert!(state.save(&Sections::new(), 1).is_err());
     }
 }
