@@ -18,8 +18,9 @@ struct Args {
     /// YAML config file (without one, the documented defaults apply).
     #[arg(long, env = "NLB_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Validate a config file (with the environment overrides) and exit.
-    #[arg(long, value_name = "FILE", conflicts_with = "config")]
+    /// Validate a config file (with the environment overrides) and exit;
+    /// `--config` and `NLB_CONFIG` are then ignored.
+    #[arg(long, value_name = "FILE")]
     check_config: Option<PathBuf>,
     /// Log format.
     #[arg(long, env = "NLB_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]

@@ -239,3 +239,38 @@ fn yaml_routes_convert_to_the_contract_and_back() {
     assert_eq!(back.protocol, "postgres");
     assert_eq!(back.priority, 5);
 }
+
+#[test]
+fn a_null_section_returns_to_the_file_and_state_file_is_not_settable() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("nlb.yaml");
+    let state = dir.path().join("state.json");
+    std::fs::write(
+        &file,
+        format!(
+            "state_file: {}\nrouting: {{sticky: true}}\n",
+            state.display()
+        ),
+    )
+    .unwrap();
+    let store = ConfigStore::load(Some(file), Box::new(no_env)).unwrap();
+    store
+        .update_section("routing", yaml("{sticky: false}"), false)
+        .unwrap();
+    assert!(!store.current().routing.sticky);
+    assert_eq!(store.api_sections(), vec!["routing".to_string()]);
+    let back = store
+        .update_section("routing", serde_yaml_ng::Value::Null, false)
+        .unwrap();
+    assert!(back.changed);
+    assert!(
+        store.current().routing.sticky,
+        "the file's section applies again"
+    );
+    assert!(store.api_sections().is_empty());
+    let errors = store
+        .update_section("state_file", yaml("/elsewhere.json"), true)
+        .unwrap_err();
+    assert_eq!(keys(&errors), vec!["state_file".to_string()]);
+    assert!(errors[0].message.contains("NLB_STATE_FILE"));
+}

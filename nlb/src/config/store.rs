@@ -107,7 +107,11 @@ impl ConfigStore {
     }
 
     /// Validates a new value for one section against everything else in
-    /// force; unless `validate_only`, persists it and swaps it in.
+    /// force; unless `validate_only`, persists it and swaps it in. A null
+    /// value (empty `config_data`) drops the section from the API layer, so
+    /// the file's section (or the default) applies again. `state_file` is not
+    /// settable here: the state file's own location comes from the file or
+    /// `NLB_STATE_FILE`.
     pub fn update_section(
         &self,
         section: &str,
@@ -120,9 +124,19 @@ impl ConfigStore {
                 format!("unknown section (known: {})", SECTIONS.join(", ")),
             )]);
         }
+        if section == "state_file" {
+            return Err(vec![ConfigError::new(
+                section,
+                "is set by the config file or NLB_STATE_FILE, not through the API (the state file cannot move itself)",
+            )]);
+        }
         let mut layers = self.layers.lock();
         let mut api = layers.api.clone();
-        api.insert(section.to_string(), value);
+        if value.is_null() {
+            api.remove(section);
+        } else {
+            api.insert(section.to_string(), value);
+        }
         let config = Arc::new(merge(&layers.file, &api, &*self.env)?);
         let old = self.current();
         let changed = super::section_value(&old, section) != super::section_value(&config, section);
