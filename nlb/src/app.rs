@@ -26,6 +26,9 @@ pub struct Nlb {
     /// False while starting and once shutdown begins.
     pub ready: AtomicBool,
     pub shutting_down: AtomicBool,
+    /// Turns true when shutdown begins, so long-lived calls (metrics streams)
+    /// end instead of holding the shutdown until its deadline.
+    pub shutdown_signal: tokio::sync::watch::Sender<bool>,
 }
 
 impl Nlb {
@@ -47,9 +50,17 @@ impl Nlb {
             total_requests: AtomicU64::new(0),
             ready: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
+            shutdown_signal: tokio::sync::watch::Sender::new(false),
         });
         nlb.refresh_gauges();
         nlb
+    }
+
+    /// Marks the NLB as stopping: not ready, and streams end.
+    pub fn begin_shutdown(&self) {
+        self.ready.store(false, Ordering::Relaxed);
+        self.shutting_down.store(true, Ordering::Relaxed);
+        self.shutdown_signal.send_replace(true);
     }
 
     /// Applies a config now in force to the live parts.

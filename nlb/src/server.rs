@@ -155,8 +155,7 @@ impl Running {
     /// Stops: not ready and NOT_SERVING at once, then servers finish the calls
     /// in flight until `grace`, then everything stops.
     pub async fn shutdown(self, grace: Duration) {
-        self.nlb.ready.store(false, Ordering::Relaxed);
-        self.nlb.shutting_down.store(true, Ordering::Relaxed);
+        self.nlb.begin_shutdown();
         self.health
             .set_not_serving::<NlbServiceServer<ControlService>>()
             .await;

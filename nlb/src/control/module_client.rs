@@ -8,7 +8,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use shared_types::pb::module_service_client::ModuleServiceClient;
 use tonic::transport::{Channel, Endpoint};
-use tonic::Status;
+use tonic::{Code, Status};
 
 /// Channels to module instances, keyed by their ModuleService address.
 #[derive(Default)]
@@ -51,16 +51,28 @@ impl ModuleClients {
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let client = self.client(address)?;
+        let started = tokio::time::Instant::now();
+        let missed = || {
+            Status::deadline_exceeded(format!(
+                "module {instance_id} at {address} did not answer within {} ms",
+                deadline.as_millis()
+            ))
+        };
         match tokio::time::timeout(deadline, f(client)).await {
             Ok(Ok(resp)) => Ok(resp.into_inner()),
+            // The module may enforce the grpc-timeout we send and give up at
+            // the same moment we do: report the same miss either way.
+            Ok(Err(status))
+                if started.elapsed() >= deadline
+                    && matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded) =>
+            {
+                Err(missed())
+            }
             Ok(Err(status)) => Err(Status::new(
                 status.code(),
                 format!("module {instance_id} at {address}: {}", status.message()),
             )),
-            Err(_) => Err(Status::deadline_exceeded(format!(
-                "module {instance_id} at {address} did not answer within {} ms",
-                deadline.as_millis()
-            ))),
+            Err(_) => Err(missed()),
         }
     }
 }

@@ -527,7 +527,7 @@ impl ControlService {
                     Err(e) => {
                         details.insert(
                             format!("instance.{id}"),
-                            format!("not asked: {}", e.message()),
+                            format!("no answer: {}", e.message()),
                         );
                     }
                 }

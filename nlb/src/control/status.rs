@@ -59,6 +59,15 @@ impl ControlService {
                         let s = HealthStatus::from_wire(h.status).unwrap_or_default();
                         (s, format!("{s}: {}", h.message))
                     }
+                    // Like the active checks: a module that does not serve
+                    // HealthCheck is judged by its heartbeats (the registry's view).
+                    Err(e) if e.code() == tonic::Code::Unimplemented => (
+                        module_health
+                            .get(&id)
+                            .and_then(|s| HealthStatus::from_wire(*s))
+                            .unwrap_or_default(),
+                        "HealthCheck not implemented; judged by heartbeats".to_string(),
+                    ),
                     Err(e) => (
                         HealthStatus::Unhealthy,
                         format!("unreachable: {}", e.message()),

@@ -185,11 +185,21 @@ impl ControlService {
         };
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let nlb = std::sync::Arc::clone(&self.nlb);
+        let mut stopping = self.nlb.shutdown_signal.subscribe();
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                ticker.tick().await;
+                // A client that leaves ends the task at once, not at the next
+                // tick (which may be an hour away).
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    () = tx.closed() => {
+                        tracing::debug!("metrics stream client left");
+                        break;
+                    }
+                    _ = stopping.wait_for(|s| *s) => break,
+                }
                 if nlb.shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
                     break;
                 }
