@@ -66,6 +66,10 @@ impl Nlb {
     /// Applies a config now in force to the live parts.
     pub fn apply_config(&self, c: &NlbConfig) {
         self.registry.set_settings(Settings::from_config(c));
+        if !c.health.active_checks {
+            // Without active checks, liveness is the heartbeat lease alone.
+            self.registry.clear_check_failures();
+        }
         self.registry
             .set_operator_routing(OperatorRouting::from_config(c));
         self.series.set_limits(
@@ -101,7 +105,9 @@ impl Nlb {
         }
     }
 
-    /// Updates gauges from the registry and snapshot.
+    /// Updates gauges from the registry and snapshot. It walks every
+    /// instance, so it runs when metrics are scraped or sampled and on
+    /// reaper changes, never once per registration.
     pub fn refresh_gauges(&self) {
         let snapshot = self.registry.router().load();
         self.metrics

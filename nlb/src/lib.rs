@@ -12,6 +12,7 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod admission;
 pub mod app;
 pub mod config;
 pub mod control;

@@ -38,6 +38,9 @@ pub fn reap(nlb: &Nlb) {
             tracing::info!(instance = %id, reason, "instance removed from the registry");
         }
     }
+    for addr in &tick.removed_addresses {
+        nlb.modules.forget(addr);
+    }
     if !(tick.lapsed.is_empty() && tick.drained.is_empty() && tick.expired.is_empty()) {
         nlb.refresh_gauges();
     }
@@ -127,10 +130,16 @@ pub fn spawn_loops(nlb: Arc<Nlb>, stop: watch::Receiver<bool>) -> Vec<JoinHandle
 
     let n = Arc::clone(&nlb);
     handles.push(tokio::spawn(async move {
-        let period = Duration::from_secs(n.config.current().metrics.sample_interval_seconds.max(1));
-        let mut t = every(period);
+        // The interval is read every round, so a config change applies live.
         tokio::select! {
-            _ = async { loop { t.tick().await; n.sample_own_metrics(); n.refresh_gauges(); } } => {}
+            _ = async {
+                loop {
+                    n.sample_own_metrics();
+                    n.refresh_gauges();
+                    let secs = n.config.current().metrics.sample_interval_seconds.max(1);
+                    tokio::time::sleep(Duration::from_secs(secs)).await;
+                }
+            } => {}
             _ = until_stop(stop) => {}
         }
     }));

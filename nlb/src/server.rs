@@ -11,13 +11,12 @@ use shared_types::pb::nlb_service_server::NlbServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
 use crate::app::Nlb;
 use crate::control::ControlService;
-use crate::{admin, liveness};
+use crate::{admin, admission, liveness};
 
 /// Why the NLB could not start.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +104,11 @@ pub async fn start(nlb: Arc<Nlb>) -> Result<Running, StartError> {
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(TraceLayer::new_for_grpc().make_span_with(request_span));
     let mut grpc_stop = stopped.clone();
+    let incoming = admission::incoming(
+        grpc_listener,
+        Duration::from_secs(config.grpc.handshake_timeout_seconds),
+        stopped.clone(),
+    );
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(keepalive)
         .http2_keepalive_timeout(Some(Duration::from_secs(
@@ -117,7 +121,7 @@ pub async fn start(nlb: Arc<Nlb>) -> Result<Running, StartError> {
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(control)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             let _ = grpc_stop.wait_for(|s| *s).await;
         });
     let grpc_task = tokio::spawn(async move {

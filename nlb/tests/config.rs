@@ -187,7 +187,10 @@ fn section_updates_validate_persist_and_say_when_a_restart_is_needed() {
     let errors = store
         .update_section("traffic_weights", yaml("{alb: {v1: 50}}"), false)
         .unwrap_err();
-    assert_eq!(keys(&errors), vec!["traffic_weights.alb".to_string()]);
+    assert_eq!(
+        keys(errors.invalid()),
+        vec!["traffic_weights.alb".to_string()]
+    );
     assert_eq!(
         store.current().traffic_weights["alb"]["v1"],
         50,
@@ -222,7 +225,7 @@ fn section_updates_validate_persist_and_say_when_a_restart_is_needed() {
     let unknown = again
         .update_section("bogus", serde_yaml_ng::Value::Null, true)
         .unwrap_err();
-    assert_eq!(keys(&unknown), vec!["bogus".to_string()]);
+    assert_eq!(keys(unknown.invalid()), vec!["bogus".to_string()]);
 }
 
 #[test]
@@ -271,6 +274,25 @@ fn a_null_section_returns_to_the_file_and_state_file_is_not_settable() {
     let errors = store
         .update_section("state_file", yaml("/elsewhere.json"), true)
         .unwrap_err();
-    assert_eq!(keys(&errors), vec!["state_file".to_string()]);
-    assert!(errors[0].message.contains("NLB_STATE_FILE"));
+    assert_eq!(keys(errors.invalid()), vec!["state_file".to_string()]);
+    assert!(errors.to_string().contains("NLB_STATE_FILE"));
+}
+
+#[test]
+fn a_state_file_that_cannot_be_written_refuses_the_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    let file = dir.path().join("nlb.yaml");
+    let state = state_dir.join("state.json");
+    std::fs::write(&file, format!("state_file: {}\n", state.display())).unwrap();
+    let store = ConfigStore::load(Some(file), Box::new(no_env)).unwrap();
+    // After start, a file takes the place of the state directory (root
+    // ignores permissions, so a read-only directory would not do).
+    std::fs::write(&state_dir, "a file where the state directory should be").unwrap();
+    let err = store
+        .update_section("routing", yaml("{sticky: true}"), false)
+        .unwrap_err();
+    assert!(matches!(err, config::UpdateError::Persist(_)), "{err}");
+    assert!(err.to_string().contains("state.json"), "{err}");
+    assert!(!store.current().routing.sticky, "nothing changed");
 }

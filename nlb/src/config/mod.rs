@@ -13,7 +13,7 @@ mod validate;
 
 pub use model::*;
 pub use state::{StateFile, StateFileError};
-pub use store::{ConfigStore, SectionChange};
+pub use store::{ConfigStore, SectionChange, UpdateError};
 pub use validate::check_routes;
 pub use validate::{check, check_host_port, ConfigError};
 

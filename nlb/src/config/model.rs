@@ -55,6 +55,8 @@ pub struct GrpcConfig {
     pub keepalive_interval_seconds: u64,
     /// How long a keepalive ping may go unanswered before the connection closes.
     pub keepalive_timeout_seconds: u64,
+    /// A new connection must send the HTTP/2 preface within this time.
+    pub handshake_timeout_seconds: u64,
     /// Concurrent streams per client connection.
     pub max_concurrent_streams: u32,
 }
@@ -66,6 +68,7 @@ impl Default for GrpcConfig {
             max_message_bytes: 4 * 1024 * 1024,
             keepalive_interval_seconds: 30,
             keepalive_timeout_seconds: 10,
+            handshake_timeout_seconds: 10,
             max_concurrent_streams: 256,
         }
     }

@@ -22,6 +22,27 @@ struct Layers {
     updated_at_ms: u64,
 }
 
+/// Why a section change was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    /// The new section does not validate with the rest of the config.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<ConfigError>),
+    /// It validated, but the state file could not be written; nothing changed.
+    #[error("{0}; the change was not applied")]
+    Persist(#[from] super::StateFileError),
+}
+
+impl UpdateError {
+    /// The validation errors (empty for a persist failure).
+    pub fn invalid(&self) -> &[ConfigError] {
+        match self {
+            UpdateError::Invalid(e) => e,
+            UpdateError::Persist(_) => &[],
+        }
+    }
+}
+
 /// The result of a section change.
 #[derive(Debug, Clone)]
 pub struct SectionChange {
@@ -117,18 +138,18 @@ impl ConfigStore {
         section: &str,
         value: Value,
         validate_only: bool,
-    ) -> Result<SectionChange, Vec<ConfigError>> {
+    ) -> Result<SectionChange, UpdateError> {
         if !SECTIONS.contains(&section) {
-            return Err(vec![ConfigError::new(
+            return Err(UpdateError::Invalid(vec![ConfigError::new(
                 section,
                 format!("unknown section (known: {})", SECTIONS.join(", ")),
-            )]);
+            )]));
         }
         if section == "state_file" {
-            return Err(vec![ConfigError::new(
+            return Err(UpdateError::Invalid(vec![ConfigError::new(
                 section,
                 "is set by the config file or NLB_STATE_FILE, not through the API (the state file cannot move itself)",
-            )]);
+            )]));
         }
         let mut layers = self.layers.lock();
         let mut api = layers.api.clone();
@@ -137,14 +158,14 @@ impl ConfigStore {
         } else {
             api.insert(section.to_string(), value);
         }
-        let config = Arc::new(merge(&layers.file, &api, &*self.env)?);
+        let config = Arc::new(merge(&layers.file, &api, &*self.env).map_err(UpdateError::Invalid)?);
         let old = self.current();
         let changed = super::section_value(&old, section) != super::section_value(&config, section);
         let restart = requires_restart(section)
             && super::section_value(&self.boot, section) != super::section_value(&config, section);
         if !validate_only {
             let now = shared_types::time::unix_millis(SystemTime::now());
-            self.state.save(&api, now).map_err(one)?;
+            self.state.save(&api, now)?;
             layers.api = api;
             layers.updated_at_ms = now;
             self.current.store(Arc::clone(&config));

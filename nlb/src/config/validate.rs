@@ -121,6 +121,13 @@ fn semantic(c: &NlbConfig, errors: &mut Vec<ConfigError>) {
         errors,
     );
     range(
+        c.grpc.handshake_timeout_seconds,
+        1,
+        300,
+        "grpc.handshake_timeout_seconds",
+        errors,
+    );
+    range(
         c.grpc.max_concurrent_streams,
         1,
         100_000,

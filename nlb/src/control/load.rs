@@ -105,7 +105,6 @@ impl ControlService {
             }
         }
         tracing::info!(force = req.force, shed = out.shed.len(), "{message}");
-        self.nlb.refresh_gauges();
         Ok(pb::RebalanceLoadResponse {
             success: true,
             message,

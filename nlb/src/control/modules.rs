@@ -66,7 +66,6 @@ impl ControlService {
                     "{}",
                     r.message
                 );
-                self.nlb.refresh_gauges();
                 Ok(pb::RegisterModuleResponse {
                     success: true,
                     message: r.message,
@@ -119,7 +118,6 @@ impl ControlService {
             }
         }
         tracing::info!(instance = %req.instance_id, mode, "{}", out.message);
-        self.nlb.refresh_gauges();
         Ok(pb::UnregisterModuleResponse {
             success: true,
             message: out.message,

@@ -15,6 +15,7 @@ use super::module_client::request;
 use super::query::{self, Fields, Queryable, Value};
 use super::ControlService;
 use crate::config::RouteConfig;
+use crate::routing::route::duplicate_ids;
 use crate::routing::{normalize_name, ConnInfo, Detected, RouteError, RouteSpec, Snapshot, Target};
 
 /// Fields `GetRoutingTable` queries may name.
@@ -197,7 +198,11 @@ impl ControlService {
                     ))
                 })?;
             let mut specs = Vec::new();
-            let mut errors = Vec::new();
+
+            let mut errors: Vec<String> = duplicate_ids(&req.routes)
+                .iter()
+                .map(ToString::to_string)
+                .collect();
             for r in &req.routes {
                 match RouteSpec::announced(r, module_type) {
                     Ok(s) => specs.push(s),
@@ -212,7 +217,6 @@ impl ControlService {
                 specs,
                 req.replace_all,
             )?;
-            self.nlb.refresh_gauges();
             return respond(
                 Vec::new(),
                 format!(
@@ -228,14 +232,13 @@ impl ControlService {
         }
 
         // Operator routes: the `routes` config section, persisted.
-        let mut errors = Vec::new();
-        let mut seen = std::collections::HashSet::new();
+        let mut errors: Vec<String> = duplicate_ids(&req.routes)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         for r in &req.routes {
             if let Err(es) = RouteSpec::operator(r) {
                 errors.extend(es.iter().map(ToString::to_string));
-            }
-            if !seen.insert(r.route_id.as_str()) {
-                errors.push(format!("route {:?}: route_id: given twice", r.route_id));
             }
         }
         if !errors.is_empty() {
@@ -287,7 +290,16 @@ impl ControlService {
                     ),
                 )
             }
-            Err(errs) => {
+            Err(crate::config::UpdateError::Persist(e)) => {
+                self.nlb
+                    .metrics
+                    .config_updates
+                    .with_label_values(&["refused"])
+                    .inc();
+                tracing::error!(error = %e, "operator routes not saved");
+                Err(Status::unavailable(format!("routes: {e}")))
+            }
+            Err(crate::config::UpdateError::Invalid(errs)) => {
                 self.nlb
                     .metrics
                     .config_updates

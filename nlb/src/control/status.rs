@@ -216,7 +216,16 @@ impl ControlService {
                     error: None,
                 })
             }
-            Err(errors) => {
+            Err(crate::config::UpdateError::Persist(e)) => {
+                self.nlb
+                    .metrics
+                    .config_updates
+                    .with_label_values(&["refused"])
+                    .inc();
+                tracing::error!(error = %e, section, "config change not saved");
+                Err(Status::unavailable(format!("section {section}: {e}")))
+            }
+            Err(crate::config::UpdateError::Invalid(errors)) => {
                 self.nlb
                     .metrics
                     .config_updates

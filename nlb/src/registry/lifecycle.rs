@@ -55,6 +55,8 @@ pub struct Tick {
     pub drained: Vec<String>,
     /// Instances removed after staying silent past the removal grace.
     pub expired: Vec<String>,
+    /// The ModuleService addresses of the removed instances.
+    pub removed_addresses: Vec<String>,
 }
 
 fn valid_id(id: &str) -> bool {
@@ -135,6 +137,11 @@ fn validate(req: &pb::RegisterModuleRequest) -> Result<Checked, RegistryError> {
         HealthTimings::default()
     });
     let mut routes = Vec::new();
+    errors.extend(
+        crate::routing::route::duplicate_ids(&req.initial_routes)
+            .iter()
+            .map(|e| format!("initial_routes: {e}")),
+    );
     for route in &req.initial_routes {
         match RouteSpec::announced(route, module_type) {
             Ok(spec) => routes.push(spec),
@@ -295,20 +302,30 @@ impl Registry {
                 } else {
                     default_drain
                 };
-                let deadline_wall = SystemTime::now() + timeout;
                 let already = inst.draining.is_some();
-                inst.draining = Some(Drain {
-                    deadline: Instant::now() + timeout,
-                    deadline_wall,
-                    connections_at_start: active,
-                });
+                // A drain already under way keeps its (earlier) deadline: a
+                // repeated unregister cannot extend it.
+                let drain = match inst.draining {
+                    Some(d) if d.deadline <= Instant::now() + timeout => d,
+                    _ => Drain {
+                        deadline: Instant::now() + timeout,
+                        deadline_wall: SystemTime::now() + timeout,
+                        connections_at_start: active,
+                    },
+                };
+                inst.draining = Some(drain);
+                let deadline_wall = drain.deadline_wall;
+                let left = drain
+                    .deadline
+                    .saturating_duration_since(Instant::now())
+                    .as_secs_f64()
+                    .ceil() as u64;
                 let out = Unregistered {
                     active_connections: active,
                     graceful: true,
                     deadline: Some(deadline_wall),
                     message: format!(
-                        "instance {instance_id} is draining: no new traffic, {active} active connections finish within {}s, then it is removed",
-                        timeout.as_secs()
+                        "instance {instance_id} is draining: no new traffic, {active} active connections finish within {left}s, then it is removed"
                     ),
                 };
                 (Ok(out), !already)
@@ -451,7 +468,9 @@ impl Registry {
                 }
             }
             for id in tick.drained.iter().chain(&tick.expired) {
-                remove(inner, id);
+                if let Some(addr) = remove(inner, id) {
+                    tick.removed_addresses.push(addr);
+                }
             }
             let changed =
                 !tick.lapsed.is_empty() || !tick.drained.is_empty() || !tick.expired.is_empty();
@@ -505,6 +524,20 @@ impl Registry {
         });
     }
 
+    /// Forgets every active-check failure (active checks were turned off).
+    pub fn clear_check_failures(&self) {
+        self.with(|inner| {
+            let mut changed = false;
+            for inst in inner.instances.values_mut() {
+                changed |= !inst.check_ok;
+                inst.check_ok = true;
+                inst.check_failures = 0;
+                inst.check_successes = 0;
+            }
+            ((), changed)
+        });
+    }
+
     /// Replaces (or extends) the routes an instance announces.
     pub fn set_instance_routes(
         &self,
@@ -541,8 +574,9 @@ impl Registry {
     }
 }
 
-fn remove(inner: &mut Inner, id: &str) {
-    if let Some(inst) = inner.instances.remove(id) {
-        inner.by_registration.remove(&inst.registration_id);
-    }
+/// Removes an instance; returns its ModuleService address.
+fn remove(inner: &mut Inner, id: &str) -> Option<String> {
+    let inst = inner.instances.remove(id)?;
+    inner.by_registration.remove(&inst.registration_id);
+    Some(inst.info.address)
 }

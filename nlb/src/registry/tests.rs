@@ -421,3 +421,54 @@ fn force_rebalance_tells_overloaded_instances_to_shed() {
         .unwrap_err()
         .contains("least_connections, even"));
 }
+
+#[test]
+fn a_repeated_unregister_cannot_extend_a_drain() {
+    let r = registry();
+    let reg = r.register(&req("alb-1", "10.0.0.1:9000", None)).unwrap();
+    r.unregister("alb-1", &reg.registration_id, true, 5)
+        .unwrap();
+    let again = r
+        .unregister("alb-1", &reg.registration_id, true, 600)
+        .unwrap();
+    assert!(again.message.contains("within 5s"), "{}", again.message);
+    assert_eq!(
+        r.tick(Instant::now() + Duration::from_secs(6))
+            .drained
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn duplicate_announced_route_ids_are_refused() {
+    let r = registry();
+    let mut dup = req("alb-1", "10.0.0.1:9000", None);
+    dup.initial_routes.push(route("web", 81));
+    let err = r.register(&dup).unwrap_err();
+    assert!(
+        matches!(&err, RegistryError::InvalidArgument(m) if m.contains("route \"web\": route_id: given twice")),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn turning_active_checks_off_forgets_their_failures() {
+    let r = registry();
+    r.register(&req("alb-1", "10.0.0.1:9000", Some("10.0.0.1:8080")))
+        .unwrap();
+    r.record_check("alb-1", false, "refused".into());
+    r.record_check("alb-1", false, "refused".into());
+    assert!(!routable(&r, "alb-1"));
+    r.clear_check_failures();
+    assert!(routable(&r, "alb-1"));
+}
+
+#[test]
+fn removals_report_the_module_address() {
+    let r = registry();
+    r.register(&req("alb-1", "10.0.0.1:9000", None)).unwrap();
+    let tick = r.tick(Instant::now() + Duration::from_secs(60));
+    assert_eq!(tick.expired, vec!["alb-1".to_string()]);
+    assert_eq!(tick.removed_addresses, vec!["10.0.0.1:9000".to_string()]);
+}

@@ -237,6 +237,20 @@ pub struct MergeKey {
     priority: i32,
 }
 
+/// One error per route id given more than once in a set of routes.
+pub fn duplicate_ids(routes: &[pb::Route]) -> Vec<FieldError> {
+    let mut seen = std::collections::HashSet::new();
+    routes
+        .iter()
+        .filter(|r| !r.route_id.is_empty() && !seen.insert(r.route_id.as_str()))
+        .map(|r| FieldError {
+            route_id: r.route_id.clone(),
+            field: "route_id",
+            message: "given twice".into(),
+        })
+        .collect()
+}
+
 /// Which detected protocols a route protocol matches. `TCP` matches anything
 /// (it is the fallback, tried after every protocol-specific route).
 pub fn protocol_matches(route: Protocol, detected: Detected) -> bool {
