@@ -42,14 +42,15 @@ pub struct Running {
     loops: Vec<JoinHandle<()>>,
 }
 
-async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind {
-            what,
-            addr: addr.to_string(),
-            source,
-        })
+async fn bind(what: &'static str, addr: &str) -> Result<(TcpListener, SocketAddr), StartError> {
+    let err = |source| StartError::Bind {
+        what,
+        addr: addr.to_string(),
+        source,
+    };
+    let listener = TcpListener::bind(addr).await.map_err(err)?;
+    let local = listener.local_addr().map_err(err)?;
+    Ok((listener, local))
 }
 
 fn request_span(req: &http::Request<tonic::body::Body>) -> tracing::Span {
@@ -64,33 +65,21 @@ fn request_span(req: &http::Request<tonic::body::Body>) -> tracing::Span {
 /// Binds the ports and starts serving.
 pub async fn start(nlb: Arc<Nlb>) -> Result<Running, StartError> {
     let config = nlb.config.current();
-    let grpc_listener = bind("gRPC", &config.grpc.listen).await?;
-    let admin_listener = bind("admin", &config.admin.listen).await?;
-    let grpc_addr = grpc_listener
-        .local_addr()
-        .map_err(|source| StartError::Bind {
-            what: "gRPC",
-            addr: config.grpc.listen.clone(),
-            source,
-        })?;
-    let admin_addr = admin_listener
-        .local_addr()
-        .map_err(|source| StartError::Bind {
-            what: "admin",
-            addr: config.admin.listen.clone(),
-            source,
-        })?;
+    let (grpc_listener, grpc_addr) = bind("gRPC", &config.grpc.listen).await?;
+    let (admin_listener, admin_addr) = bind("admin", &config.admin.listen).await?;
     let (stop, stopped) = watch::channel(false);
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(shared_types::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Both reflection versions: grpcurl speaks v1, many clients v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(shared_types::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
         .map_err(|e| StartError::Reflection(e.to_string()))?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(shared_types::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let reflection_v1alpha = reflection()
         .build_v1alpha()
         .map_err(|e| StartError::Reflection(e.to_string()))?;
     let max = config.grpc.max_message_bytes;

@@ -77,6 +77,36 @@ impl ModuleClients {
     }
 }
 
+/// Most module calls one fan-out keeps in flight.
+pub const FAN_OUT: usize = 32;
+
+impl ModuleClients {
+    /// Calls every `(instance id, address)` concurrently (at most [`FAN_OUT`]
+    /// at once), each under `deadline`; `f` makes the call from the instance
+    /// id and a client. Answers come in completion order.
+    pub async fn fan_out<T, F, Fut>(
+        &self,
+        targets: Vec<(String, String)>,
+        deadline: Duration,
+        f: F,
+    ) -> Vec<(String, Result<T, Status>)>
+    where
+        F: Fn(String, ModuleServiceClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        use futures::stream::{self, StreamExt};
+        let f = &f;
+        stream::iter(targets)
+            .map(|(id, addr)| async move {
+                let r = self.call(&id, &addr, deadline, |c| f(id.clone(), c)).await;
+                (id, r)
+            })
+            .buffer_unordered(FAN_OUT)
+            .collect()
+            .await
+    }
+}
+
 /// A request with the grpc-timeout header set.
 pub fn request<T>(msg: T, deadline: Duration) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);

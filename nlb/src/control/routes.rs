@@ -6,7 +6,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use futures::stream::{self, StreamExt};
 use shared_types::pb::{self, ModuleType, Protocol};
 use shared_types::time::{from_unix_millis, unix_millis};
 use tonic::Status;
@@ -497,28 +496,21 @@ impl ControlService {
                 .collect();
             details.insert("candidates".into(), candidates.len().to_string());
             let deadline = Duration::from_millis(config.routing.validate_timeout_ms);
-            let answers: Vec<(String, Result<pb::CanHandleResponse, Status>)> =
-                stream::iter(candidates)
-                    .map(|(id, addr, _)| {
-                        let route = route.clone();
-                        async move {
-                            let msg = pb::CanHandleRequest {
-                                route: Some(route),
-                                context: HashMap::new(),
-                            };
-                            let r = self
-                                .nlb
-                                .modules
-                                .call(&id, &addr, deadline, |mut c| async move {
-                                    c.can_handle(request(msg, deadline)).await
-                                })
-                                .await;
-                            (id, r)
-                        }
-                    })
-                    .buffer_unordered(32)
-                    .collect()
-                    .await;
+            let targets = candidates
+                .into_iter()
+                .map(|(id, addr, _)| (id, addr))
+                .collect();
+            let answers = self
+                .nlb
+                .modules
+                .fan_out(targets, deadline, |_, mut c| {
+                    let msg = pb::CanHandleRequest {
+                        route: Some(route.clone()),
+                        context: HashMap::new(),
+                    };
+                    async move { c.can_handle(request(msg, deadline)).await }
+                })
+                .await;
             for (id, answer) in answers {
                 match answer {
                     Ok(a) if a.can_handle => {

@@ -3,7 +3,6 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use futures::stream::{self, StreamExt};
 use sha2::{Digest, Sha256};
 use shared_types::pb::{self, HealthStatus, ModuleType};
 use shared_types::time::{from_system, from_unix_millis, now};
@@ -32,26 +31,23 @@ impl ControlService {
         if req.deep_check || req.check_modules {
             let deadline =
                 Duration::from_millis(self.nlb.config.current().routing.module_call_timeout_ms);
-            let targets = self.nlb.module_addresses(ModuleType::Unspecified);
-            let results: Vec<(String, Result<pb::HealthCheckResponse, Status>)> =
-                stream::iter(targets)
-                    .map(|(id, addr, _)| async move {
-                        let msg = pb::HealthCheckRequest {
-                            instance_id: id.clone(),
-                            deep_check: req.deep_check,
-                        };
-                        let r = self
-                            .nlb
-                            .modules
-                            .call(&id, &addr, deadline, |mut c| async move {
-                                c.health_check(request(msg, deadline)).await
-                            })
-                            .await;
-                        (id, r)
-                    })
-                    .buffer_unordered(32)
-                    .collect()
-                    .await;
+            let targets = self
+                .nlb
+                .module_addresses(ModuleType::Unspecified)
+                .into_iter()
+                .map(|(id, addr, _)| (id, addr))
+                .collect();
+            let results = self
+                .nlb
+                .modules
+                .fan_out(targets, deadline, |id, mut c| {
+                    let msg = pb::HealthCheckRequest {
+                        instance_id: id,
+                        deep_check: req.deep_check,
+                    };
+                    async move { c.health_check(request(msg, deadline)).await }
+                })
+                .await;
             let mut failing = 0;
             for (id, r) in results {
                 let (s, text) = match r {

@@ -35,6 +35,17 @@ pub struct Recorded {
 pub const MAX_NAME_LEN: usize = 200;
 pub const MAX_LABELS: usize = 16;
 
+/// The keys of `o` whose name is in `names` (empty = all), sorted.
+fn matching_keys<'o>(o: &'o Owner, names: &[String]) -> Vec<&'o SeriesKey> {
+    let mut keys: Vec<&SeriesKey> = o
+        .series
+        .keys()
+        .filter(|k| names.is_empty() || names.contains(&k.name))
+        .collect();
+    keys.sort();
+    keys
+}
+
 /// The store. Cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct SeriesStore {
@@ -127,12 +138,7 @@ impl SeriesStore {
         let Some(o) = owners.get(owner) else {
             return Vec::new();
         };
-        let mut keys: Vec<&SeriesKey> = o
-            .series
-            .keys()
-            .filter(|k| names.is_empty() || names.contains(&k.name))
-            .collect();
-        keys.sort();
+        let keys = matching_keys(o, names);
         let mut out = Vec::new();
         for key in keys {
             for (ts, v) in &o.series[key] {
@@ -150,12 +156,7 @@ impl SeriesStore {
         let Some(o) = owners.get(owner) else {
             return Vec::new();
         };
-        let mut keys: Vec<&SeriesKey> = o
-            .series
-            .keys()
-            .filter(|k| names.is_empty() || names.contains(&k.name))
-            .collect();
-        keys.sort();
+        let keys = matching_keys(o, names);
         keys.into_iter()
             .filter_map(|k| o.series[k].back().map(|(ts, v)| point(k, *ts, *v)))
             .collect()

@@ -4,8 +4,6 @@
 //! a real `ModuleService` gRPC server whose `CanHandle`, `HealthCheck` and
 //! `Scale` answers each test sets, and which counts the calls it gets.
 
-#![allow(dead_code)]
-
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -440,6 +438,60 @@ pub fn closed_addr() -> String {
     let addr = l.local_addr().expect("addr");
     drop(l);
     addr.to_string()
+}
+
+// ---------------------------------------------------------------------------
+// Fixtures and calls shared by several test files
+// ---------------------------------------------------------------------------
+
+/// Four static backend pools (pool-d has two addresses), as YAML for
+/// `TestNlb::start_with`.
+pub const POOLS: &str = "backends:\n  pool-a: [\"127.0.0.1:9101\"]\n  pool-b: [\"127.0.0.1:9102\"]\n  pool-c: [\"127.0.0.1:9103\"]\n  pool-d: [\"127.0.0.1:9104\", \"127.0.0.1:9105\"]\n";
+
+/// The instance ids of `modules`, in order.
+pub fn ids(modules: &[pb::ModuleInstance]) -> Vec<&str> {
+    modules.iter().map(|m| m.instance_id.as_str()).collect()
+}
+
+/// `UpdateRouting` with operator routes (no source instance).
+pub async fn update_routing(
+    t: &TestNlb,
+    routes: Vec<pb::Route>,
+    replace_all: bool,
+    validate_only: bool,
+) -> Result<pb::UpdateRoutingResponse, tonic::Status> {
+    t.client
+        .clone()
+        .update_routing(pb::UpdateRoutingRequest {
+            routes,
+            replace_all,
+            source_instance_id: String::new(),
+            validate_only,
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// `ReportMetrics` for instance `id` (as an ALB) with `points`.
+pub async fn report(
+    t: &TestNlb,
+    id: &str,
+    points: Vec<pb::MetricDataPoint>,
+) -> Result<pb::ReportMetricsResponse, tonic::Status> {
+    t.client
+        .clone()
+        .report_metrics(pb::ReportMetricsRequest {
+            instance_id: id.into(),
+            metrics: Some(pb::ModuleMetrics {
+                instance_id: id.into(),
+                module_type: ModuleType::Alb as i32,
+                metrics: points,
+                collected_at: None,
+            }),
+            reported_at: Some(shared_types::time::now()),
+        })
+        .await
+        .map(tonic::Response::into_inner)
 }
 
 // ---------------------------------------------------------------------------

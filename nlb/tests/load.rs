@@ -1,0 +1,426 @@
+//! Control API tests of load: `GetLoadDistribution` (connections, balance
+//! score, history), `RebalanceLoad` (previous and new distributions,
+//! strategies, targets) and `TriggerScaling` (asking a module to scale, and
+//! modules that cannot).
+
+#[allow(dead_code)]
+mod common;
+
+use std::collections::HashMap;
+
+use common::*;
+use shared_types::pb::{self, HealthStatus, ModuleType, Protocol};
+use tonic::Code;
+
+// ===========================================================================
+// GetLoadDistribution / RebalanceLoad
+// ===========================================================================
+
+/// alb-1 and alb-2, max 100 connections each, both serving route "web".
+/// Returns their registration ids.
+async fn two_albs(t: &TestNlb) -> HashMap<String, String> {
+    let mut regs = HashMap::new();
+    for id in ["alb-1", "alb-2"] {
+        let mut inst = instance(id, ModuleType::Alb, "127.0.0.1:1", Some(&data_addr_for(id)));
+        inst.max_connections = 100;
+        let reg = t
+            .register(register_req(inst, vec![route("web", Protocol::Http, 80)]))
+            .await;
+        regs.insert(id.to_string(), reg.registration_id);
+    }
+    regs
+}
+
+async fn distribution(t: &TestNlb, filter: ModuleType) -> pb::GetLoadDistributionResponse {
+    t.client
+        .clone()
+        .get_load_distribution(pb::GetLoadDistributionRequest {
+            module_type_filter: filter as i32,
+            include_historical: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test]
+async fn load_distribution_reports_connections_and_balance() {
+    let t = TestNlb::start().await;
+    two_albs(&t).await;
+    t.register_simple(
+        "dblb-1",
+        ModuleType::Dblb,
+        "v1",
+        vec![route("pg", Protocol::Postgres, 5432)],
+    )
+    .await;
+    let mut g1 = t.hold("alb-1", 3);
+    let mut g2 = t.hold("alb-2", 3);
+
+    let d = distribution(&t, ModuleType::Alb).await;
+    let mut keys: Vec<&String> = d.distribution.keys().collect();
+    keys.sort();
+    assert_eq!(keys, vec!["alb-1", "alb-2"]);
+    for id in ["alb-1", "alb-2"] {
+        let l = &d.distribution[id];
+        assert_eq!(l.instance_id, id);
+        assert_eq!(l.active_connections, 3);
+        assert!((l.load_score - 0.03).abs() < 1e-9, "{l:?}");
+    }
+    assert!((d.balance_score - 1.0).abs() < 1e-9, "{}", d.balance_score);
+    assert!(d.measured_at.is_some());
+
+    // Skewed: 6 against 2 -> scores .06 and .02 -> 1 - cv = 0.5.
+    g1.extend(t.hold("alb-1", 3));
+    g2.pop();
+    let d = distribution(&t, ModuleType::Alb).await;
+    assert_eq!(d.distribution["alb-1"].active_connections, 6);
+    assert_eq!(d.distribution["alb-2"].active_connections, 2);
+    assert!((d.balance_score - 0.5).abs() < 1e-9, "{}", d.balance_score);
+
+    // All types.
+    let d = distribution(&t, ModuleType::Unspecified).await;
+    assert_eq!(d.distribution.len(), 3);
+    assert_eq!(d.distribution["dblb-1"].active_connections, 0);
+    assert!(
+        d.balance_score < 0.5,
+        "an idle dblb widens the spread: {}",
+        d.balance_score
+    );
+    drop(g1);
+    drop(g2);
+    let d = distribution(&t, ModuleType::Unspecified).await;
+    assert!((d.balance_score - 1.0).abs() < 1e-9, "idle is balanced");
+}
+
+#[tokio::test]
+async fn load_distribution_with_history_averages_heartbeat_samples() {
+    let t = TestNlb::start().await;
+    let regs = two_albs(&t).await;
+    for cpu in [10.0, 30.0] {
+        t.client
+            .clone()
+            .heartbeat(pb::HeartbeatRequest {
+                instance_id: "alb-1".into(),
+                registration_id: regs["alb-1"].clone(),
+                status: HealthStatus::Healthy as i32,
+                current_stats: Some(pb::ModuleStats {
+                    cpu_usage_percent: cpu,
+                    memory_usage_mb: cpu * 10.0,
+                    ..Default::default()
+                }),
+                timestamp: None,
+            })
+            .await
+            .unwrap();
+    }
+    let now = distribution(&t, ModuleType::Alb).await;
+    assert_eq!(now.distribution["alb-1"].cpu_usage_percent, 30.0);
+    assert_eq!(now.distribution["alb-1"].memory_usage_mb, 300.0);
+    let hist = t
+        .client
+        .clone()
+        .get_load_distribution(pb::GetLoadDistributionRequest {
+            module_type_filter: ModuleType::Alb as i32,
+            include_historical: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(hist.distribution["alb-1"].cpu_usage_percent, 20.0);
+    assert_eq!(hist.distribution["alb-1"].memory_usage_mb, 200.0);
+    assert_eq!(hist.distribution["alb-2"].cpu_usage_percent, 0.0);
+}
+
+#[tokio::test]
+async fn rebalance_returns_previous_and_new_distributions() {
+    let t = TestNlb::start().await;
+    two_albs(&t).await;
+    let _g = t.hold("alb-1", 10);
+    let resp = t
+        .client
+        .clone()
+        .rebalance_load(pb::RebalanceLoadRequest {
+            force: false,
+            target_instances: vec![],
+            strategy: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(resp.success);
+    assert_eq!(
+        resp.previous_distribution,
+        HashMap::from([("alb-1".to_string(), 10), ("alb-2".to_string(), 0)])
+    );
+    assert_eq!(
+        resp.new_distribution,
+        HashMap::from([("alb-1".to_string(), 5), ("alb-2".to_string(), 5)])
+    );
+    assert!(
+        resp.message.contains("least_connections") && resp.message.contains("2 instances"),
+        "{}",
+        resp.message
+    );
+    assert!(
+        !resp.message.contains("told to shed") && !resp.message.contains("overloaded"),
+        "not forced, so no shedding is decided: {}",
+        resp.message
+    );
+
+    // Targets limit it.
+    let resp = t
+        .client
+        .clone()
+        .rebalance_load(pb::RebalanceLoadRequest {
+            force: true,
+            target_instances: vec!["alb-2".into()],
+            strategy: "even".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        resp.previous_distribution.keys().collect::<Vec<_>>(),
+        vec!["alb-2"]
+    );
+    assert!(
+        resp.message.contains("no instance is overloaded"),
+        "{}",
+        resp.message
+    );
+
+    let r = t
+        .client
+        .clone()
+        .rebalance_load(pb::RebalanceLoadRequest {
+            strategy: "random".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_status(r, Code::InvalidArgument, &["strategy", "\"random\""]);
+    let r = t
+        .client
+        .clone()
+        .rebalance_load(pb::RebalanceLoadRequest {
+            target_instances: vec!["alb-1".into(), "ghost".into()],
+            ..Default::default()
+        })
+        .await;
+    assert_status(
+        r,
+        Code::InvalidArgument,
+        &["target_instances", "not registered: ghost"],
+    );
+}
+
+#[tokio::test]
+async fn rebalance_least_connections_uses_reported_cpu() {
+    let t = TestNlb::start().await;
+    let regs = two_albs(&t).await;
+    let rid = regs["alb-1"].clone();
+    // alb-1 reports 50% CPU: its capacity halves.
+    t.client
+        .clone()
+        .heartbeat(pb::HeartbeatRequest {
+            instance_id: "alb-1".into(),
+            registration_id: rid,
+            status: HealthStatus::Healthy as i32,
+            current_stats: Some(pb::ModuleStats {
+                cpu_usage_percent: 50.0,
+                ..Default::default()
+            }),
+            timestamp: None,
+        })
+        .await
+        .unwrap();
+    let _g = t.hold("alb-2", 9);
+    let resp = t
+        .client
+        .clone()
+        .rebalance_load(pb::RebalanceLoadRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    // Capacities 50 and 100: 9 connections split 3 / 6.
+    assert_eq!(
+        resp.new_distribution,
+        HashMap::from([("alb-1".to_string(), 3), ("alb-2".to_string(), 6)])
+    );
+    assert_eq!(
+        t.module_info("alb-1").await.unwrap().details["capacity_factor"],
+        "0.500"
+    );
+}
+
+// ===========================================================================
+// TriggerScaling
+// ===========================================================================
+
+#[tokio::test]
+async fn trigger_scaling_asks_a_module_to_scale_to_the_right_target() {
+    let t = TestNlb::start().await;
+    let fake = FakeModule::start().await;
+    t.register(register_req(
+        instance(
+            "alb-1",
+            ModuleType::Alb,
+            &fake.address(),
+            Some("127.0.0.1:8081"),
+        ),
+        vec![],
+    ))
+    .await;
+    let reg2 = t
+        .register_simple("alb-2", ModuleType::Alb, "v1", vec![])
+        .await;
+    let resp = t
+        .client
+        .clone()
+        .trigger_scaling(pb::TriggerScalingRequest {
+            instance_id: String::new(),
+            module_type: ModuleType::Alb as i32,
+            scaling_action: "scale_up".into(),
+            target_instances: 0,
+            config: Some(pb::ScalingConfig {
+                max_instances: 10,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(resp.success, "{resp:?}");
+    assert_eq!(resp.current_instances, 2);
+    assert_eq!(resp.target_instances, 3);
+    assert_eq!(resp.scaling_action, "scale_up");
+    assert!(
+        resp.message.contains("from 2 to 3") && resp.message.contains("carried out by alb-1"),
+        "{}",
+        resp.message
+    );
+    assert_eq!(fake.scale_calls(), 1);
+    let asked = fake.last_scale().unwrap();
+    assert_eq!(asked.instance_id, "alb-1");
+    assert!(asked.immediate);
+    let cfg = asked.config.unwrap();
+    assert_eq!(cfg.min_instances, 3);
+    assert_eq!(cfg.max_instances, 10);
+
+    // The other instances hear of it in their heartbeats.
+    let hb = t.heartbeat("alb-2", &reg2).await;
+    assert!(hb.should_scale);
+    assert_eq!(hb.instructions["desired_instances"], "3");
+
+    // scale_to and scale_down.
+    let resp = t
+        .client
+        .clone()
+        .trigger_scaling(pb::TriggerScalingRequest {
+            instance_id: "alb-1".into(),
+            scaling_action: "scale_to".into(),
+            target_instances: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.target_instances, 5);
+    assert_eq!(fake.last_scale().unwrap().config.unwrap().min_instances, 5);
+    let resp = t
+        .client
+        .clone()
+        .trigger_scaling(pb::TriggerScalingRequest {
+            module_type: ModuleType::Alb as i32,
+            scaling_action: "scale_down".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.target_instances, 1);
+    assert_eq!(fake.scale_calls(), 3);
+
+    // A module that refuses.
+    fake.set_scale(ScaleAnswer::Refuse("at quota".into()));
+    let r = t
+        .client
+        .clone()
+        .trigger_scaling(pb::TriggerScalingRequest {
+            module_type: ModuleType::Alb as i32,
+            scaling_action: "scale_up".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_status(r, Code::FailedPrecondition, &["alb-1", "at quota"]);
+}
+
+#[tokio::test]
+async fn trigger_scaling_reports_modules_that_cannot_scale_and_bad_requests() {
+    let t = TestNlb::start().await;
+    let stub = FakeModule::start_stub().await;
+    t.register(register_req(
+        instance("alb-stub", ModuleType::Alb, &stub.address(), None),
+        vec![],
+    ))
+    .await;
+    let mut c = t.client.clone();
+    let r = c
+        .trigger_scaling(pb::TriggerScalingRequest {
+            instance_id: "alb-stub".into(),
+            scaling_action: "scale_up".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_status(r, Code::FailedPrecondition, &["alb-stub", "cannot scale"]);
+
+    let r = c
+        .trigger_scaling(pb::TriggerScalingRequest {
+            instance_id: "alb-stub".into(),
+            scaling_action: "explode".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_status(r, Code::InvalidArgument, &["scaling_action", "\"explode\""]);
+    let r = c
+        .trigger_scaling(pb::TriggerScalingRequest {
+            instance_id: "alb-stub".into(),
+            scaling_action: "scale_to".into(),
+            target_instances: -2,
+            ..Default::default()
+        })
+        .await;
+    assert_status(r, Code::InvalidArgument, &["target_instances", "-2"]);
+    let r = c
+        .trigger_scaling(pb::TriggerScalingRequest {
+            scaling_action: "scale_up".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_status(r, Code::InvalidArgument, &["module_type", "instance_id"]);
+    let r = c
+        .trigger_scaling(pb::TriggerScalingRequest {
+            instance_id: "ghost".into(),
+            scaling_action: "scale_up".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_status(r, Code::NotFound, &["ghost"]);
+    let r = c
+        .trigger_scaling(pb::TriggerScalingRequest {
+            instance_id: "alb-stub".into(),
+            module_type: ModuleType::Dblb as i32,
+            scaling_action: "scale_up".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_status(r, Code::InvalidArgument, &["alb-stub", "dblb"]);
+    let r = c
+        .trigger_scaling(pb::TriggerScalingRequest {
+            module_type: ModuleType::Rtmp as i32,
+            scaling_action: "scale_up".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_status(r, Code::FailedPrecondition, &["no live rtmp instance"]);
+}
