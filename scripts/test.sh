@@ -19,9 +19,10 @@ cargo fmt --all -- --check
 say "build (dev profile, every target)"
 cargo build --workspace --all-targets
 
-say "tests"
-# The e2e crate starts the real binaries built above.
-cargo nextest run --workspace --no-fail-fast
-
 say "doc tests"
 cargo test --workspace --doc --quiet
+
+say "tests"
+# The e2e crate starts the real binaries built above. Its summary line is
+# the last thing printed.
+cargo nextest run --workspace --no-fail-fast
