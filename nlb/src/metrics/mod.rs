@@ -141,10 +141,33 @@ impl NlbMetrics {
             ),
             metric_series: gauge(
                 "nlb_metric_series",
-                "Time series held for ReportMetrics data",
+                "Time series held: module reports, heartbeat samples and the NLB's own",
             ),
             prometheus: reg,
         }
+        .with_known_labels()
+    }
+
+    /// Creates every known label value at zero, so dashboards and alerts see
+    /// a series before its first event.
+    fn with_known_labels(self) -> Self {
+        let known: [(&IntCounterVec, &[&str]); 9] = [
+            (&self.registrations, &["registered", "renewed", "refused"]),
+            (&self.unregistrations, &["graceful", "immediate"]),
+            (&self.heartbeats, &["ok", "reregister"]),
+            (&self.removals, &["unregistered", "expired"]),
+            (&self.health_checks, &["pass", "fail"]),
+            (&self.route_requests, &["routed", "no_route", "no_server"]),
+            (&self.config_updates, &["applied", "validated", "refused"]),
+            (&self.config_reloads, &["ok", "failed"]),
+            (&self.metric_reports, &["accepted", "refused"]),
+        ];
+        for (vec, values) in known {
+            for v in values {
+                vec.with_label_values(&[v]);
+            }
+        }
+        self
     }
 
     /// The Prometheus text exposition of every metric.
@@ -156,6 +179,25 @@ impl NlbMetrics {
             return String::new();
         }
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_counter_shows_its_known_labels_at_zero() {
+        let text = NlbMetrics::new().render();
+        for line in [
+            "nlb_registrations_total{result=\"registered\"} 0",
+            "nlb_heartbeats_total{result=\"reregister\"} 0",
+            "nlb_config_reloads_total{result=\"failed\"} 0",
+            "nlb_route_requests_total{result=\"no_server\"} 0",
+            "nlb_instances_removed_total{reason=\"expired\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
     }
 }
 
