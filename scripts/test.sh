@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every Switchyard test: installs what the tests need (once), checks
 # formatting, builds the workspace once (dev profile), then runs every suite.
-# Benchmarks are not run here: see scripts/bench.sh.
+# Benchmarks are not run here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -66,6 +66,8 @@ pub fn status_json(nlb: &Nlb) -> serde_json::Value {
         "ready": nlb.ready.load(Ordering::Relaxed),
         "uptime_seconds": nlb.started_at.elapsed().unwrap_or_default().as_secs(),
         "grpc_listen": config.grpc.listen,
+        "grpc_address": nlb.bound.get().map(|b| b.0.to_string()),
+        "admin_address": nlb.bound.get().map(|b| b.1.to_string()),
         "admin_listen": config.admin.listen,
         "state_file": config.state_file.display().to_string(),
         "routing_generation": snapshot.generation,

@@ -29,6 +29,10 @@ pub struct Nlb {
     /// Turns true when shutdown begins, so long-lived calls (metrics streams)
     /// end instead of holding the shutdown until its deadline.
     pub shutdown_signal: tokio::sync::watch::Sender<bool>,
+    /// Serializes applying config to the live parts (see [`Nlb::apply_config`]).
+    apply_lock: parking_lot::Mutex<()>,
+    /// The addresses actually bound (set once serving).
+    pub bound: std::sync::OnceLock<(std::net::SocketAddr, std::net::SocketAddr)>,
 }
 
 impl Nlb {
@@ -51,6 +55,8 @@ impl Nlb {
             ready: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             shutdown_signal: tokio::sync::watch::Sender::new(false),
+            apply_lock: parking_lot::Mutex::new(()),
+            bound: std::sync::OnceLock::new(),
         });
         nlb.refresh_gauges();
         nlb
@@ -63,8 +69,13 @@ impl Nlb {
         self.shutdown_signal.send_replace(true);
     }
 
-    /// Applies a config now in force to the live parts.
-    pub fn apply_config(&self, c: &NlbConfig) {
+    /// Applies the config in force to the live parts. Calls are serialized
+    /// and each reads the latest config, so concurrent changes can never
+    /// leave the live parts on an older one.
+    pub fn apply_config(&self) {
+        let _serial = self.apply_lock.lock();
+        let c = self.config.current();
+        let c: &NlbConfig = &c;
         self.registry.set_settings(Settings::from_config(c));
         if !c.health.active_checks {
             // Without active checks, liveness is the heartbeat lease alone.
@@ -84,7 +95,7 @@ impl Nlb {
     pub fn reload(&self) -> Result<bool, String> {
         match self.config.reload() {
             Ok(change) => {
-                self.apply_config(&change.config);
+                self.apply_config();
                 self.metrics.config_reloads.with_label_values(&["ok"]).inc();
                 if change.requires_restart {
                     tracing::warn!("config reloaded; grpc, admin or state_file changed and take effect after a restart");
@@ -170,7 +181,11 @@ impl Nlb {
         ));
         let status = if self.shutting_down.load(Ordering::Relaxed) {
             HealthStatus::Stopping
-        } else if !writable || healthy < views.len() {
+        } else if !writable
+            || views
+                .iter()
+                .any(|v| v.instance.health_status == HealthStatus::Unhealthy as i32)
+        {
             HealthStatus::Degraded
         } else {
             HealthStatus::Healthy

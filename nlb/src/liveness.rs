@@ -115,7 +115,12 @@ pub fn spawn_loops(nlb: Arc<Nlb>, stop: watch::Receiver<bool>) -> Vec<JoinHandle
                         continue;
                     }
                     for (id, addr, timeout) in n.registry.due_checks(Instant::now()) {
-                        let Ok(permit) = Arc::clone(&limit).acquire_owned().await else { return };
+                        // All permits busy (slow modules): this instance is
+                        // checked at its next interval instead of stalling the rest.
+                        let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
+                            tracing::debug!(instance = %id, "health check skipped: {MAX_CONCURRENT_CHECKS} checks already in flight");
+                            continue;
+                        };
                         let n = Arc::clone(&n);
                         tokio::spawn(async move {
                             check(n, id, addr, timeout).await;
@@ -135,6 +140,9 @@ pub fn spawn_loops(nlb: Arc<Nlb>, stop: watch::Receiver<bool>) -> Vec<JoinHandle
             _ = async {
                 loop {
                     n.sample_own_metrics();
+                    // Series of instances that left (a report can race a removal).
+                    let registry = &n.registry;
+                    n.series.retain_owners(|o| registry.module_type_of(o).is_some());
                     n.refresh_gauges();
                     let secs = n.config.current().metrics.sample_interval_seconds.max(1);
                     tokio::time::sleep(Duration::from_secs(secs)).await;

@@ -67,6 +67,7 @@ pub async fn start(nlb: Arc<Nlb>) -> Result<Running, StartError> {
     let config = nlb.config.current();
     let (grpc_listener, grpc_addr) = bind("gRPC", &config.grpc.listen).await?;
     let (admin_listener, admin_addr) = bind("admin", &config.admin.listen).await?;
+    let _ = nlb.bound.set((grpc_addr, admin_addr));
     let (stop, stopped) = watch::channel(false);
 
     let (health, health_service) = tonic_health::server::health_reporter();

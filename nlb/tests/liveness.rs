@@ -379,7 +379,9 @@ async fn a_lapsed_instance_may_be_taken_over_from_another_address() {
 
 #[tokio::test]
 async fn silent_instances_are_removed_after_the_grace_and_the_registry_has_a_cap() {
-    let t = TestNlb::start_with("registry: {removal_grace_seconds: 1, max_instances: 2}").await;
+    // Lease 1 s + grace 3 s: room for the calls below before alb-1 goes,
+    // even on a loaded machine.
+    let t = TestNlb::start_with("registry: {removal_grace_seconds: 3, max_instances: 2}").await;
     let mut req = register_req(
         instance(
             "alb-1",

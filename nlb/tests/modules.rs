@@ -403,7 +403,7 @@ async fn graceful_unregister_drains_then_removes_at_the_deadline() {
             instance_id: "alb-1".into(),
             registration_id: reg1.clone(),
             graceful: true,
-            drain_timeout_seconds: 1,
+            drain_timeout_seconds: 4,
         })
         .await
         .unwrap()
@@ -411,7 +411,7 @@ async fn graceful_unregister_drains_then_removes_at_the_deadline() {
     assert!(resp.success);
     assert_eq!(resp.active_connections_drained, 3);
     assert!(
-        resp.message.contains("alb-1 is draining") && resp.message.contains("within 1s"),
+        resp.message.contains("alb-1 is draining") && resp.message.contains("within 4s"),
         "{}",
         resp.message
     );

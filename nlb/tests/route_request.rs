@@ -358,13 +358,14 @@ async fn route_request_follows_version_weights() {
 
 #[tokio::test]
 async fn validate_route_asks_candidates_and_reports_capable_ones() {
-    let t = TestNlb::start_with("routing: {validate_timeout_ms: 200}").await;
+    // 2 s: ample for the fast fakes' first connect on a loaded machine.
+    let t = TestNlb::start_with("routing: {validate_timeout_ms: 2000}").await;
     let yes = FakeModule::start().await;
     yes.set_can_handle(true, "serves http", Duration::ZERO);
     let no = FakeModule::start().await;
     no.set_can_handle(false, "no tls certs", Duration::ZERO);
     let slow = FakeModule::start().await;
-    // Slower than the bound below: only the 200 ms deadline can end the call in time.
+    // Slower than the bound below: only the 2 s deadline can end the call in time.
     slow.set_can_handle(true, "too late", Duration::from_secs(60));
     let db = FakeModule::start().await;
     for (id, ty, fake) in [
@@ -411,7 +412,7 @@ async fn validate_route_asks_candidates_and_reports_capable_ones() {
         "cannot handle: no tls certs"
     );
     assert!(
-        resp.details["instance.ailb-slow"].contains("did not answer within 200 ms"),
+        resp.details["instance.ailb-slow"].contains("did not answer within 2000 ms"),
         "{:?}",
         resp.details
     );

@@ -375,6 +375,17 @@ async fn stream_nlb_metrics_delivers_periodic_messages_with_module_points() {
         got.push(msg);
     }
     assert!(started.elapsed() < Duration::from_secs(20));
+    // The interval holds: messages are spaced, not pushed back to back (a
+    // lower bound; a loaded machine only spaces them more).
+    let at = |m: &pb::StreamNlbMetricsResponse| {
+        let t = m.timestamp.as_ref().unwrap();
+        t.seconds as f64 + f64::from(t.nanos) / 1e9
+    };
+    assert!(
+        at(&got[1]) - at(&got[0]) >= 0.5,
+        "{} s apart",
+        at(&got[1]) - at(&got[0])
+    );
     for msg in &got {
         assert!(msg.timestamp.is_some());
         assert!(!msg.metrics.is_empty());

@@ -144,7 +144,19 @@ impl StateFile {
         else {
             return false;
         };
-        std::fs::metadata(existing).is_ok_and(|m| m.is_dir() && !m.permissions().readonly())
+        if !existing.is_dir() {
+            return false;
+        }
+        // Permission bits do not tell (owner, root, read-only mounts): try.
+        let probe = existing.join(format!(".nlb-write-probe-{}", std::process::id()));
+        let ok = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&probe)
+            .is_ok();
+        let _ = std::fs::remove_file(&probe);
+        ok
     }
 }
 

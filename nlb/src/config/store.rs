@@ -139,6 +139,18 @@ impl ConfigStore {
         value: Value,
         validate_only: bool,
     ) -> Result<SectionChange, UpdateError> {
+        self.modify_section(section, validate_only, |_| Ok(value))
+    }
+
+    /// Like [`ConfigStore::update_section`], with the new value computed from
+    /// the config in force while no other change can interleave (a
+    /// read-modify-write, such as upserting one route).
+    pub fn modify_section(
+        &self,
+        section: &str,
+        validate_only: bool,
+        f: impl FnOnce(&NlbConfig) -> Result<Value, UpdateError>,
+    ) -> Result<SectionChange, UpdateError> {
         if !SECTIONS.contains(&section) {
             return Err(UpdateError::Invalid(vec![ConfigError::new(
                 section,
@@ -152,6 +164,7 @@ impl ConfigStore {
             )]));
         }
         let mut layers = self.layers.lock();
+        let value = f(&self.current())?;
         let mut api = layers.api.clone();
         if value.is_null() {
             api.remove(section);

@@ -261,13 +261,26 @@ pub fn check_routes(
             errors.push(ConfigError::new(format!("{key}.protocol"), e.to_string()));
             continue;
         }
+        if i32::try_from(r.destination_port).is_err() {
+            errors.push(ConfigError::new(
+                format!("{key}.destination_port"),
+                format!(
+                    "route {:?}: {} is not a port (1 to 65535, or 0 for any)",
+                    r.route_id, r.destination_port
+                ),
+            ));
+            continue;
+        }
         match RouteSpec::operator(&r.to_proto()) {
             Ok(spec) => {
                 if let crate::routing::Target::Backend(b) = &spec.target {
                     if !backends.contains_key(b) {
                         errors.push(ConfigError::new(
                             format!("{key}.metadata.backend"),
-                            format!("no backend pool named {b:?} in `backends`"),
+                            format!(
+                                "route {:?}: no backend pool named {b:?} in `backends`",
+                                r.route_id
+                            ),
                         ));
                     }
                 }

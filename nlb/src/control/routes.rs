@@ -4,6 +4,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use shared_types::pb::{self, ModuleType, Protocol};
@@ -13,7 +14,7 @@ use tonic::Status;
 use super::module_client::request;
 use super::query::{self, Fields, Queryable, Value};
 use super::ControlService;
-use crate::config::RouteConfig;
+use crate::config::{ConfigError, RouteConfig, UpdateError};
 use crate::routing::route::duplicate_ids;
 use crate::routing::{normalize_name, ConnInfo, Detected, RouteError, RouteSpec, Snapshot, Target};
 
@@ -243,28 +244,42 @@ impl ControlService {
         if !errors.is_empty() {
             return respond(errors, String::new());
         }
-        let mut routes: Vec<RouteConfig> = if req.replace_all {
-            Vec::new()
-        } else {
-            self.nlb.config.current().routes.clone()
-        };
-        for r in &req.routes {
-            let rc = RouteConfig::from_proto(r);
-            match routes.iter_mut().find(|x| x.route_id == rc.route_id) {
-                Some(slot) => *slot = rc,
-                None => routes.push(rc),
-            }
-        }
-        let value = serde_yaml_ng::to_value(&routes)
-            .map_err(|e| Status::internal(format!("routes do not serialize: {e}")))?;
-        match self
-            .nlb
-            .config
-            .update_section("routes", value, req.validate_only)
-        {
-            Ok(change) => {
+        // Read-modify-write of the routes in force, under the config store's
+        // lock so concurrent upserts cannot lose each other; off the async
+        // workers, since saving fsyncs the state file.
+        let nlb = Arc::clone(&self.nlb);
+        let (given, replace_all, validate_only) =
+            (req.routes.clone(), req.replace_all, req.validate_only);
+        let (outcome, in_force) = tokio::task::spawn_blocking(move || {
+            let mut in_force = 0;
+            let outcome = nlb
+                .config
+                .modify_section("routes", validate_only, |current| {
+                    let mut routes: Vec<RouteConfig> = if replace_all {
+                        Vec::new()
+                    } else {
+                        current.routes.clone()
+                    };
+                    for r in &given {
+                        let rc = RouteConfig::from_proto(r);
+                        match routes.iter_mut().find(|x| x.route_id == rc.route_id) {
+                            Some(slot) => *slot = rc,
+                            None => routes.push(rc),
+                        }
+                    }
+                    in_force = routes.len();
+                    serde_yaml_ng::to_value(&routes).map_err(|e| {
+                        UpdateError::Invalid(vec![ConfigError::new("routes", e.to_string())])
+                    })
+                });
+            (outcome, in_force)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("route update task failed: {e}")))?;
+        match outcome {
+            Ok(_) => {
                 if !req.validate_only {
-                    self.nlb.apply_config(&change.config);
+                    self.nlb.apply_config();
                     self.nlb
                         .metrics
                         .config_updates
@@ -283,13 +298,10 @@ impl ControlService {
                 };
                 respond(
                     Vec::new(),
-                    format!(
-                        "{n} routes {verb}; {} operator routes in force",
-                        routes.len()
-                    ),
+                    format!("{n} routes {verb}; {in_force} operator routes in force"),
                 )
             }
-            Err(crate::config::UpdateError::Persist(e)) => {
+            Err(UpdateError::Persist(e)) => {
                 self.nlb
                     .metrics
                     .config_updates
@@ -298,7 +310,7 @@ impl ControlService {
                 tracing::error!(error = %e, "operator routes not saved");
                 Err(Status::unavailable(format!("routes: {e}")))
             }
-            Err(crate::config::UpdateError::Invalid(errs)) => {
+            Err(UpdateError::Invalid(errs)) => {
                 self.nlb
                     .metrics
                     .config_updates

@@ -105,6 +105,10 @@ impl ControlService {
         let config = self.nlb.config.current();
         let mut details: HashMap<String, String> = checks.into_iter().collect();
         details.insert("grpc_listen".into(), config.grpc.listen.clone());
+        if let Some((grpc, admin)) = self.nlb.bound.get() {
+            details.insert("grpc_address".into(), grpc.to_string());
+            details.insert("admin_address".into(), admin.to_string());
+        }
         details.insert("admin_listen".into(), config.admin.listen.clone());
         details.insert(
             "config_file".into(),
@@ -170,11 +174,15 @@ impl ControlService {
         let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).map_err(|e| {
             Status::invalid_argument(format!("config.config_data: not valid YAML or JSON: {e}"))
         })?;
-        match self
-            .nlb
-            .config
-            .update_section(section, value, req.validate_only)
-        {
+        // Saving fsyncs the state file: keep it off the async workers.
+        let nlb = std::sync::Arc::clone(&self.nlb);
+        let (owned, validate_only) = (section.to_string(), req.validate_only);
+        let outcome = tokio::task::spawn_blocking(move || {
+            nlb.config.update_section(&owned, value, validate_only)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("config update task failed: {e}")))?;
+        match outcome {
             Ok(change) => {
                 let result = if req.validate_only {
                     "validated"
@@ -187,7 +195,7 @@ impl ControlService {
                     .with_label_values(&[result])
                     .inc();
                 if !req.validate_only {
-                    self.nlb.apply_config(&change.config);
+                    self.nlb.apply_config();
                     tracing::info!(
                         section,
                         changed = change.changed,

@@ -9,12 +9,23 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use super::ControlService;
-use crate::metrics::series::{aggregate, NLB_OWNER};
+use crate::metrics::series::{aggregate, MAX_POINTS_PER_ANSWER, NLB_OWNER};
 use crate::metrics::SeriesStore;
 
 type MetricsStream = std::pin::Pin<
     Box<dyn futures::Stream<Item = Result<pb::StreamNlbMetricsResponse, Status>> + Send>,
 >;
+
+/// Refuses an answer too large for one response, saying how to narrow it.
+fn check_answer_size(points: usize) -> Result<(), Status> {
+    if points > MAX_POINTS_PER_ANSWER {
+        return Err(Status::resource_exhausted(format!(
+            "the answer holds {points} points, more than the {MAX_POINTS_PER_ANSWER} one response carries; \
+             narrow start_time/end_time or metric_names, or ask with aggregate = true"
+        )));
+    }
+    Ok(())
+}
 
 /// `[start, end]` in Unix milliseconds from optional timestamps.
 fn window(
@@ -110,6 +121,7 @@ impl ControlService {
                 req.instance_id
             )));
         }
+        check_answer_size(points.len())?;
         Ok(pb::GetModuleMetricsResponse {
             metrics: Some(pb::ModuleMetrics {
                 instance_id: req.instance_id,
@@ -135,6 +147,7 @@ impl ControlService {
             }
         };
         let metrics = shape(self.nlb.series.query(NLB_OWNER, &req.metric_names, s, e));
+        let mut total = metrics.len();
         let mut module_metrics = HashMap::new();
         for owner in self.nlb.series.owners() {
             if owner == NLB_OWNER {
@@ -145,12 +158,15 @@ impl ControlService {
                 continue;
             }
             let module_type = self.nlb.registry.module_type_of(&owner).unwrap_or_default();
+            let points = shape(points);
+            total += points.len();
+            check_answer_size(total)?;
             module_metrics.insert(
                 owner.clone(),
                 pb::ModuleMetrics {
                     instance_id: owner,
                     module_type: module_type as i32,
-                    metrics: shape(points),
+                    metrics: points,
                     collected_at: Some(now()),
                 },
             );

@@ -182,6 +182,12 @@ impl NlbMetrics {
     }
 }
 
+impl Default for NlbMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,11 +204,5 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} missing from:\n{text}");
         }
-    }
-}
-
-impl Default for NlbMetrics {
-    fn default() -> Self {
-        Self::new()
     }
 }

@@ -9,8 +9,9 @@ use parking_lot::Mutex;
 use shared_types::pb::MetricDataPoint;
 use shared_types::time::{from_unix_millis, to_system, unix_millis};
 
-/// The owner name of the NLB's own series.
-pub const NLB_OWNER: &str = "nlb";
+/// The owner name of the NLB's own series: empty, which no instance id can
+/// be, so a module cannot write into or delete the NLB's series.
+pub const NLB_OWNER: &str = "";
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct SeriesKey {
@@ -34,6 +35,11 @@ pub struct Recorded {
 /// Limits on a stored point.
 pub const MAX_NAME_LEN: usize = 200;
 pub const MAX_LABELS: usize = 16;
+pub const MAX_LABEL_KEY_LEN: usize = 128;
+pub const MAX_LABEL_VALUE_LEN: usize = 256;
+/// Most points one `Get*Metrics` answer carries (about 70 bytes each, well
+/// inside the default 4 MiB message limit).
+pub const MAX_POINTS_PER_ANSWER: usize = 50_000;
 
 /// The keys of `o` whose name is in `names` (empty = all), sorted.
 fn matching_keys<'o>(o: &'o Owner, names: &[String]) -> Vec<&'o SeriesKey> {
@@ -84,6 +90,18 @@ impl SeriesStore {
                     "metrics.metrics[{i}] ({}): {} labels, at most {MAX_LABELS}",
                     p.name,
                     p.labels.len()
+                ));
+            }
+            if let Some((k, v)) = p
+                .labels
+                .iter()
+                .find(|(k, v)| k.len() > MAX_LABEL_KEY_LEN || v.len() > MAX_LABEL_VALUE_LEN)
+            {
+                return Err(format!(
+                    "metrics.metrics[{i}] ({}): label {:?} is too long (keys at most {MAX_LABEL_KEY_LEN} bytes, values {MAX_LABEL_VALUE_LEN}; value is {} bytes)",
+                    p.name,
+                    k.chars().take(40).collect::<String>(),
+                    v.len()
                 ));
             }
         }
@@ -167,6 +185,15 @@ impl SeriesStore {
         let mut v: Vec<String> = self.owners.lock().keys().cloned().collect();
         v.sort();
         v
+    }
+
+    /// Drops the series of owners for which `keep` is false (except the
+    /// NLB's own); returns how many owners went.
+    pub fn retain_owners(&self, keep: impl Fn(&str) -> bool) -> usize {
+        let mut owners = self.owners.lock();
+        let before = owners.len();
+        owners.retain(|o, _| o == NLB_OWNER || keep(o));
+        before - owners.len()
     }
 
     /// Drops an owner's series (its instance left the registry).

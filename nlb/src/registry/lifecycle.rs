@@ -59,6 +59,13 @@ pub struct Tick {
     pub removed_addresses: Vec<String>,
 }
 
+/// Limits on what one registration may carry, so no client grows the
+/// registry without bound.
+pub const MAX_MAP_ENTRIES: usize = 64;
+pub const MAX_KEY_LEN: usize = 128;
+pub const MAX_VALUE_LEN: usize = 1024;
+pub const MAX_ROUTES: usize = 1000;
+
 fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 128
@@ -112,6 +119,33 @@ fn validate(req: &pb::RegisterModuleRequest) -> Result<Checked, RegistryError> {
         if let Err(m) = check_host_port(addr) {
             errors.push(format!("instance.metadata[\"data_address\"]: {m}"));
         }
+    }
+    for (what, map) in [
+        ("instance.metadata", &inst.metadata),
+        ("capabilities", &req.capabilities),
+    ] {
+        if map.len() > MAX_MAP_ENTRIES {
+            errors.push(format!(
+                "{what}: {} entries, at most {MAX_MAP_ENTRIES}",
+                map.len()
+            ));
+        }
+        if let Some((k, v)) = map
+            .iter()
+            .find(|(k, v)| k.len() > MAX_KEY_LEN || v.len() > MAX_VALUE_LEN)
+        {
+            errors.push(format!(
+                "{what}[{:?}]: too long (keys at most {MAX_KEY_LEN} bytes, values {MAX_VALUE_LEN}; value is {} bytes)",
+                k.chars().take(40).collect::<String>(),
+                v.len()
+            ));
+        }
+    }
+    if req.initial_routes.len() > MAX_ROUTES {
+        errors.push(format!(
+            "initial_routes: {} routes, at most {MAX_ROUTES}",
+            req.initial_routes.len()
+        ));
     }
     if inst.max_connections < 0 {
         errors.push(format!(

@@ -61,7 +61,7 @@ impl Settings {
 }
 
 /// The operator's routing inputs, from the merged config.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct OperatorRouting {
     pub routes: Vec<RouteSpec>,
     /// Pool name -> addresses.
@@ -132,6 +132,8 @@ impl Registry {
             router: Arc::new(Router::default()),
         };
         registry.set_operator_routing(operator);
+        // The first snapshot is published even when there is nothing to route.
+        Self::rebuild(&mut registry.inner.lock(), &registry.router);
         registry
     }
 
@@ -153,9 +155,13 @@ impl Registry {
         self.inner.lock().settings = settings;
     }
 
-    /// Replaces the operator routes, backend pools and policy; rebuilds.
-    pub fn set_operator_routing(&self, operator: OperatorRouting) {
+    /// Replaces the operator routes, backend pools and policy; rebuilds the
+    /// snapshot if they changed. Returns whether they did.
+    pub fn set_operator_routing(&self, operator: OperatorRouting) -> bool {
         let mut inner = self.inner.lock();
+        if inner.operator == operator {
+            return false;
+        }
         // Keep the live counters of backend addresses that stay.
         let mut old: HashMap<String, Arc<EndpointCounters>> = inner
             .backend_endpoints
@@ -189,6 +195,7 @@ impl Registry {
             .collect();
         inner.operator = operator;
         Self::rebuild(&mut inner, &self.router);
+        true
     }
 
     /// The operator routing inputs in force.

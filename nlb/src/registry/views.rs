@@ -235,10 +235,12 @@ impl Registry {
         self.with(|inner| {
             let mut out = Rebalanced::default();
             let chosen = |id: &str| targets.is_empty() || targets.iter().any(|t| t == id);
+            let mut factors_changed = false;
             for inst in inner.instances.values_mut() {
                 if !chosen(&inst.info.instance_id) {
                     continue;
                 }
+                let before = inst.capacity_factor;
                 inst.capacity_factor = match strategy {
                     Strategy::Even => 1.0,
                     Strategy::LeastConnections => inst
@@ -247,6 +249,7 @@ impl Registry {
                         .filter(|s| s.cpu_usage_percent > 0.0)
                         .map_or(1.0, |s| (1.0 - s.cpu_usage_percent / 100.0).clamp(0.1, 1.0)),
                 };
+                factors_changed |= inst.capacity_factor != before;
             }
             // Targets per module type: the total spread by effective capacity
             // over the instances that take traffic.
@@ -288,7 +291,7 @@ impl Registry {
             }
             shed.sort();
             out.shed = shed;
-            (out, true)
+            (out, factors_changed)
         })
     }
 
