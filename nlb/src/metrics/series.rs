@@ -19,6 +19,26 @@ struct SeriesKey {
     labels: BTreeMap<String, String>,
 }
 
+impl SeriesKey {
+    fn of(p: &MetricDataPoint) -> Self {
+        SeriesKey {
+            name: p.name.clone(),
+            labels: p
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
+    }
+}
+
+/// A point's time in Unix milliseconds, `default` when it has none.
+fn stamp(p: &MetricDataPoint, default: u64) -> u64 {
+    p.timestamp
+        .as_ref()
+        .map_or(default, |t| unix_millis(to_system(t)))
+}
+
 #[derive(Debug, Default)]
 struct Owner {
     series: HashMap<SeriesKey, VecDeque<(u64, f64)>>,
@@ -115,18 +135,8 @@ impl SeriesStore {
         let o = owners.entry(owner.to_string()).or_default();
         let mut out = Recorded::default();
         for p in points {
-            let key = SeriesKey {
-                name: p.name.clone(),
-                labels: p
-                    .labels
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
-            };
-            let ts = p
-                .timestamp
-                .as_ref()
-                .map_or(now_ms, |t| unix_millis(to_system(t)));
+            let key = SeriesKey::of(p);
+            let ts = stamp(p, now_ms);
             if !o.series.contains_key(&key) && o.series.len() >= max_series {
                 out.refused_new_series += 1;
                 continue;
@@ -227,18 +237,8 @@ pub fn aggregate(points: &[MetricDataPoint]) -> Vec<MetricDataPoint> {
     let mut order: Vec<SeriesKey> = Vec::new();
     let mut acc: HashMap<SeriesKey, (f64, f64, f64, u64, u64)> = HashMap::new();
     for p in points {
-        let key = SeriesKey {
-            name: p.name.clone(),
-            labels: p
-                .labels
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        };
-        let ts = p
-            .timestamp
-            .as_ref()
-            .map_or(0, |t| unix_millis(to_system(t)));
+        let key = SeriesKey::of(p);
+        let ts = stamp(p, 0);
         let e = acc.entry(key.clone()).or_insert_with(|| {
             order.push(key);
             (0.0, f64::INFINITY, f64::NEG_INFINITY, 0, 0)
