@@ -12,6 +12,7 @@ use tonic::Code;
 
 use crate::app::Nlb;
 use crate::control::module_client::request;
+use crate::registry::DueCheck;
 
 /// How often leases and deadlines are checked.
 pub const REAPER_PERIOD: Duration = Duration::from_millis(250);
@@ -47,7 +48,8 @@ pub fn reap(nlb: &Nlb) {
 }
 
 /// Runs one active health check and records it.
-async fn check(nlb: Arc<Nlb>, id: String, address: String, timeout: Duration) {
+async fn check(nlb: Arc<Nlb>, due: DueCheck) {
+    let (id, address, timeout) = (due.instance_id.clone(), due.address.clone(), due.timeout);
     let msg = pb::HealthCheckRequest {
         instance_id: id.clone(),
         deep_check: false,
@@ -82,7 +84,7 @@ async fn check(nlb: Arc<Nlb>, id: String, address: String, timeout: Duration) {
     if !passed {
         tracing::debug!(instance = %id, %message, "health check failed");
     }
-    nlb.registry.record_check(&id, passed, message);
+    nlb.registry.record_check(&due, passed, message);
 }
 
 /// Spawns the loops; they end when `stop` turns true.
@@ -114,16 +116,16 @@ pub fn spawn_loops(nlb: Arc<Nlb>, stop: watch::Receiver<bool>) -> Vec<JoinHandle
                     if !n.config.current().health.active_checks {
                         continue;
                     }
-                    for (id, addr, timeout) in n.registry.due_checks(Instant::now()) {
+                    for due in n.registry.due_checks(Instant::now()) {
                         // All permits busy (slow modules): this instance is
                         // checked at its next interval instead of stalling the rest.
                         let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
-                            tracing::debug!(instance = %id, "health check skipped: {MAX_CONCURRENT_CHECKS} checks already in flight");
+                            tracing::debug!(instance = %due.instance_id, "health check skipped: {MAX_CONCURRENT_CHECKS} checks already in flight");
                             continue;
                         };
                         let n = Arc::clone(&n);
                         tokio::spawn(async move {
-                            check(n, id, addr, timeout).await;
+                            check(n, due).await;
                             drop(permit);
                         });
                     }

@@ -296,3 +296,24 @@ fn a_state_file_that_cannot_be_written_refuses_the_change() {
     assert!(err.to_string().contains("state.json"), "{err}");
     assert!(!store.current().routing.sticky, "nothing changed");
 }
+
+#[test]
+fn each_section_has_its_own_update_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("nlb.yaml");
+    let state = dir.path().join("state.json");
+    std::fs::write(&file, format!("state_file: {}\n", state.display())).unwrap();
+    let store = ConfigStore::load(Some(file), Box::new(no_env)).unwrap();
+    let read = store.section_updated_ms("routing");
+    assert!(read > 0);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    store
+        .update_section("routing", yaml("{sticky: true}"), false)
+        .unwrap();
+    assert!(store.section_updated_ms("routing") > read);
+    assert_eq!(
+        store.section_updated_ms("metrics"),
+        read,
+        "untouched sections keep the file's time"
+    );
+}

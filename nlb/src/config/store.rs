@@ -20,6 +20,10 @@ struct Layers {
     file: Sections,
     api: Sections,
     updated_at_ms: u64,
+    /// When the file was last read, in Unix milliseconds.
+    file_read_ms: u64,
+    /// When each API section last changed (from the state file at start).
+    api_times: std::collections::BTreeMap<String, u64>,
 }
 
 /// Why a section change was refused.
@@ -93,9 +97,11 @@ impl ConfigStore {
         Ok(ConfigStore {
             file_path,
             layers: Mutex::new(Layers {
+                api_times: api.keys().map(|k| (k.clone(), updated_at_ms)).collect(),
                 file,
                 api,
                 updated_at_ms,
+                file_read_ms: shared_types::time::unix_millis(SystemTime::now()),
             }),
             state,
             current: ArcSwap::new(Arc::clone(&config)),
@@ -120,6 +126,17 @@ impl ConfigStore {
     /// Unix milliseconds of the last API change (0 = none).
     pub fn updated_at_ms(&self) -> u64 {
         self.layers.lock().updated_at_ms
+    }
+
+    /// When a section last changed, in Unix milliseconds: its last API change
+    /// if the API layer holds it, else when the file was last read.
+    pub fn section_updated_ms(&self, section: &str) -> u64 {
+        let layers = self.layers.lock();
+        layers
+            .api_times
+            .get(section)
+            .copied()
+            .unwrap_or(layers.file_read_ms)
     }
 
     /// The sections the API layer overrides.
@@ -179,6 +196,11 @@ impl ConfigStore {
         if !validate_only {
             let now = shared_types::time::unix_millis(SystemTime::now());
             self.state.save(&api, now)?;
+            if api.contains_key(section) {
+                layers.api_times.insert(section.to_string(), now);
+            } else {
+                layers.api_times.remove(section);
+            }
             layers.api = api;
             layers.updated_at_ms = now;
             self.current.store(Arc::clone(&config));
@@ -204,6 +226,7 @@ impl ConfigStore {
         });
         let changed = *self.current() != *config;
         layers.file = file;
+        layers.file_read_ms = shared_types::time::unix_millis(SystemTime::now());
         self.current.store(Arc::clone(&config));
         Ok(SectionChange {
             config,

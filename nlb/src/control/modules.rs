@@ -56,6 +56,9 @@ impl ControlService {
         let metrics = &self.nlb.metrics;
         match self.nlb.registry.register(&req) {
             Ok(r) => {
+                if let Some(old) = &r.replaced_address {
+                    self.nlb.modules.forget(old);
+                }
                 metrics
                     .registrations
                     .with_label_values(&[if r.renewed { "renewed" } else { "registered" }])

@@ -294,7 +294,7 @@ impl ControlService {
                 config_type: s.to_string(),
                 checksum: sha256_hex(&data),
                 config_data: data,
-                updated_at: Some(updated),
+                updated_at: Some(from_unix_millis(self.nlb.config.section_updated_ms(s))),
                 metadata: [
                     ("source".to_string(), source.to_string()),
                     ("format".to_string(), "yaml".to_string()),

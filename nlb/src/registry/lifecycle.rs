@@ -23,6 +23,8 @@ pub struct Registered {
     pub takes_traffic: bool,
     /// True when this was a re-registration of a live instance.
     pub renewed: bool,
+    /// The ModuleService address of a registration this one replaced.
+    pub replaced_address: Option<String>,
     pub message: String,
 }
 
@@ -44,6 +46,17 @@ pub struct HeartbeatOutcome {
     pub should_reload: bool,
     pub should_scale: bool,
     pub instructions: HashMap<String, String>,
+}
+
+/// An active health check to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueCheck {
+    pub instance_id: String,
+    /// The registration checked; a result for another one is dropped.
+    pub registration_id: String,
+    /// The instance's ModuleService address.
+    pub address: String,
+    pub timeout: Duration,
 }
 
 /// What a reaper tick did.
@@ -231,10 +244,12 @@ impl Registry {
                 ));
                 return (Err(err), false);
             }
+            let mut replaced_address = None;
             let (registration_id, registered_at, counters) = match inner.instances.remove(&id) {
                 Some(old) if renew => (old.registration_id, old.registered_at, old.counters),
                 Some(old) => {
                     inner.by_registration.remove(&old.registration_id);
+                    replaced_address = Some(old.info.address);
                     (uuid::Uuid::new_v4().to_string(), wall, Arc::default())
                 }
                 None => (uuid::Uuid::new_v4().to_string(), wall, Arc::default()),
@@ -285,6 +300,7 @@ impl Registry {
                 registered_at,
                 takes_traffic,
                 renewed: renew,
+                replaced_address,
                 message,
             };
             (Ok(out), true)
@@ -514,17 +530,18 @@ impl Registry {
 
     /// Instances due an active health check at `now`: (id, ModuleService
     /// address, timeout). Their next check is scheduled one interval on.
-    pub fn due_checks(&self, now: Instant) -> Vec<(String, String, Duration)> {
+    pub fn due_checks(&self, now: Instant) -> Vec<DueCheck> {
         self.with(|inner| {
             let mut due = Vec::new();
             for inst in inner.instances.values_mut() {
                 if inst.draining.is_none() && inst.next_check <= now {
                     inst.next_check = now + inst.timings.interval;
-                    due.push((
-                        inst.info.instance_id.clone(),
-                        inst.info.address.clone(),
-                        inst.timings.timeout,
-                    ));
+                    due.push(DueCheck {
+                        instance_id: inst.info.instance_id.clone(),
+                        registration_id: inst.registration_id.clone(),
+                        address: inst.info.address.clone(),
+                        timeout: inst.timings.timeout,
+                    });
                 }
             }
             (due, false)
@@ -533,10 +550,15 @@ impl Registry {
 
     /// Records an active health check result: `unhealthy_threshold`
     /// consecutive failures stop new traffic, `healthy_threshold` consecutive
-    /// passes restore it.
-    pub fn record_check(&self, instance_id: &str, passed: bool, message: String) {
+    /// passes restore it. A result for an earlier registration of the same
+    /// instance id (it re-registered while the check ran) is dropped.
+    pub fn record_check(&self, check: &DueCheck, passed: bool, message: String) {
         self.with(|inner| {
-            let Some(inst) = inner.instances.get_mut(instance_id) else {
+            let Some(inst) = inner
+                .instances
+                .get_mut(&check.instance_id)
+                .filter(|i| i.registration_id == check.registration_id)
+            else {
                 return ((), false);
             };
             let before = inst.check_ok;

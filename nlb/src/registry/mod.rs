@@ -18,7 +18,7 @@ use parking_lot::Mutex;
 use shared_types::pb::ModuleType;
 
 pub use instance::{Drain, HealthTimings, Instance, Instruction};
-pub use lifecycle::{HeartbeatOutcome, Registered, Tick, Unregistered};
+pub use lifecycle::{DueCheck, HeartbeatOutcome, Registered, Tick, Unregistered};
 pub use views::{InstanceView, Rebalanced, Strategy, OVERLOAD_TOLERANCE};
 
 use crate::config::NlbConfig;
@@ -105,6 +105,9 @@ pub(crate) struct Inner {
     operator: OperatorRouting,
     backend_endpoints: BTreeMap<String, Vec<Arc<Endpoint>>>,
     settings: Settings,
+    /// When each module type's version weights last changed (or were first
+    /// seen), for `BlueGreenConfig.deployment_started`.
+    pub(crate) weights_since: HashMap<ModuleType, std::time::SystemTime>,
     /// Desired instance counts asked for by `TriggerScaling`, per module type.
     pub(crate) scaling_targets: HashMap<ModuleType, i32>,
 }
@@ -128,6 +131,7 @@ impl Registry {
                 backend_endpoints: BTreeMap::new(),
                 settings,
                 scaling_targets: HashMap::new(),
+                weights_since: HashMap::new(),
             }),
             router: Arc::new(Router::default()),
         };
@@ -161,6 +165,26 @@ impl Registry {
         let mut inner = self.inner.lock();
         if inner.operator == operator {
             return false;
+        }
+        let now = std::time::SystemTime::now();
+        let types: std::collections::HashSet<ModuleType> = operator
+            .policy
+            .weights
+            .keys()
+            .chain(inner.operator.policy.weights.keys())
+            .copied()
+            .collect();
+        for t in types {
+            let (old, new) = (
+                inner.operator.policy.weights.get(&t),
+                operator.policy.weights.get(&t),
+            );
+            if old != new {
+                match new {
+                    Some(_) => inner.weights_since.insert(t, now),
+                    None => inner.weights_since.remove(&t),
+                };
+            }
         }
         // Keep the live counters of backend addresses that stay.
         let mut old: HashMap<String, Arc<EndpointCounters>> = inner

@@ -64,6 +64,16 @@ fn beat(id: &str, reg: &str, status: HealthStatus) -> pb::HeartbeatRequest {
     }
 }
 
+/// The check a test records results for: this registration of `id`.
+fn check_for(id: &str, reg: &Registered) -> DueCheck {
+    DueCheck {
+        instance_id: id.into(),
+        registration_id: reg.registration_id.clone(),
+        address: "10.0.0.1:9000".into(),
+        timeout: Duration::from_secs(1),
+    }
+}
+
 fn routable(r: &Registry, id: &str) -> bool {
     r.router()
         .load()
@@ -329,18 +339,20 @@ fn instructions_are_delivered_once() {
 #[test]
 fn failing_active_checks_stop_traffic_after_the_threshold() {
     let r = registry();
-    r.register(&req("alb-1", "10.0.0.1:9000", Some("10.0.0.1:8080")))
+    let reg = r
+        .register(&req("alb-1", "10.0.0.1:9000", Some("10.0.0.1:8080")))
         .unwrap();
-    r.record_check("alb-1", false, "refused".into());
+    let c = check_for("alb-1", &reg);
+    r.record_check(&c, false, "refused".into());
     assert!(
         routable(&r, "alb-1"),
         "one failure is below unhealthy_threshold 2"
     );
-    r.record_check("alb-1", false, "refused".into());
+    r.record_check(&c, false, "refused".into());
     assert!(!routable(&r, "alb-1"));
-    r.record_check("alb-1", true, "ok".into());
+    r.record_check(&c, true, "ok".into());
     assert!(!routable(&r, "alb-1"), "healthy_threshold is 2");
-    r.record_check("alb-1", true, "ok".into());
+    r.record_check(&c, true, "ok".into());
     assert!(routable(&r, "alb-1"));
     // Checks come due one interval apart.
     let due = r.due_checks(Instant::now() + Duration::from_secs(2));
@@ -455,10 +467,12 @@ fn duplicate_announced_route_ids_are_refused() {
 #[test]
 fn turning_active_checks_off_forgets_their_failures() {
     let r = registry();
-    r.register(&req("alb-1", "10.0.0.1:9000", Some("10.0.0.1:8080")))
+    let reg = r
+        .register(&req("alb-1", "10.0.0.1:9000", Some("10.0.0.1:8080")))
         .unwrap();
-    r.record_check("alb-1", false, "refused".into());
-    r.record_check("alb-1", false, "refused".into());
+    let c = check_for("alb-1", &reg);
+    r.record_check(&c, false, "refused".into());
+    r.record_check(&c, false, "refused".into());
     assert!(!routable(&r, "alb-1"));
     r.clear_check_failures();
     assert!(routable(&r, "alb-1"));
@@ -471,4 +485,77 @@ fn removals_report_the_module_address() {
     let tick = r.tick(Instant::now() + Duration::from_secs(60));
     assert_eq!(tick.expired, vec!["alb-1".to_string()]);
     assert_eq!(tick.removed_addresses, vec!["10.0.0.1:9000".to_string()]);
+}
+
+#[test]
+fn a_check_of_an_earlier_registration_is_dropped() {
+    let r = registry();
+    let old = r
+        .register(&req("alb-1", "10.0.0.1:9000", Some("10.0.0.1:8080")))
+        .unwrap();
+    let stale = check_for("alb-1", &old);
+    // Lease lapses, and the id comes back from another address.
+    r.tick(Instant::now() + Duration::from_secs(3));
+    let new = r
+        .register(&req("alb-1", "10.0.0.2:9000", Some("10.0.0.2:8080")))
+        .unwrap();
+    assert_ne!(old.registration_id, new.registration_id);
+    assert_eq!(new.replaced_address.as_deref(), Some("10.0.0.1:9000"));
+    r.record_check(&stale, false, "refused".into());
+    r.record_check(&stale, false, "refused".into());
+    assert!(
+        routable(&r, "alb-1"),
+        "the old registration's failures do not count"
+    );
+}
+
+#[test]
+fn deployment_started_is_when_the_weights_last_changed() {
+    let r = registry();
+    r.register(&req("alb-1", "10.0.0.1:9000", None)).unwrap();
+    assert!(r
+        .get("alb-1")
+        .unwrap()
+        .deployment
+        .deployment_started
+        .is_none());
+    let weights = |v2: u32| OperatorRouting {
+        policy: crate::routing::Policy {
+            weights: [(
+                ModuleType::Alb,
+                vec![("v1".to_string(), 100 - v2), ("v2".to_string(), v2)],
+            )]
+            .into(),
+            sticky: false,
+        },
+        ..Default::default()
+    };
+    assert!(r.set_operator_routing(weights(10)));
+    let first = r
+        .get("alb-1")
+        .unwrap()
+        .deployment
+        .deployment_started
+        .unwrap();
+    assert!(
+        !r.set_operator_routing(weights(10)),
+        "unchanged: no rebuild"
+    );
+    assert_eq!(
+        r.get("alb-1")
+            .unwrap()
+            .deployment
+            .deployment_started
+            .unwrap(),
+        first
+    );
+    std::thread::sleep(Duration::from_millis(20));
+    r.set_operator_routing(weights(50));
+    let second = r
+        .get("alb-1")
+        .unwrap()
+        .deployment
+        .deployment_started
+        .unwrap();
+    assert!((second.seconds, second.nanos) > (first.seconds, first.nanos));
 }

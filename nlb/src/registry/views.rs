@@ -90,7 +90,10 @@ fn deployment(inner: &Inner, inst: &Instance) -> pb::BlueGreenConfig {
         active_version: blue.0,
         canary_enabled: green.1 > 0,
         canary_percent: green.1 as i32,
-        deployment_started: None,
+        deployment_started: inner
+            .weights_since
+            .get(&inst.module_type)
+            .map(|t| from_system(*t)),
     }
 }
 
