@@ -12,7 +12,7 @@ use axum::{Json, Router};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::app::Nlb;
+use crate::app::{Census, Nlb};
 
 async fn healthz() -> &'static str {
     "ok\n"
@@ -39,11 +39,10 @@ async fn metrics(State(nlb): State<Arc<Nlb>>) -> impl IntoResponse {
 
 /// The `/status` document.
 pub fn status_json(nlb: &Nlb) -> serde_json::Value {
-    let (status, checks) = nlb.own_status();
+    let views = nlb.registry.list();
+    let (status, checks) = nlb.own_status(&Census::of(&views));
     let config = nlb.config.current();
-    let modules: Vec<serde_json::Value> = nlb
-        .registry
-        .list()
+    let modules: Vec<serde_json::Value> = views
         .into_iter()
         .map(|v| {
             serde_json::json!({
@@ -52,7 +51,7 @@ pub fn status_json(nlb: &Nlb) -> serde_json::Value {
                 "version": v.instance.version,
                 "address": v.instance.address,
                 "data_address": v.details.get("data_address"),
-                "state": v.details.get("state"),
+                "state": v.state.name(),
                 "reason": v.details.get("reason"),
                 "active_connections": v.instance.current_connections,
                 "traffic_weight": v.instance.traffic_weight,

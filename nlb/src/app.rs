@@ -10,8 +10,41 @@ use shared_types::pb::{self, HealthStatus, ModuleType};
 use crate::config::{ConfigStore, NlbConfig};
 use crate::control::module_client::ModuleClients;
 use crate::metrics::{series::NLB_OWNER, NlbMetrics, SeriesStore};
-use crate::registry::{OperatorRouting, Registry, Settings};
+use crate::registry::{InstanceView, OperatorRouting, Registry, Settings};
 use crate::routing::EndpointState;
+
+/// Counts over one listing of the registry, so a status answer walks the
+/// instances once.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Census {
+    pub instances: usize,
+    /// Taking new connections.
+    pub healthy: usize,
+    /// Some instance is `UNHEALTHY` (lapsed lease, failing checks or
+    /// reporting itself unhealthy); draining and starting ones do not count.
+    pub any_unhealthy: bool,
+    pub active_connections: i64,
+    /// Instances by module type name.
+    pub by_type: std::collections::HashMap<String, i32>,
+}
+
+impl Census {
+    pub fn of(views: &[InstanceView]) -> Self {
+        let mut c = Census {
+            instances: views.len(),
+            ..Census::default()
+        };
+        for v in views {
+            c.healthy += usize::from(v.state == EndpointState::Healthy);
+            c.any_unhealthy |= v.instance.health_status == HealthStatus::Unhealthy as i32;
+            c.active_connections += i64::from(v.instance.current_connections);
+            *c.by_type
+                .entry(v.module_type.short_name().to_string())
+                .or_insert(0) += 1;
+        }
+        c
+    }
+}
 
 /// Everything the control API, the admin port and the background loops share.
 pub struct Nlb {
@@ -127,10 +160,9 @@ impl Nlb {
         self.metrics.routes.set(snapshot.routes().count() as i64);
         self.metrics.instances.reset();
         for view in self.registry.list() {
-            let state = view.details.get("state").map_or("unknown", String::as_str);
             self.metrics
                 .instances
-                .with_label_values(&[view.module_type.short_name(), state])
+                .with_label_values(&[view.module_type.short_name(), view.state.name()])
                 .inc();
         }
         self.metrics
@@ -138,27 +170,13 @@ impl Nlb {
             .set(self.series.series_count() as i64);
     }
 
-    /// Active connections over every instance.
-    pub fn active_connections(&self) -> i64 {
-        self.registry
-            .list()
-            .iter()
-            .map(|v| i64::from(v.instance.current_connections))
-            .sum()
-    }
-
     /// The NLB's own status: healthy, degraded (some instances unhealthy, or
     /// the state file cannot be written) or stopping.
-    pub fn own_status(&self) -> (HealthStatus, Vec<(String, String)>) {
+    pub fn own_status(&self, census: &Census) -> (HealthStatus, Vec<(String, String)>) {
         let mut checks = Vec::new();
-        let views = self.registry.list();
-        let healthy = views
-            .iter()
-            .filter(|v| v.details.get("state").is_some_and(|s| s == "healthy"))
-            .count();
         checks.push((
             "registry".to_string(),
-            format!("{} instances, {healthy} healthy", views.len()),
+            format!("{} instances, {} healthy", census.instances, census.healthy),
         ));
         let snapshot = self.registry.router().load();
         checks.push((
@@ -181,11 +199,7 @@ impl Nlb {
         ));
         let status = if self.shutting_down.load(Ordering::Relaxed) {
             HealthStatus::Stopping
-        } else if !writable
-            || views
-                .iter()
-                .any(|v| v.instance.health_status == HealthStatus::Unhealthy as i32)
-        {
+        } else if !writable || census.any_unhealthy {
             HealthStatus::Degraded
         } else {
             HealthStatus::Healthy
@@ -196,11 +210,7 @@ impl Nlb {
     /// Samples the NLB's own numbers into its time series (for
     /// `GetNLBMetrics` and `StreamNLBMetrics`).
     pub fn own_metric_points(&self) -> Vec<pb::MetricDataPoint> {
-        let views = self.registry.list();
-        let healthy = views
-            .iter()
-            .filter(|v| v.details.get("state").is_some_and(|s| s == "healthy"))
-            .count();
+        let census = Census::of(&self.registry.list());
         let snapshot = self.registry.router().load();
         let now = shared_types::time::now();
         let point = |name: &str, value: f64| pb::MetricDataPoint {
@@ -210,9 +220,9 @@ impl Nlb {
             timestamp: Some(now),
         };
         vec![
-            point("nlb_registered_instances", views.len() as f64),
-            point("nlb_healthy_instances", healthy as f64),
-            point("nlb_active_connections", self.active_connections() as f64),
+            point("nlb_registered_instances", census.instances as f64),
+            point("nlb_healthy_instances", census.healthy as f64),
+            point("nlb_active_connections", census.active_connections as f64),
             point(
                 "nlb_total_requests",
                 self.total_requests.load(Ordering::Relaxed) as f64,
@@ -264,16 +274,6 @@ impl Nlb {
         );
     }
 
-    /// Counts of registered instances by module type name.
-    pub fn modules_by_type(&self) -> std::collections::HashMap<String, i32> {
-        let mut out = std::collections::HashMap::new();
-        for v in self.registry.list() {
-            *out.entry(v.module_type.short_name().to_string())
-                .or_insert(0) += 1;
-        }
-        out
-    }
-
     /// Instances (id, ModuleService address) of a type (`Unspecified` = all)
     /// that are not draining.
     pub fn module_addresses(&self, module_type: ModuleType) -> Vec<(String, String, ModuleType)> {
@@ -281,18 +281,8 @@ impl Nlb {
             .list()
             .into_iter()
             .filter(|v| module_type == ModuleType::Unspecified || v.module_type == module_type)
-            .filter(|v| v.details.get("state").is_none_or(|s| s != "draining"))
+            .filter(|v| v.state != EndpointState::Draining)
             .map(|v| (v.instance.instance_id, v.instance.address, v.module_type))
             .collect()
-    }
-
-    /// Whether an instance takes new connections now.
-    pub fn takes_traffic(&self, instance_id: &str) -> bool {
-        self.registry
-            .router()
-            .load()
-            .routes()
-            .flat_map(|r| r.servers.iter())
-            .any(|e| e.id == instance_id && e.state == EndpointState::Healthy)
     }
 }

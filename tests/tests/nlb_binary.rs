@@ -386,8 +386,8 @@ traffic_weights:
     let metrics = nlb
         .eventually("a failed reload in /metrics", || async {
             let m = nlb.try_get("/metrics").await.ok()?.body;
-            metric_value(&m, r#"nlb_config_reloads_total{result="failed"}"#)
-                .is_some()
+            // Counters start at 0: wait for the count, not the series.
+            (metric_value(&m, r#"nlb_config_reloads_total{result="failed"}"#) >= Some(1.0))
                 .then_some(m)
         })
         .await;

@@ -10,6 +10,7 @@ use tonic::Status;
 
 use super::module_client::request;
 use super::ControlService;
+use crate::app::Census;
 use crate::config::{requires_restart, section_value, SECTIONS};
 
 /// Lowercase hex SHA-256.
@@ -22,12 +23,13 @@ impl ControlService {
         &self,
         req: pb::CheckHealthRequest,
     ) -> Result<pb::CheckHealthResponse, Status> {
-        let (mut status, checks) = self.nlb.own_status();
+        let views = self.nlb.registry.list();
+        let (mut status, checks) = self.nlb.own_status(&Census::of(&views));
         let mut checks: HashMap<String, String> = checks.into_iter().collect();
-        let mut module_health = HashMap::new();
-        for v in self.nlb.registry.list() {
-            module_health.insert(v.instance.instance_id.clone(), v.instance.health_status);
-        }
+        let mut module_health: HashMap<String, i32> = views
+            .into_iter()
+            .map(|v| (v.instance.instance_id, v.instance.health_status))
+            .collect();
         if req.deep_check || req.check_modules {
             let deadline =
                 Duration::from_millis(self.nlb.config.current().routing.module_call_timeout_ms);
@@ -100,8 +102,9 @@ impl ControlService {
         &self,
         req: pb::GetNlbStatusRequest,
     ) -> Result<pb::GetNlbStatusResponse, Status> {
-        let (status, checks) = self.nlb.own_status();
         let views = self.nlb.registry.list();
+        let census = Census::of(&views);
+        let (status, checks) = self.nlb.own_status(&census);
         let config = self.nlb.config.current();
         let mut details: HashMap<String, String> = checks.into_iter().collect();
         details.insert("grpc_listen".into(), config.grpc.listen.clone());
@@ -134,9 +137,9 @@ impl ControlService {
                 .nlb
                 .total_requests
                 .load(std::sync::atomic::Ordering::Relaxed) as i64,
-            active_connections: self.nlb.active_connections(),
+            active_connections: census.active_connections,
             registered_modules: views.len() as i32,
-            modules_by_type: self.nlb.modules_by_type(),
+            modules_by_type: census.by_type,
             modules: if req.include_modules {
                 views.into_iter().map(|v| v.instance).collect()
             } else {

@@ -135,9 +135,10 @@ impl Registry {
             }),
             router: Arc::new(Router::default()),
         };
-        registry.set_operator_routing(operator);
         // The first snapshot is published even when there is nothing to route.
-        Self::rebuild(&mut registry.inner.lock(), &registry.router);
+        if !registry.set_operator_routing(operator) {
+            Self::rebuild(&mut registry.inner.lock(), &registry.router);
+        }
         registry
     }
 
@@ -149,10 +150,6 @@ impl Registry {
     /// The current snapshot's generation (bumped on every rebuild).
     pub fn generation(&self) -> u64 {
         self.inner.lock().generation
-    }
-
-    pub fn settings(&self) -> Settings {
-        self.inner.lock().settings
     }
 
     pub fn set_settings(&self, settings: Settings) {
@@ -220,20 +217,6 @@ impl Registry {
         inner.operator = operator;
         Self::rebuild(&mut inner, &self.router);
         true
-    }
-
-    /// The operator routing inputs in force.
-    pub fn operator_routing(&self) -> OperatorRouting {
-        self.inner.lock().operator.clone()
-    }
-
-    /// The instance a registration id belongs to.
-    pub fn instance_for_registration(&self, registration_id: &str) -> Option<String> {
-        self.inner
-            .lock()
-            .by_registration
-            .get(registration_id)
-            .cloned()
     }
 
     /// Compiles and publishes a snapshot from the current state.

@@ -22,6 +22,8 @@ pub struct InstanceView {
     pub deployment: pb::BlueGreenConfig,
     pub details: HashMap<String, String>,
     pub load: pb::LoadInfo,
+    /// Whether it takes new connections (also `details["state"]`).
+    pub state: EndpointState,
 }
 
 /// How `RebalanceLoad` sets capacity factors.
@@ -139,15 +141,7 @@ fn view(inner: &Inner, inst: &Instance) -> InstanceView {
     }
     let (state, reason) = inst.state();
     let mut details = HashMap::new();
-    details.insert(
-        "state".to_string(),
-        match state {
-            EndpointState::Healthy => "healthy",
-            EndpointState::Unhealthy => "unhealthy",
-            EndpointState::Draining => "draining",
-        }
-        .to_string(),
-    );
+    details.insert("state".to_string(), state.name().to_string());
     details.insert("reason".into(), reason.into());
     details.insert(
         "takes_traffic".into(),
@@ -213,6 +207,7 @@ fn view(inner: &Inner, inst: &Instance) -> InstanceView {
         deployment: deployment(inner, inst),
         details,
         load: load_info(inst),
+        state,
     }
 }
 

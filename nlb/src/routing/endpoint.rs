@@ -62,6 +62,18 @@ pub enum EndpointState {
     Draining,
 }
 
+impl EndpointState {
+    /// The lowercase name shown in `details["state"]`, `/status` and the
+    /// `nlb_instances` gauge.
+    pub fn name(self) -> &'static str {
+        match self {
+            EndpointState::Healthy => "healthy",
+            EndpointState::Unhealthy => "unhealthy",
+            EndpointState::Draining => "draining",
+        }
+    }
+}
+
 /// A module instance or static backend address, as a snapshot sees it.
 #[derive(Debug)]
 pub struct Endpoint {

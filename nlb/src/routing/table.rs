@@ -4,7 +4,6 @@
 //! health, routes or weights; the data plane reads one per connection.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -230,10 +229,5 @@ impl Snapshot {
             .stats
             .last_used_ms
             .store(now_ms, Ordering::Relaxed);
-    }
-
-    /// Client address helper for callers building [`ConnInfo`].
-    pub fn sticky_key(&self, client: Option<IpAddr>) -> Option<IpAddr> {
-        client.filter(|_| self.policy.sticky)
     }
 }
