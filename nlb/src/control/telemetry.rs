@@ -9,6 +9,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use super::ControlService;
+use crate::app::Nlb;
 use crate::metrics::series::{aggregate, MAX_POINTS_PER_ANSWER, NLB_OWNER};
 use crate::metrics::SeriesStore;
 
@@ -25,6 +26,35 @@ fn check_answer_size(points: usize) -> Result<(), Status> {
         )));
     }
     Ok(())
+}
+
+/// Every instance's points (the NLB's own excluded) from `points_of`,
+/// leaving out instances with none.
+fn module_metrics(
+    nlb: &Nlb,
+    mut points_of: impl FnMut(&str) -> Result<Vec<pb::MetricDataPoint>, Status>,
+) -> Result<HashMap<String, pb::ModuleMetrics>, Status> {
+    let mut out = HashMap::new();
+    for owner in nlb.series.owners() {
+        if owner == NLB_OWNER {
+            continue;
+        }
+        let points = points_of(&owner)?;
+        if points.is_empty() {
+            continue;
+        }
+        let module_type = nlb.registry.module_type_of(&owner).unwrap_or_default();
+        out.insert(
+            owner.clone(),
+            pb::ModuleMetrics {
+                instance_id: owner,
+                module_type: module_type as i32,
+                metrics: points,
+                collected_at: Some(now()),
+            },
+        );
+    }
+    Ok(out)
 }
 
 /// `[start, end]` in Unix milliseconds from optional timestamps.
@@ -148,29 +178,12 @@ impl ControlService {
         };
         let metrics = shape(self.nlb.series.query(NLB_OWNER, &req.metric_names, s, e));
         let mut total = metrics.len();
-        let mut module_metrics = HashMap::new();
-        for owner in self.nlb.series.owners() {
-            if owner == NLB_OWNER {
-                continue;
-            }
-            let points = self.nlb.series.query(&owner, &req.metric_names, s, e);
-            if points.is_empty() {
-                continue;
-            }
-            let module_type = self.nlb.registry.module_type_of(&owner).unwrap_or_default();
-            let points = shape(points);
+        let module_metrics = module_metrics(&self.nlb, |owner| {
+            let points = shape(self.nlb.series.query(owner, &req.metric_names, s, e));
             total += points.len();
             check_answer_size(total)?;
-            module_metrics.insert(
-                owner.clone(),
-                pb::ModuleMetrics {
-                    instance_id: owner,
-                    module_type: module_type as i32,
-                    metrics: points,
-                    collected_at: Some(now()),
-                },
-            );
-        }
+            Ok(points)
+        })?;
         Ok(pb::GetNlbMetricsResponse {
             metrics,
             module_metrics,
@@ -225,28 +238,12 @@ impl ControlService {
                     .into_iter()
                     .filter(|p| names.is_empty() || names.contains(&p.name))
                     .collect();
-                let mut module_metrics = HashMap::new();
-                if req.include_modules {
-                    for owner in nlb.series.owners() {
-                        if owner == NLB_OWNER {
-                            continue;
-                        }
-                        let points = nlb.series.latest(&owner, names);
-                        if points.is_empty() {
-                            continue;
-                        }
-                        let t = nlb.registry.module_type_of(&owner).unwrap_or_default();
-                        module_metrics.insert(
-                            owner.clone(),
-                            pb::ModuleMetrics {
-                                instance_id: owner,
-                                module_type: t as i32,
-                                metrics: points,
-                                collected_at: Some(now()),
-                            },
-                        );
-                    }
-                }
+                let module_metrics = if req.include_modules {
+                    module_metrics(&nlb, |owner| Ok(nlb.series.latest(owner, names)))
+                        .unwrap_or_default()
+                } else {
+                    HashMap::new()
+                };
                 let msg = pb::StreamNlbMetricsResponse {
                     metrics,
                     module_metrics,
