@@ -215,10 +215,7 @@ impl ControlService {
             }
             Err(s) => return Err(s),
         };
-        self.nlb.registry.with(|inner| {
-            inner.scaling_targets.insert(module_type, target);
-            ((), false)
-        });
+        self.nlb.registry.set_scaling_target(module_type, target);
         tracing::info!(%module_type, current, target, instance = %id, "scaling requested");
         Ok(pb::TriggerScalingResponse {
             success: true,

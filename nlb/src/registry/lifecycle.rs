@@ -469,22 +469,23 @@ impl Registry {
             }
             let module_type = inst.module_type;
             let changed = inst.state() != before;
+            // Cleared by the reaper once met, so a heartbeat only looks it up.
             if let Some(target) = inner.scaling_targets.get(&module_type) {
-                let current = inner
-                    .instances
-                    .values()
-                    .filter(|i| i.module_type == module_type && i.draining.is_none())
-                    .count() as i32;
-                if current != *target {
-                    out.should_scale = true;
-                    out.instructions
-                        .insert("desired_instances".into(), target.to_string());
-                } else {
-                    inner.scaling_targets.remove(&module_type);
-                }
+                out.should_scale = true;
+                out.instructions
+                    .insert("desired_instances".into(), target.to_string());
             }
             (out, changed)
         }))
+    }
+
+    /// Records a `TriggerScaling` target: heartbeats of the type carry
+    /// `should_scale` until the reaper sees it met.
+    pub fn set_scaling_target(&self, module_type: ModuleType, target: i32) {
+        self.with(|inner| {
+            inner.scaling_targets.insert(module_type, target);
+            ((), false)
+        });
     }
 
     /// Queues an instruction for an instance's next heartbeat response.
@@ -521,6 +522,16 @@ impl Registry {
                 if let Some(addr) = remove(inner, id) {
                     tick.removed_addresses.push(addr);
                 }
+            }
+            // Scaling targets that are met stop being announced.
+            if !inner.scaling_targets.is_empty() {
+                let mut live: HashMap<ModuleType, i32> = HashMap::new();
+                for i in inner.instances.values().filter(|i| i.draining.is_none()) {
+                    *live.entry(i.module_type).or_insert(0) += 1;
+                }
+                inner
+                    .scaling_targets
+                    .retain(|t, target| live.get(t).copied().unwrap_or(0) != *target);
             }
             let changed =
                 !tick.lapsed.is_empty() || !tick.drained.is_empty() || !tick.expired.is_empty();

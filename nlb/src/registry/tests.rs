@@ -559,3 +559,22 @@ fn deployment_started_is_when_the_weights_last_changed() {
         .unwrap();
     assert!((second.seconds, second.nanos) > (first.seconds, first.nanos));
 }
+
+#[test]
+fn a_scaling_target_is_announced_until_the_reaper_sees_it_met() {
+    let r = registry();
+    let reg = r.register(&req("alb-1", "10.0.0.1:9000", None)).unwrap();
+    r.set_scaling_target(ModuleType::Alb, 2);
+    let hb = r
+        .heartbeat(&beat("alb-1", &reg.registration_id, HealthStatus::Healthy))
+        .unwrap();
+    assert!(hb.should_scale);
+    assert_eq!(hb.instructions["desired_instances"], "2");
+    r.register(&req("alb-2", "10.0.0.2:9000", None)).unwrap();
+    r.tick(Instant::now());
+    let hb = r
+        .heartbeat(&beat("alb-1", &reg.registration_id, HealthStatus::Healthy))
+        .unwrap();
+    assert!(!hb.should_scale, "2 live alb instances: the target is met");
+    assert!(!hb.instructions.contains_key("desired_instances"));
+}
