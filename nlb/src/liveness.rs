@@ -49,14 +49,14 @@ pub fn reap(nlb: &Nlb) {
 
 /// Runs one active health check and records it.
 async fn check(nlb: Arc<Nlb>, due: DueCheck) {
-    let (id, address, timeout) = (due.instance_id.clone(), due.address.clone(), due.timeout);
+    let (id, timeout) = (&due.instance_id, due.timeout);
     let msg = pb::HealthCheckRequest {
         instance_id: id.clone(),
         deep_check: false,
     };
     let result = nlb
         .modules
-        .call(&id, &address, timeout, |mut c| async move {
+        .call(id, &due.address, timeout, |mut c| async move {
             c.health_check(request(msg, timeout)).await
         })
         .await;

@@ -256,8 +256,7 @@ pub fn check_routes(
     let mut seen = HashSet::new();
     for (i, r) in routes.iter().enumerate() {
         let key = format!("routes[{i}]");
-        if Protocol::parse_name(&r.protocol).is_err() {
-            let e = Protocol::parse_name(&r.protocol).unwrap_err();
+        if let Err(e) = Protocol::parse_name(&r.protocol) {
             errors.push(ConfigError::new(format!("{key}.protocol"), e.to_string()));
             continue;
         }
