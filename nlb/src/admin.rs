@@ -9,9 +9,9 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::admission::AdmittedListener;
 use crate::app::{Census, Nlb};
 
 async fn healthz() -> &'static str {
@@ -72,6 +72,11 @@ pub fn status_json(nlb: &Nlb) -> serde_json::Value {
         "routing_generation": snapshot.generation,
         "routes": snapshot.routes().count(),
         "total_requests": nlb.total_requests.load(Ordering::Relaxed),
+        "auth": if nlb.security.auth.enabled() { "on" } else { "off" },
+        "tls": {
+            "grpc": nlb.security.grpc_tls.get().map(|t| if t.requires_client_cert() { "mutual" } else { "on" }).unwrap_or("off"),
+            "admin": nlb.security.admin_tls.get().map(|t| if t.requires_client_cert() { "mutual" } else { "on" }).unwrap_or("off"),
+        },
         "checks": checks.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
         "modules": modules,
     })
@@ -82,7 +87,7 @@ async fn status(State(nlb): State<Arc<Nlb>>) -> Json<serde_json::Value> {
 }
 
 /// Serves the admin port until `stop` turns true.
-pub async fn serve(nlb: Arc<Nlb>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+pub async fn serve(nlb: Arc<Nlb>, listener: AdmittedListener, mut stop: watch::Receiver<bool>) {
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -1,17 +1,24 @@
-//! Admission of connections to the gRPC control port: a connection must send
-//! the whole HTTP/2 client preface (the 24-byte magic and a SETTINGS frame
-//! header) within a deadline before the gRPC server sees it. Anything else is
-//! closed at once, and a connection that says nothing is closed at the
-//! deadline, so silent or half-open clients hold neither a slot nor a
+//! Admission of connections to the NLB's own ports. On the gRPC port a
+//! plaintext connection must send the whole HTTP/2 client preface (the
+//! 24-byte magic and a SETTINGS frame header) within a deadline before the
+//! gRPC server sees it; with TLS, the handshake must finish within it.
+//! Anything else is closed, and a connection that says nothing is closed at
+//! the deadline, so silent or half-open clients hold neither a slot nor a
 //! graceful shutdown.
 
 use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
+
+use crate::tls::ReloadingTls;
 
 /// The client connection preface of HTTP/2 (RFC 9113, section 3.4).
 pub const H2_MAGIC: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -32,6 +39,8 @@ pub enum Refused {
     Timeout(Duration),
     #[error("reading the preface failed: {0}")]
     Io(String),
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
 }
 
 /// Waits until `stream` has sent a valid HTTP/2 preface, without consuming
@@ -68,17 +77,148 @@ pub async fn await_preface(stream: &TcpStream, deadline: Duration) -> Result<(),
         .unwrap_or(Err(Refused::Timeout(deadline)))
 }
 
-/// Accepts connections until `stop`, admitting those that send a preface in
-/// time. Accept errors (such as running out of file descriptors) back off
-/// instead of spinning.
+/// An admitted connection: plain TCP or TLS over it.
+pub enum Conn {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+/// What the servers learn about a connection (tonic puts it in each
+/// request's extensions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub remote: Option<SocketAddr>,
+    pub tls: bool,
+}
+
+impl Conn {
+    pub fn peer(&self) -> PeerInfo {
+        match self {
+            Conn::Plain(s) => PeerInfo {
+                remote: s.peer_addr().ok(),
+                tls: false,
+            },
+            Conn::Tls(s) => PeerInfo {
+                remote: s.get_ref().0.peer_addr().ok(),
+                tls: true,
+            },
+        }
+    }
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        self.peer()
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Plain(s) => s.is_write_vectored(),
+            Conn::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// How a port admits connections.
+#[derive(Clone)]
+pub struct Admission {
+    /// The port's name in logs (`gRPC`, `admin`).
+    pub port: &'static str,
+    /// Plaintext connections must send an HTTP/2 preface first (the gRPC port).
+    pub require_h2_preface: bool,
+    /// TLS, if the port has it: the handshake must finish within `deadline`.
+    pub tls: Option<Arc<ReloadingTls>>,
+    /// For the preface or the TLS handshake.
+    pub deadline: Duration,
+}
+
+impl Admission {
+    /// Admits one accepted connection, or says why not.
+    pub async fn admit(&self, stream: TcpStream) -> Result<Conn, Refused> {
+        if let Some(tls) = &self.tls {
+            let handshake = tls.acceptor().accept(stream);
+            return match tokio::time::timeout(self.deadline, handshake).await {
+                Ok(Ok(s)) => Ok(Conn::Tls(Box::new(s))),
+                Ok(Err(e)) => Err(Refused::Tls(e.to_string())),
+                Err(_) => Err(Refused::Timeout(self.deadline)),
+            };
+        }
+        if self.require_h2_preface {
+            await_preface(&stream, self.deadline).await?;
+        }
+        Ok(Conn::Plain(stream))
+    }
+
+    /// Whether admitting takes time (so it runs in its own task).
+    fn waits(&self) -> bool {
+        self.tls.is_some() || self.require_h2_preface
+    }
+}
+
+/// Accepts connections until `stop`, admitting them by `admission`.
+/// Accept errors (such as running out of file descriptors) back off instead
+/// of spinning; at most [`MAX_PENDING`] connections wait for admission.
 pub fn incoming(
     listener: TcpListener,
-    deadline: Duration,
+    admission: Admission,
     mut stop: watch::Receiver<bool>,
-) -> ReceiverStream<io::Result<TcpStream>> {
+) -> ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         let pending = Arc::new(Semaphore::new(MAX_PENDING));
+        let port = admission.port;
         loop {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
@@ -87,36 +227,83 @@ pub fn incoming(
             let (stream, peer) = match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept on the gRPC port failed; backing off");
+                    tracing::warn!(error = %e, port, "accept failed; backing off");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             };
+            let _ = stream.set_nodelay(true);
+            if !admission.waits() {
+                if tx.send(Ok(Conn::Plain(stream))).await.is_err() {
+                    break;
+                }
+                continue;
+            }
             let Ok(permit) = Arc::clone(&pending).try_acquire_owned() else {
-                tracing::warn!(%peer, "too many connections still completing their preface; closing");
+                tracing::warn!(%peer, port, "too many connections still completing their handshake; closing");
                 continue;
             };
-            let _ = stream.set_nodelay(true);
             let tx = tx.clone();
             let mut stop = stop.clone();
+            let admission = admission.clone();
             tokio::spawn(async move {
                 let admitted = tokio::select! {
-                    r = await_preface(&stream, deadline) => r,
+                    r = admission.admit(stream) => r,
                     _ = stop.wait_for(|s| *s) => Err(Refused::Closed),
                 };
                 drop(permit);
                 match admitted {
-                    Ok(()) => {
-                        let _ = tx.send(Ok(stream)).await;
+                    Ok(conn) => {
+                        let _ = tx.send(Ok(conn)).await;
                     }
                     Err(why) => {
-                        tracing::debug!(%peer, %why, "gRPC connection closed before admission")
+                        tracing::debug!(%peer, port, %why, "connection closed before admission")
                     }
                 }
             });
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// Admitted connections as an axum listener (the admin port).
+pub struct AdmittedListener {
+    conns: ReceiverStream<io::Result<Conn>>,
+    local: SocketAddr,
+}
+
+impl AdmittedListener {
+    pub fn new(conns: ReceiverStream<io::Result<Conn>>, local: SocketAddr) -> Self {
+        AdmittedListener { conns, local }
+    }
+}
+
+impl axum::serve::Listener for AdmittedListener {
+    type Io = Conn;
+    type Addr = PeerInfo;
+
+    async fn accept(&mut self) -> (Conn, PeerInfo) {
+        use tokio_stream::StreamExt;
+        loop {
+            match self.conns.next().await {
+                Some(Ok(conn)) => {
+                    let peer = conn.peer();
+                    return (conn, peer);
+                }
+                Some(Err(_)) => continue,
+                // Accepting stopped: the server is shutting down and waits
+                // for its graceful-shutdown signal, not for more connections.
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<PeerInfo> {
+        Ok(PeerInfo {
+            remote: Some(self.local),
+            tls: false,
+        })
+    }
 }
 
 #[cfg(test)]

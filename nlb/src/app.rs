@@ -12,6 +12,7 @@ use crate::control::module_client::ModuleClients;
 use crate::metrics::{series::NLB_OWNER, NlbMetrics, SeriesStore};
 use crate::registry::{InstanceView, OperatorRouting, Registry, Settings};
 use crate::routing::EndpointState;
+use crate::security::Security;
 
 /// Counts over one listing of the registry, so a status answer walks the
 /// instances once.
@@ -53,6 +54,8 @@ pub struct Nlb {
     pub metrics: NlbMetrics,
     pub series: SeriesStore,
     pub modules: ModuleClients,
+    /// Tokens and TLS in force.
+    pub security: Arc<Security>,
     pub started_at: SystemTime,
     /// Routing decisions made (RouteRequest and, later, connections).
     pub total_requests: AtomicU64,
@@ -82,6 +85,7 @@ impl Nlb {
             ),
             metrics: NlbMetrics::new(),
             modules: ModuleClients::default(),
+            security: Arc::new(Security::default()),
             config,
             started_at: SystemTime::now(),
             total_requests: AtomicU64::new(0),
@@ -123,9 +127,25 @@ impl Nlb {
         self.refresh_gauges();
     }
 
-    /// Re-reads the config file (SIGHUP). Restart-only sections that changed
-    /// are logged and wait for a restart; everything else applies now.
+    /// Re-reads the tokens and TLS files: all of them when `force`, else
+    /// those changed on disk.
+    pub fn reload_security(&self, force: bool) {
+        let config = self.config.current();
+        self.security
+            .reload(&config, &|v| self.config.env_var(v), &self.metrics, force);
+    }
+
+    /// Re-reads the config file (SIGHUP), then the tokens and TLS files.
+    /// Restart-only sections that changed are logged and wait for a restart;
+    /// everything else applies now. A bad config file leaves the config in
+    /// force, but the tokens and certificates are still re-read.
     pub fn reload(&self) -> Result<bool, String> {
+        let result = self.reload_config();
+        self.reload_security(true);
+        result
+    }
+
+    fn reload_config(&self) -> Result<bool, String> {
         match self.config.reload() {
             Ok(change) => {
                 self.apply_config();

@@ -7,6 +7,8 @@
 //! - [`routing`]: the routing core shared by `RouteRequest` and the data plane.
 //! - [`control`]: the `NLBService` control API and the `ModuleService` clients.
 //! - [`metrics`]: Prometheus metrics and the `ReportMetrics` series store.
+//! - [`auth`], [`tls`], [`security`], [`audit`]: who may call what, TLS on
+//!   the NLB's ports, their reloading, and the audit trail of operator changes.
 //! - [`server`], [`admin`], [`liveness`]: serving, the admin port, background loops.
 
 #![deny(unsafe_code)]
@@ -14,13 +16,17 @@
 pub mod admin;
 pub mod admission;
 pub mod app;
+pub mod audit;
+pub mod auth;
 pub mod config;
 pub mod control;
 pub mod liveness;
 pub mod metrics;
 pub mod registry;
 pub mod routing;
+pub mod security;
 pub mod server;
+pub mod tls;
 
 pub use app::Nlb;
 pub use server::{start, Running, StartError};

@@ -47,6 +47,11 @@ fn init_logs(format: &str) {
 fn check_config(path: &Path) -> ExitCode {
     let result = config::read_file(path)
         .and_then(|file| config::merge(&file, &config::Sections::new(), &config::process_env));
+    // The files the config names must load too: tokens and certificates.
+    let result = result.and_then(|c| {
+        nlb::security::check_files(&c, &config::process_env)
+            .map_err(|e| vec![config::ConfigError::new("", e.to_string())])
+    });
     match result {
         Ok(_) => {
             println!("{}: valid", path.display());

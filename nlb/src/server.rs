@@ -14,9 +14,12 @@ use tokio::task::JoinHandle;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
+use crate::admission::{Admission, AdmittedListener};
 use crate::app::Nlb;
+use crate::auth::layer::AuthLayer;
 use crate::control::ControlService;
-use crate::{admin, admission, liveness};
+use crate::metrics::grpc::GrpcMetricsLayer;
+use crate::{admin, admission, liveness, security};
 
 /// Why the NLB could not start.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +32,8 @@ pub enum StartError {
     },
     #[error("reflection service: {0}")]
     Reflection(String),
+    #[error("{0}")]
+    Security(#[from] crate::security::SecurityError),
 }
 
 /// A running NLB.
@@ -65,6 +70,8 @@ fn request_span(req: &http::Request<tonic::body::Body>) -> tracing::Span {
 /// Binds the ports and starts serving.
 pub async fn start(nlb: Arc<Nlb>) -> Result<Running, StartError> {
     let config = nlb.config.current();
+    nlb.security
+        .init(&config, &|v| nlb.config.env_var(v), &nlb.metrics)?;
     let (grpc_listener, grpc_addr) = bind("gRPC", &config.grpc.listen).await?;
     let (admin_listener, admin_addr) = bind("admin", &config.admin.listen).await?;
     let _ = nlb.bound.set((grpc_addr, admin_addr));
@@ -89,14 +96,28 @@ pub async fn start(nlb: Arc<Nlb>) -> Result<Running, StartError> {
         .max_encoding_message_size(max);
     let keepalive = (config.grpc.keepalive_interval_seconds > 0)
         .then(|| Duration::from_secs(config.grpc.keepalive_interval_seconds));
+    // Outermost first: request ids, the call's span, metrics (so refused
+    // calls are counted too), then authentication.
     let layers = tower::ServiceBuilder::new()
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(TraceLayer::new_for_grpc().make_span_with(request_span));
+        .layer(TraceLayer::new_for_grpc().make_span_with(request_span))
+        .layer(GrpcMetricsLayer::new(Arc::clone(&nlb.metrics.grpc)))
+        .layer(AuthLayer::new(
+            Arc::clone(&nlb.security),
+            nlb.metrics.auth_refusals.clone(),
+            nlb.metrics.audit_events.clone(),
+        ));
     let mut grpc_stop = stopped.clone();
+    let handshake = Duration::from_secs(config.grpc.handshake_timeout_seconds);
     let incoming = admission::incoming(
         grpc_listener,
-        Duration::from_secs(config.grpc.handshake_timeout_seconds),
+        Admission {
+            port: "gRPC",
+            require_h2_preface: true,
+            tls: nlb.security.grpc_tls.get().cloned(),
+            deadline: handshake,
+        },
         stopped.clone(),
     );
     let grpc = tonic::transport::Server::builder()
@@ -119,13 +140,24 @@ pub async fn start(nlb: Arc<Nlb>) -> Result<Running, StartError> {
             tracing::error!(error = %e, "gRPC server stopped with an error");
         }
     });
+    let admin_conns = admission::incoming(
+        admin_listener,
+        Admission {
+            port: "admin",
+            require_h2_preface: false,
+            tls: nlb.security.admin_tls.get().cloned(),
+            deadline: handshake,
+        },
+        stopped.clone(),
+    );
     let admin_task = tokio::spawn(admin::serve(
         Arc::clone(&nlb),
-        admin_listener,
+        AdmittedListener::new(admin_conns, admin_addr),
         stopped.clone(),
     ));
 
-    let loops = liveness::spawn_loops(Arc::clone(&nlb), stopped);
+    let mut loops = liveness::spawn_loops(Arc::clone(&nlb), stopped.clone());
+    loops.push(security::spawn_watcher(Arc::clone(&nlb), stopped));
     health
         .set_serving::<NlbServiceServer<ControlService>>()
         .await;

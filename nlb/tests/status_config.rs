@@ -301,7 +301,9 @@ async fn get_nlb_config_returns_every_section_with_its_checksum() {
             "backends",
             "routes",
             "traffic_weights",
-            "metrics"
+            "metrics",
+            "tls",
+            "auth",
         ]
     );
     for c in &resp.configs {

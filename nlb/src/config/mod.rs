@@ -2,8 +2,8 @@
 //!
 //! Layers, lowest first: the YAML file, the sections operators changed through
 //! the API (persisted in the state file), then environment variables
-//! (`NLB_GRPC_LISTEN`, `NLB_ADMIN_LISTEN`, `NLB_STATE_FILE`), which pin what a
-//! deployment decides. Every key and default is listed in
+//! (`NLB_GRPC_LISTEN`, `NLB_ADMIN_LISTEN`, `NLB_STATE_FILE`, the TLS file
+//! paths and `NLB_TOKENS_FILE`), which pin what a deployment decides. Every key and default is listed in
 //! `docs/configuration.md`.
 
 mod model;
@@ -27,7 +27,18 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("NLB_GRPC_LISTEN", "grpc.listen"),
     ("NLB_ADMIN_LISTEN", "admin.listen"),
     ("NLB_STATE_FILE", "state_file"),
+    ("NLB_GRPC_TLS_CERT", "tls.grpc.cert_file"),
+    ("NLB_GRPC_TLS_KEY", "tls.grpc.key_file"),
+    ("NLB_GRPC_TLS_CLIENT_CA", "tls.grpc.client_ca_file"),
+    ("NLB_ADMIN_TLS_CERT", "tls.admin.cert_file"),
+    ("NLB_ADMIN_TLS_KEY", "tls.admin.key_file"),
+    ("NLB_ADMIN_TLS_CLIENT_CA", "tls.admin.client_ca_file"),
+    ("NLB_TOKENS_FILE", "auth.tokens_file"),
 ];
+
+/// Sections only the config file and the environment may set: whoever holds
+/// an operator token must not be able to turn security off through the API.
+pub const FILE_ONLY_SECTIONS: &[&str] = &["state_file", "tls", "auth"];
 
 /// Top-level sections that take effect only after a restart.
 pub const RESTART_SECTIONS: &[&str] = &["grpc", "admin", "state_file"];
@@ -44,6 +55,8 @@ pub const SECTIONS: &[&str] = &[
     "routes",
     "traffic_weights",
     "metrics",
+    "tls",
+    "auth",
 ];
 
 /// Whether changing `section` needs a restart.
@@ -115,6 +128,17 @@ pub fn merge(
                 "grpc.listen" => config.grpc.listen = value,
                 "admin.listen" => config.admin.listen = value,
                 "state_file" => config.state_file = value.into(),
+                "tls.grpc.cert_file" => tls(&mut config.tls.grpc).cert_file = value.into(),
+                "tls.grpc.key_file" => tls(&mut config.tls.grpc).key_file = value.into(),
+                "tls.grpc.client_ca_file" => {
+                    tls(&mut config.tls.grpc).client_ca_file = Some(value.into())
+                }
+                "tls.admin.cert_file" => tls(&mut config.tls.admin).cert_file = value.into(),
+                "tls.admin.key_file" => tls(&mut config.tls.admin).key_file = value.into(),
+                "tls.admin.client_ca_file" => {
+                    tls(&mut config.tls.admin).client_ca_file = Some(value.into())
+                }
+                "auth.tokens_file" => config.auth.tokens_file = Some(value.into()),
                 _ => {}
             }
         }
@@ -129,11 +153,22 @@ pub fn merge(
         "admin.listen (or NLB_ADMIN_LISTEN)",
         &mut errors,
     );
+    for (port, files) in [("grpc", &config.tls.grpc), ("admin", &config.tls.admin)] {
+        if let Some(files) = files {
+            validate::check_tls_files(port, files, &mut errors);
+        }
+    }
     if errors.is_empty() {
         Ok(config)
     } else {
         Err(errors)
     }
+}
+
+/// A port's TLS entry, created empty when an environment variable is the
+/// first to name one of its files.
+fn tls(port: &mut Option<TlsFiles>) -> &mut TlsFiles {
+    port.get_or_insert_with(TlsFiles::default)
 }
 
 /// The process environment, for [`merge`].

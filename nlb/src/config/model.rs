@@ -25,6 +25,10 @@ pub struct NlbConfig {
     /// Per module type (`alb`, ...): version -> percent, summing to 100.
     pub traffic_weights: BTreeMap<String, BTreeMap<String, u32>>,
     pub metrics: MetricsConfig,
+    /// TLS for the gRPC and admin ports.
+    pub tls: TlsSection,
+    /// Token authentication of the control API.
+    pub auth: AuthConfig,
 }
 
 impl Default for NlbConfig {
@@ -40,6 +44,8 @@ impl Default for NlbConfig {
             routes: Vec::new(),
             traffic_weights: BTreeMap::new(),
             metrics: MetricsConfig::default(),
+            tls: TlsSection::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -238,6 +244,65 @@ impl RouteConfig {
             path_pattern: route.path_pattern.clone(),
             headers: route.headers.clone().into_iter().collect(),
             metadata: route.metadata.clone().into_iter().collect(),
+        }
+    }
+}
+
+/// TLS for the control API's gRPC port and the admin port. A port without
+/// its entry is plaintext. Certificate, key and CA files are re-read when
+/// they change on disk and on SIGHUP; turning TLS on or off for a port takes
+/// a restart.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSection {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<TlsFiles>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin: Option<TlsFiles>,
+    /// How often the files are checked for changes (0 = only on SIGHUP).
+    pub reload_interval_seconds: u64,
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        TlsSection {
+            grpc: None,
+            admin: None,
+            reload_interval_seconds: 10,
+        }
+    }
+}
+
+/// One port's certificate chain, private key and, for mutual TLS, the CA
+/// that client certificates must chain to. PEM files.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// Set: mutual TLS, clients must present a certificate signed by this CA.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// Where the control API's tokens come from. Tokens themselves never appear
+/// in the config: they live in `tokens_file` (re-read when it changes) or in
+/// the `NLB_OPERATOR_TOKEN`, `NLB_VIEWER_TOKEN` and `NLB_MODULE_TOKEN`
+/// environment variables. With no tokens at all, the API is open.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_file: Option<PathBuf>,
+    /// How often the tokens file is checked for changes (0 = only on SIGHUP).
+    pub reload_interval_seconds: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            tokens_file: None,
+            reload_interval_seconds: 10,
         }
     }
 }

@@ -82,7 +82,18 @@ impl ConfigStore {
         // The state file's location comes from the file and environment alone.
         let base = merge(&file, &Sections::new(), &*env)?;
         let state = StateFile::new(base.state_file.clone());
-        let (api, updated_at_ms) = state.load().map_err(one)?;
+        let (mut api, updated_at_ms) = state.load().map_err(one)?;
+        // The API cannot write these; a state file that holds them was
+        // edited by hand, and it does not get to change security settings.
+        for section in super::FILE_ONLY_SECTIONS {
+            if api.remove(*section).is_some() {
+                tracing::warn!(
+                    section,
+                    state_file = %state.path().display(),
+                    "ignoring a section the API cannot set, found in the state file"
+                );
+            }
+        }
         let config = merge(&file, &api, &*env).map_err(|errs| {
             errs.into_iter()
                 .map(|e| {
@@ -139,6 +150,12 @@ impl ConfigStore {
             .unwrap_or(layers.file_read_ms)
     }
 
+    /// An environment variable, through the same source the config's
+    /// overrides come from (tests inject their own).
+    pub fn env_var(&self, name: &str) -> Option<String> {
+        (self.env)(name).filter(|v| !v.trim().is_empty())
+    }
+
     /// The sections the API layer overrides.
     pub fn api_sections(&self) -> Vec<String> {
         self.layers.lock().api.keys().cloned().collect()
@@ -174,11 +191,12 @@ impl ConfigStore {
                 format!("unknown section (known: {})", SECTIONS.join(", ")),
             )]));
         }
-        if section == "state_file" {
-            return Err(UpdateError::Invalid(vec![ConfigError::new(
-                section,
-                "is set by the config file or NLB_STATE_FILE, not through the API (the state file cannot move itself)",
-            )]));
+        if super::FILE_ONLY_SECTIONS.contains(&section) {
+            let why = match section {
+                "state_file" => "is set by the config file or NLB_STATE_FILE, not through the API (the state file cannot move itself)",
+                _ => "is set by the config file or the environment, not through the API (security settings are not changed remotely)",
+            };
+            return Err(UpdateError::Invalid(vec![ConfigError::new(section, why)]));
         }
         let mut layers = self.layers.lock();
         let value = f(&self.current())?;

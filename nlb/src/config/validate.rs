@@ -71,6 +71,34 @@ pub fn check(sections: &Sections) -> Result<NlbConfig, Vec<ConfigError>> {
     }
 }
 
+/// A port's TLS entry needs both a certificate and a key (the environment
+/// may supply them, so this runs after the overrides).
+pub(super) fn check_tls_files(port: &str, files: &super::TlsFiles, errors: &mut Vec<ConfigError>) {
+    let upper = port.to_uppercase();
+    if files.cert_file.as_os_str().is_empty() {
+        errors.push(ConfigError::new(
+            format!("tls.{port}.cert_file (or NLB_{upper}_TLS_CERT)"),
+            "is required when TLS is on for this port (a PEM certificate chain)",
+        ));
+    }
+    if files.key_file.as_os_str().is_empty() {
+        errors.push(ConfigError::new(
+            format!("tls.{port}.key_file (or NLB_{upper}_TLS_KEY)"),
+            "is required when TLS is on for this port (a PEM private key)",
+        ));
+    }
+    if files
+        .client_ca_file
+        .as_ref()
+        .is_some_and(|p| p.as_os_str().is_empty())
+    {
+        errors.push(ConfigError::new(
+            format!("tls.{port}.client_ca_file"),
+            "is empty; leave it out for TLS without client certificates",
+        ));
+    }
+}
+
 /// A listen address must be `ip:port`.
 pub(super) fn check_listen(addr: &str, key: &str, errors: &mut Vec<ConfigError>) {
     if addr.parse::<SocketAddr>().is_err() {

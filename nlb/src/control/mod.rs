@@ -17,6 +17,8 @@ use tonic::{Request, Response, Status};
 pub use status::sha256_hex;
 
 use crate::app::Nlb;
+use crate::audit::{self, Caller, Outcome};
+use crate::auth::{Principal, Role};
 use crate::registry::RegistryError;
 
 impl From<RegistryError> for Status {
@@ -45,13 +47,79 @@ impl ControlService {
 
 type Reply<T> = Result<Response<T>, Status>;
 
+impl ControlService {
+    /// A module token acts only for the instances it registered.
+    fn check_owner(&self, caller: &Principal, instance_id: &str) -> Result<(), Status> {
+        if caller.role != Role::Module {
+            return Ok(());
+        }
+        match self.nlb.registry.owner_of(instance_id) {
+            // Not registered: the handler answers that.
+            None => Ok(()),
+            Some(owner) => caller.check_owns(&format!("instance {instance_id}"), owner.as_deref()),
+        }
+    }
+
+    /// Records an operator change in the audit trail and hands back its result.
+    fn audited<T>(
+        &self,
+        caller: &Caller,
+        method: &str,
+        what: &str,
+        result: Result<T, Status>,
+        ok: impl Fn(&T) -> Result<(), String>,
+    ) -> Reply<T> {
+        audit::record(
+            &self.nlb.metrics.audit_events,
+            caller,
+            method,
+            what,
+            &Outcome::of(&result, ok),
+        );
+        result.map(Response::new)
+    }
+}
+
+/// A short list of ids for audit lines.
+fn id_list<'a>(ids: impl Iterator<Item = &'a str>) -> String {
+    let ids: Vec<&str> = ids.collect();
+    let shown: Vec<&str> = ids.iter().take(10).copied().collect();
+    let more = ids.len().saturating_sub(shown.len());
+    if more > 0 {
+        format!("{} and {more} more", shown.join(","))
+    } else {
+        shown.join(",")
+    }
+}
+
+fn type_name(wire: i32) -> String {
+    pb::ModuleType::from_wire(wire).map_or_else(|| wire.to_string(), |t| t.short_name().to_string())
+}
+
+fn success(ok: bool, message: &str) -> Result<(), String> {
+    if ok {
+        Ok(())
+    } else {
+        Err(message.to_string())
+    }
+}
+
 #[tonic::async_trait]
 impl NlbService for ControlService {
     async fn register_module(
         &self,
         r: Request<pb::RegisterModuleRequest>,
     ) -> Reply<pb::RegisterModuleResponse> {
-        self.register_module(r.into_inner())
+        let caller = Principal::of(&r);
+        let req = r.into_inner();
+        if let Some(t) = req
+            .instance
+            .as_ref()
+            .and_then(|i| pb::ModuleType::from_wire(i.module_type))
+        {
+            caller.check_module_type(t)?;
+        }
+        self.register_module(req, caller.owner(), caller.role != Role::Module)
             .await
             .map(Response::new)
     }
@@ -59,12 +127,27 @@ impl NlbService for ControlService {
         &self,
         r: Request<pb::UnregisterModuleRequest>,
     ) -> Reply<pb::UnregisterModuleResponse> {
-        self.unregister_module(r.into_inner())
-            .await
-            .map(Response::new)
+        let caller = Caller::of(&r);
+        let req = r.into_inner();
+        if caller.principal.role == Role::Module {
+            self.check_owner(&caller.principal, &req.instance_id)?;
+            return self.unregister_module(req).await.map(Response::new);
+        }
+        // An operator removing an instance is an operator change.
+        let what = format!(
+            "instance {} graceful={} drain_timeout_seconds={}",
+            req.instance_id, req.graceful, req.drain_timeout_seconds
+        );
+        let result = self.unregister_module(req).await;
+        self.audited(&caller, "UnregisterModule", &what, result, |r| {
+            success(r.success, &r.message)
+        })
     }
     async fn heartbeat(&self, r: Request<pb::HeartbeatRequest>) -> Reply<pb::HeartbeatResponse> {
-        self.heartbeat(r.into_inner()).await.map(Response::new)
+        let caller = Principal::of(&r);
+        let req = r.into_inner();
+        self.check_owner(&caller, &req.instance_id)?;
+        self.heartbeat(req).await.map(Response::new)
     }
     async fn list_modules(
         &self,
@@ -84,7 +167,24 @@ impl NlbService for ControlService {
         &self,
         r: Request<pb::UpdateRoutingRequest>,
     ) -> Reply<pb::UpdateRoutingResponse> {
-        self.update_routing(r.into_inner()).await.map(Response::new)
+        let caller = Caller::of(&r);
+        let req = r.into_inner();
+        let what = format!(
+            "{} routes [{}] replace_all={} validate_only={}{}",
+            req.routes.len(),
+            id_list(req.routes.iter().map(|r| r.route_id.as_str())),
+            req.replace_all,
+            req.validate_only,
+            if req.source_instance_id.is_empty() {
+                String::new()
+            } else {
+                format!(" source_instance_id={}", req.source_instance_id)
+            }
+        );
+        let result = self.update_routing(req).await;
+        self.audited(&caller, "UpdateRouting", &what, result, |r| {
+            success(r.success, &r.message)
+        })
     }
     async fn get_routing_table(
         &self,
@@ -98,7 +198,16 @@ impl NlbService for ControlService {
         &self,
         r: Request<pb::RouteRequestRequest>,
     ) -> Reply<pb::RouteRequestResponse> {
-        self.route_request(r.into_inner()).await.map(Response::new)
+        let caller = Principal::of(&r);
+        let req = r.into_inner();
+        if !req.dry_run && caller.role != Role::Operator {
+            return Err(Status::permission_denied(format!(
+                "token {:?} has role {}; RouteRequest needs an operator token unless dry_run is set",
+                caller.name,
+                caller.role.name()
+            )));
+        }
+        self.route_request(req).await.map(Response::new)
     }
     async fn validate_route(
         &self,
@@ -110,7 +219,10 @@ impl NlbService for ControlService {
         &self,
         r: Request<pb::ReportMetricsRequest>,
     ) -> Reply<pb::ReportMetricsResponse> {
-        self.report_metrics(r.into_inner()).await.map(Response::new)
+        let caller = Principal::of(&r);
+        let req = r.into_inner();
+        self.check_owner(&caller, &req.instance_id)?;
+        self.report_metrics(req).await.map(Response::new)
     }
     async fn get_nlb_metrics(
         &self,
@@ -152,9 +264,21 @@ impl NlbService for ControlService {
         &self,
         r: Request<pb::UpdateNlbConfigRequest>,
     ) -> Reply<pb::UpdateNlbConfigResponse> {
-        self.update_nlb_config(r.into_inner())
-            .await
-            .map(Response::new)
+        let caller = Caller::of(&r);
+        let req = r.into_inner();
+        let what = match &req.config {
+            Some(c) => format!(
+                "section {} ({} bytes) validate_only={}",
+                c.config_type,
+                c.config_data.len(),
+                req.validate_only
+            ),
+            None => format!("no config validate_only={}", req.validate_only),
+        };
+        let result = self.update_nlb_config(req).await;
+        self.audited(&caller, "UpdateNLBConfig", &what, result, |r| {
+            success(r.success, &r.message)
+        })
     }
     async fn get_nlb_config(
         &self,
@@ -166,7 +290,18 @@ impl NlbService for ControlService {
         &self,
         r: Request<pb::RebalanceLoadRequest>,
     ) -> Reply<pb::RebalanceLoadResponse> {
-        self.rebalance_load(r.into_inner()).await.map(Response::new)
+        let caller = Caller::of(&r);
+        let req = r.into_inner();
+        let what = format!(
+            "strategy={:?} force={} instances=[{}]",
+            req.strategy,
+            req.force,
+            id_list(req.target_instances.iter().map(String::as_str))
+        );
+        let result = self.rebalance_load(req).await;
+        self.audited(&caller, "RebalanceLoad", &what, result, |r| {
+            success(r.success, &r.message)
+        })
     }
     async fn get_load_distribution(
         &self,
@@ -180,8 +315,18 @@ impl NlbService for ControlService {
         &self,
         r: Request<pb::TriggerScalingRequest>,
     ) -> Reply<pb::TriggerScalingResponse> {
-        self.trigger_scaling(r.into_inner())
-            .await
-            .map(Response::new)
+        let caller = Caller::of(&r);
+        let req = r.into_inner();
+        let what = format!(
+            "module_type={} instance={:?} action={:?} target_instances={}",
+            type_name(req.module_type),
+            req.instance_id,
+            req.scaling_action,
+            req.target_instances
+        );
+        let result = self.trigger_scaling(req).await;
+        self.audited(&caller, "TriggerScaling", &what, result, |r| {
+            success(r.success, &r.message)
+        })
     }
 }

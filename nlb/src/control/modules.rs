@@ -52,9 +52,11 @@ impl ControlService {
     pub(super) async fn register_module(
         &self,
         req: pb::RegisterModuleRequest,
+        owner: Option<&str>,
+        may_take_over: bool,
     ) -> Result<pb::RegisterModuleResponse, Status> {
         let metrics = &self.nlb.metrics;
-        match self.nlb.registry.register(&req) {
+        match self.nlb.registry.register_as(&req, owner, may_take_over) {
             Ok(r) => {
                 if let Some(old) = &r.replaced_address {
                     self.nlb.modules.forget(old);

@@ -113,6 +113,22 @@ impl ControlService {
             details.insert("admin_address".into(), admin.to_string());
         }
         details.insert("admin_listen".into(), config.admin.listen.clone());
+        let security = &self.nlb.security;
+        details.insert(
+            "auth".into(),
+            if security.auth.enabled() { "on" } else { "off" }.into(),
+        );
+        for (key, tls) in [
+            ("grpc_tls", security.grpc_tls.get()),
+            ("admin_tls", security.admin_tls.get()),
+        ] {
+            let v = match tls {
+                Some(t) if t.requires_client_cert() => "mutual",
+                Some(_) => "on",
+                None => "off",
+            };
+            details.insert(key.into(), v.into());
+        }
         details.insert(
             "config_file".into(),
             self.nlb

@@ -3,13 +3,17 @@
 //! documented in `docs/metrics.md`; no label carries a client address or an
 //! instance id.
 
+pub mod grpc;
 pub mod series;
 
 use prometheus::{
     IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry as PromRegistry,
 };
 
+pub use grpc::GrpcMetrics;
 pub use series::SeriesStore;
+
+use std::sync::Arc;
 
 /// The NLB's own metrics.
 pub struct NlbMetrics {
@@ -42,6 +46,21 @@ pub struct NlbMetrics {
     pub metric_reports: IntCounterVec,
     /// `nlb_metric_series`.
     pub metric_series: IntGauge,
+    /// `nlb_grpc_requests_total{service,method,code}` and
+    /// `nlb_grpc_request_duration_seconds{service,method}`.
+    pub grpc: Arc<GrpcMetrics>,
+    /// `nlb_auth_enabled`: 1 when tokens are required.
+    pub auth_enabled: IntGauge,
+    /// `nlb_auth_refusals_total{reason}`: missing_token, invalid_token,
+    /// permission_denied.
+    pub auth_refusals: IntCounterVec,
+    /// `nlb_auth_reloads_total{result}`: ok, failed.
+    pub auth_reloads: IntCounterVec,
+    /// `nlb_tls_reloads_total{port,result}`: grpc/admin, ok/failed.
+    pub tls_reloads: IntCounterVec,
+    /// `nlb_audit_events_total{method,result}`: operator changes by
+    /// method and ok, failed, denied.
+    pub audit_events: IntCounterVec,
 }
 
 fn counter_vec(reg: &PromRegistry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -143,6 +162,41 @@ impl NlbMetrics {
                 "nlb_metric_series",
                 "Time series held: module reports, heartbeat samples and the NLB's own",
             ),
+            grpc: Arc::new(GrpcMetrics::new(
+                &reg,
+                &[
+                    shared_types::FILE_DESCRIPTOR_SET,
+                    tonic_health::pb::FILE_DESCRIPTOR_SET,
+                ],
+            )),
+            auth_enabled: gauge(
+                "nlb_auth_enabled",
+                "1 when the control API requires tokens, 0 when it is open",
+            ),
+            auth_refusals: counter_vec(
+                &reg,
+                "nlb_auth_refusals_total",
+                "Control API calls refused by authentication or authorization, by reason",
+                &["reason"],
+            ),
+            auth_reloads: counter_vec(
+                &reg,
+                "nlb_auth_reloads_total",
+                "Tokens file reloads by result",
+                &["result"],
+            ),
+            tls_reloads: counter_vec(
+                &reg,
+                "nlb_tls_reloads_total",
+                "Certificate and key reloads by port and result",
+                &["port", "result"],
+            ),
+            audit_events: counter_vec(
+                &reg,
+                "nlb_audit_events_total",
+                "Operator changes through the control API, by method and result",
+                &["method", "result"],
+            ),
             prometheus: reg,
         }
         .with_known_labels()
@@ -151,7 +205,7 @@ impl NlbMetrics {
     /// Creates every known label value at zero, so dashboards and alerts see
     /// a series before its first event.
     fn with_known_labels(self) -> Self {
-        let known: [(&IntCounterVec, &[&str]); 9] = [
+        let known: [(&IntCounterVec, &[&str]); 11] = [
             (&self.registrations, &["registered", "renewed", "refused"]),
             (&self.unregistrations, &["graceful", "immediate"]),
             (&self.heartbeats, &["ok", "reregister"]),
@@ -161,10 +215,20 @@ impl NlbMetrics {
             (&self.config_updates, &["applied", "validated", "refused"]),
             (&self.config_reloads, &["ok", "failed"]),
             (&self.metric_reports, &["accepted", "refused"]),
+            (
+                &self.auth_refusals,
+                &["missing_token", "invalid_token", "permission_denied"],
+            ),
+            (&self.auth_reloads, &["ok", "failed"]),
         ];
         for (vec, values) in known {
             for v in values {
                 vec.with_label_values(&[v]);
+            }
+        }
+        for port in ["grpc", "admin"] {
+            for result in ["ok", "failed"] {
+                self.tls_reloads.with_label_values(&[port, result]);
             }
         }
         self

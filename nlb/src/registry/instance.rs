@@ -85,6 +85,9 @@ pub struct Instance {
     pub info: pb::ModuleInstance,
     pub module_type: ModuleType,
     pub registration_id: String,
+    /// The token that registered it (none when the API is open): only that
+    /// token, or an operator, acts for the instance.
+    pub owner: Option<String>,
     pub routes: Vec<RouteSpec>,
     pub capabilities: HashMap<String, String>,
     pub timings: HealthTimings,

@@ -213,6 +213,18 @@ impl Registry {
     /// address is idempotent: same registration id, lease renewed, fields
     /// updated.
     pub fn register(&self, req: &pb::RegisterModuleRequest) -> Result<Registered, RegistryError> {
+        self.register_as(req, None, true)
+    }
+
+    /// Registers on behalf of `owner` (the caller's token; none when the API
+    /// is open). Unless `may_take_over` (an operator), an instance another
+    /// token registered cannot be renewed or replaced by this one.
+    pub fn register_as(
+        &self,
+        req: &pb::RegisterModuleRequest,
+        owner: Option<&str>,
+        may_take_over: bool,
+    ) -> Result<Registered, RegistryError> {
         let Checked {
             module_type,
             routes,
@@ -226,6 +238,14 @@ impl Registry {
         let wall = SystemTime::now();
         self.with(|inner| {
             let existing = inner.instances.get(&id);
+            if let Some(theirs) = existing.and_then(|old| old.owner.as_deref()) {
+                if !may_take_over && Some(theirs) != owner {
+                    let err = RegistryError::PermissionDenied(format!(
+                        "instance {id} was registered by another token; only that token or an operator may register it again"
+                    ));
+                    return (Err(err), false);
+                }
+            }
             let renew = match existing {
                 Some(old) if old.info.address == inst.address => true,
                 Some(old) if old.draining.is_none() && old.lease_ok => {
@@ -258,6 +278,7 @@ impl Registry {
             let instance = Instance {
                 module_type,
                 registration_id: registration_id.clone(),
+                owner: owner.map(str::to_string),
                 routes,
                 capabilities: req.capabilities.clone(),
                 timings,
@@ -636,6 +657,16 @@ impl Registry {
     }
 
     /// The module type an instance registered as.
+    /// Who registered an instance: `None` if it is not registered,
+    /// `Some(None)` if it was registered while the API was open.
+    pub fn owner_of(&self, instance_id: &str) -> Option<Option<String>> {
+        self.inner
+            .lock()
+            .instances
+            .get(instance_id)
+            .map(|i| i.owner.clone())
+    }
+
     pub fn module_type_of(&self, instance_id: &str) -> Option<ModuleType> {
         self.read(|inner| inner.instances.get(instance_id).map(|i| i.module_type))
     }
