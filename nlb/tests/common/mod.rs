@@ -74,6 +74,16 @@ impl TestNlb {
 
     /// An NLB with `extra` YAML sections merged over the harness defaults.
     pub async fn start_with(extra: &str) -> Self {
+        Self::start_with_env(extra, &[]).await
+    }
+
+    /// Like [`TestNlb::start_with`], with environment variables as the NLB
+    /// would read them (the process environment is not touched).
+    pub async fn start_with_env(extra: &str, env: &[(&str, &str)]) -> Self {
+        let env: std::collections::HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let dir = tempfile::tempdir().expect("temp dir");
         let state_file = dir.path().join("state.json");
         let config_file = dir.path().join("nlb.yaml");
@@ -94,8 +104,11 @@ impl TestNlb {
             serde_yaml_ng::to_string(&base).expect("config serializes"),
         )
         .expect("write config");
-        let store = nlb::config::ConfigStore::load(Some(config_file.clone()), Box::new(|_| None))
-            .unwrap_or_else(|e| panic!("test config refused: {e:?}"));
+        let store = nlb::config::ConfigStore::load(
+            Some(config_file.clone()),
+            Box::new(move |k| env.get(k).cloned()),
+        )
+        .unwrap_or_else(|e| panic!("test config refused: {e:?}"));
         let running = nlb::start(Nlb::new(store)).await.expect("NLB starts");
         let client = connect(running.grpc_addr).await;
         TestNlb {
@@ -255,6 +268,31 @@ impl TestNlb {
 /// A client to `addr`, connecting with retries for a few seconds.
 pub async fn connect(addr: SocketAddr) -> NlbServiceClient<Channel> {
     NlbServiceClient::new(channel(addr).await)
+}
+
+/// `msg` as a request carrying `header: value` (a token).
+pub fn with_header<T>(msg: T, header: &'static str, value: &str) -> Request<T> {
+    let mut req = Request::new(msg);
+    req.metadata_mut()
+        .insert(header, value.parse().expect("ASCII header value"));
+    req
+}
+
+/// `msg` with `authorization: Bearer <token>`.
+pub fn bearer<T>(msg: T, token: &str) -> Request<T> {
+    with_header(msg, "authorization", &format!("Bearer {token}"))
+}
+
+/// The admin port's `/metrics` text.
+pub async fn scrape(admin: SocketAddr) -> String {
+    http_get(admin, "/metrics").await.body
+}
+
+/// The value of one sample line of Prometheus text (`name{labels}`), or 0.
+pub fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .map_or(0.0, |v| v.trim().parse().expect("a number"))
 }
 
 /// A channel to `addr`.
