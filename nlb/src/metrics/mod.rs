@@ -257,6 +257,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_metric_is_documented() {
+        let m = NlbMetrics::new();
+        // Vectors without a series are not gathered: give each one.
+        m.instances.with_label_values(&["alb", "healthy"]).set(1);
+        m.audit_events.with_label_values(&["other", "ok"]).inc();
+        let slot = m.grpc.slot("/x/y");
+        m.grpc.record(slot, tonic::Code::Ok, std::time::Duration::ZERO);
+        let doc = include_str!("../../../docs/metrics.md");
+        let names: Vec<String> = m
+            .prometheus
+            .gather()
+            .iter()
+            .map(|f| f.name().to_string())
+            .collect();
+        assert!(names.len() >= 20, "{names:?}");
+        for name in names {
+            assert!(
+                doc.contains(&format!("| `{name}` |")),
+                "{name} is not in docs/metrics.md"
+            );
+        }
+    }
+
+    #[test]
     fn every_counter_shows_its_known_labels_at_zero() {
         let text = NlbMetrics::new().render();
         for line in [
