@@ -114,12 +114,12 @@ pub fn record(
     tracing::info!(
         target: "audit",
         who = %caller.principal.name,
-        role = caller.principal.role.name(),
+        role = %caller.principal.role.name(),
         peer = %caller.peer.map_or_else(|| "-".to_string(), |p| p.to_string()),
         request_id = %caller.request_id,
-        method = label,
+        method = %label,
         what,
-        result = outcome.label(),
+        result = %outcome.label(),
         detail,
         at_unix_ms,
         "operator change"

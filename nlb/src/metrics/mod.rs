@@ -263,7 +263,8 @@ mod tests {
         m.instances.with_label_values(&["alb", "healthy"]).set(1);
         m.audit_events.with_label_values(&["other", "ok"]).inc();
         let slot = m.grpc.slot("/x/y");
-        m.grpc.record(slot, tonic::Code::Ok, std::time::Duration::ZERO);
+        m.grpc
+            .record(slot, tonic::Code::Ok, std::time::Duration::ZERO);
         let doc = include_str!("../../../docs/metrics.md");
         let names: Vec<String> = m
             .prometheus
