@@ -14,7 +14,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, Opts};
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts};
 use prost::Message;
 use tonic::body::Body;
 use tonic::codegen::Bytes;
@@ -30,6 +30,8 @@ struct Slot {
     service: String,
     method: String,
     duration: OnceLock<Histogram>,
+    /// The `OK` counter, the common case, resolved once.
+    ok: OnceLock<IntCounter>,
 }
 
 /// The control port's request metrics.
@@ -134,6 +136,7 @@ impl GrpcMetrics {
                 service,
                 method,
                 duration: OnceLock::new(),
+                ok: OnceLock::new(),
             });
         }
         GrpcMetrics {
@@ -158,9 +161,15 @@ impl GrpcMetrics {
         s.duration
             .get_or_init(|| self.duration.with_label_values(&[&s.service, &s.method]))
             .observe(elapsed.as_secs_f64());
-        self.requests
-            .with_label_values(&[&s.service, &s.method, code_name(code)])
-            .inc();
+        let label = |code| {
+            self.requests
+                .with_label_values(&[&s.service, &s.method, code_name(code)])
+        };
+        if code == Code::Ok {
+            s.ok.get_or_init(|| label(Code::Ok)).inc();
+        } else {
+            label(code).inc();
+        }
     }
 }
 
