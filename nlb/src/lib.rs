@@ -8,6 +8,7 @@
 //! - [`control`]: the `NLBService` control API and the `ModuleService` clients.
 //! - [`metrics`]: Prometheus metrics and the `ReportMetrics` series store.
 //! - [`server`], [`admin`], [`liveness`]: serving, the admin port, background loops.
+//! - [`ctl`]: `nlbctl`, the operator CLI over the control API.
 
 #![deny(unsafe_code)]
 
@@ -16,6 +17,7 @@ pub mod admission;
 pub mod app;
 pub mod config;
 pub mod control;
+pub mod ctl;
 pub mod liveness;
 pub mod metrics;
 pub mod registry;
