@@ -81,6 +81,8 @@ pub struct ClientOptions {
     pub endpoint: Endpoint,
     pub auth: Auth,
     pub tls: bool,
+    /// Whether a client certificate is presented (mutual TLS).
+    pub client_cert: bool,
     /// Deadline of each unary call and of connecting.
     pub timeout: Option<Duration>,
 }
@@ -241,6 +243,7 @@ impl ClientOptions {
             endpoint,
             auth,
             tls: has_tls,
+            client_cert: g.cert.is_some(),
             timeout: g.timeout.0,
         })
     }
@@ -323,7 +326,32 @@ impl Ctl {
         };
         answer
             .map(Response::into_inner)
-            .map_err(|s| CtlError::status(what, s))
+            .map_err(|s| self.failed(what, s))
+    }
+
+    /// The error for a failed call. A status tonic made on this side from a
+    /// transport error (UNKNOWN or CANCELLED, with the error as its source)
+    /// means the connection broke: a connection failure, exit 3. With TLS 1.3
+    /// that is how a server refusing the client certificate shows: the
+    /// handshake completes, then the first call fails.
+    pub fn failed(&self, what: &str, status: Status) -> CtlError {
+        use tonic::Code;
+        let source = std::error::Error::source(&status);
+        match source {
+            Some(cause) if matches!(status.code(), Code::Unknown | Code::Cancelled) => {
+                let mut detail = error_chain(cause);
+                if self.opts.tls && !self.opts.client_cert {
+                    detail.push_str(
+                        " (if the NLB requires client certificates, give --cert and --key)",
+                    );
+                }
+                CtlError::Connect {
+                    addr: self.opts.addr.clone(),
+                    detail,
+                }
+            }
+            _ => CtlError::status(what, status),
+        }
     }
 }
 

@@ -108,7 +108,7 @@ async fn watch(ctl: &Ctl, out: &mut Out, a: &MetricsArgs) -> Result<Exit, CtlErr
     // No deadline on a stream: it lasts until the user or the NLB ends it.
     let mut stream = tokio::select! {
         r = client.stream_nlb_metrics(req) => {
-            r.map_err(|s| CtlError::status(WHAT, s))?.into_inner()
+            r.map_err(|s| ctl.failed(WHAT, s))?.into_inner()
         }
         _ = interrupt.recv() => return Ok(Exit::Ok),
         _ = terminate.recv() => return Ok(Exit::Ok),
@@ -127,7 +127,7 @@ async fn watch(ctl: &Ctl, out: &mut Out, a: &MetricsArgs) -> Result<Exit, CtlErr
                     eprintln!("nlbctl: {WHAT}: the NLB ended the stream");
                     return Ok(Exit::Ok);
                 }
-                Err(s) => return Err(CtlError::status(WHAT, s)),
+                Err(s) => return Err(ctl.failed(WHAT, s)),
             },
             _ = interrupt.recv() => return Ok(Exit::Ok),
             _ = terminate.recv() => return Ok(Exit::Ok),
