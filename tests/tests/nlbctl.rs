@@ -931,6 +931,17 @@ async fn metrics_load_rebalance_and_scale() {
     assert!(hb.acknowledged, "{hb:?}");
     let at = nlb.grpc_addr.as_str();
 
+    // The heartbeat's stats, as GetModuleInfo shows them.
+    let run = nlbctl_at(at, &["modules", "show", "alb-1"]).await;
+    assert_eq!(value_of(&run.stdout, "cpu"), "40%");
+    assert_eq!(value_of(&run.stdout, "memory"), "128 MB");
+    assert_eq!(value_of(&run.stdout, "custom"), "requests_per_second=12");
+    let j = nlbctl_at(at, &["modules", "show", "alb-1", "--json"])
+        .await
+        .json();
+    assert_eq!(j["stats"]["cpu_usage_percent"], 40.0);
+    assert_eq!(j["stats"]["custom_stats"]["requests_per_second"], "12");
+
     // Every series: the NLB's own and alb-1's from its heartbeat.
     let j = nlbctl_at(at, &["metrics", "--json"])
         .await
@@ -1297,17 +1308,27 @@ async fn exit_codes_without_an_nlb() {
         run.stdout,
         format!("nlbctl {}\n", env!("CARGO_PKG_VERSION"))
     );
+    let run = nlbctl(&["status"], &[("NLBCTL_TIMEOUT", "soon")]).await;
+    run.expect_code(2);
+    assert!(
+        run.stderr.contains("\"soon\" is not a number of seconds"),
+        "{}",
+        run.stderr
+    );
     // NLBCTL_ADDR is the default address.
     let run = nlbctl(&["status"], &[("NLBCTL_ADDR", &nowhere)]).await;
     run.expect_code(3);
     assert!(run.stderr.contains(&nowhere), "{}", run.stderr);
 }
 
+/// Calls seen by the recorder: (RPC, `authorization` header).
+type Seen = Vec<(String, Option<String>)>;
+
 /// Records the `authorization` header of every call; answers
 /// UNAUTHENTICATED without one and PERMISSION_DENIED to `Bearer denied`.
 #[derive(Clone, Default)]
 struct Recorder {
-    seen: Arc<Mutex<Vec<(String, Option<String>)>>>,
+    seen: Arc<Mutex<Seen>>,
 }
 
 impl Recorder {
@@ -1329,7 +1350,7 @@ impl Recorder {
         }
     }
 
-    fn take(&self) -> Vec<(String, Option<String>)> {
+    fn take(&self) -> Seen {
         std::mem::take(&mut *self.seen.lock().unwrap())
     }
 }

@@ -370,7 +370,7 @@ fn parse_seconds(s: &str) -> Result<Deadline, String> {
         .trim()
         .parse()
         .map_err(|_| format!("{s:?} is not a number of seconds"))?;
-    if !n.is_finite() || n < 0.0 || n > 86_400.0 {
+    if !(0.0..=86_400.0).contains(&n) {
         return Err(format!("{s:?} must be 0 (no deadline) to 86400 seconds"));
     }
     Ok(Deadline((n > 0.0).then(|| Duration::from_secs_f64(n))))

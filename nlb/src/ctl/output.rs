@@ -129,11 +129,7 @@ pub fn key_values(pairs: &[(&str, String)]) -> String {
     let width = pairs.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0);
     let mut out = String::new();
     for (k, v) in pairs {
-        out.push_str(
-            &format!("{:width$}  {v}", format!("{k}:"))
-                .trim_end()
-                .to_string(),
-        );
+        out.push_str(format!("{:width$}  {v}", format!("{k}:")).trim_end());
         out.push('\n');
     }
     out

@@ -88,17 +88,10 @@ pub(super) async fn show(
     Ok(Exit::Ok)
 }
 
-pub(super) async fn update(
-    ctl: &Ctl,
-    out: &mut Out,
-    section: &str,
-    file: &Path,
-    validate_only: bool,
-) -> Result<Exit, CtlError> {
-    let verb = if validate_only { "validate" } else { "apply" };
-    let what = format!("config {verb} {section} {}", input::display_name(file));
-    let data = input::section_file(file)?;
-    let req = pb::UpdateNlbConfigRequest {
+/// The request for a section: `checksum` is the lowercase hex SHA-256 of
+/// the data, as the control API documents.
+fn section_update(section: &str, data: Vec<u8>, validate_only: bool) -> pb::UpdateNlbConfigRequest {
+    pb::UpdateNlbConfigRequest {
         config: Some(pb::ConfigUpdate {
             config_id: String::new(),
             config_type: section.to_string(),
@@ -109,7 +102,19 @@ pub(super) async fn update(
         }),
         validate_only,
         restart_required: false,
-    };
+    }
+}
+
+pub(super) async fn update(
+    ctl: &Ctl,
+    out: &mut Out,
+    section: &str,
+    file: &Path,
+    validate_only: bool,
+) -> Result<Exit, CtlError> {
+    let verb = if validate_only { "validate" } else { "apply" };
+    let what = format!("config {verb} {section} {}", input::display_name(file));
+    let req = section_update(section, input::section_file(file)?, validate_only);
     let resp = ctl
         .call(&what, req, |mut c, r| async move {
             c.update_nlb_config(r).await
@@ -134,4 +139,46 @@ pub(super) async fn update(
         out.text(&resp.message)?;
     }
     Ok(Exit::Ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn updates_carry_the_sha256_of_their_data() {
+        let req = section_update("routing", b"sticky: true\n".to_vec(), true);
+        let c = req.config.unwrap();
+        assert_eq!(c.config_type, "routing");
+        // printf 'sticky: true\n' | sha256sum
+        assert_eq!(
+            c.checksum,
+            "d3c9d67ccb3e1557b7d439eb4d8f1c66c2bdef8c1820ddf7c867cbcff576bd25"
+        );
+        assert!(req.validate_only);
+    }
+
+    #[test]
+    fn all_sections_make_one_config_file() {
+        let section = |name: &str, data: &str| pb::ConfigUpdate {
+            config_type: name.into(),
+            config_data: data.as_bytes().to_vec(),
+            ..Default::default()
+        };
+        let text = render_sections(
+            &[
+                section("state_file", "nlb.state.json\n"),
+                section("health", "active_checks: true\n"),
+            ],
+            false,
+        )
+        .unwrap();
+        let doc: serde_yaml_ng::Mapping = serde_yaml_ng::from_str(&text).unwrap();
+        assert_eq!(doc["state_file"].as_str(), Some("nlb.state.json"));
+        assert_eq!(doc["health"]["active_checks"].as_bool(), Some(true));
+        assert!(
+            text.starts_with("# state_file (source: -, updated -)\n"),
+            "{text}"
+        );
+    }
 }
