@@ -1,5 +1,6 @@
-//! A small harness for end-to-end tests that run the real `nlb` binary (and,
-//! through [`nlbctl`], the real `nlbctl`).
+//! A small harness for end-to-end tests that run the real `nlb` binary, and
+//! through [`nlbctl`] the real `nlbctl`; [`control`] registers instances and
+//! serves a fake module, [`pki`] makes test certificates.
 //!
 //! Each test gets its own [`Sandbox`] (a temp dir holding the config file, the
 //! state file and the process logs) and its own loopback ports, so tests run
@@ -11,7 +12,9 @@
 
 #![deny(unsafe_code)]
 
+pub mod control;
 pub mod nlbctl;
+pub mod pki;
 
 use std::fs::File;
 use std::net::TcpListener as StdListener;

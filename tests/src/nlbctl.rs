@@ -1,9 +1,12 @@
 //! Running the real `nlbctl` binary: to completion ([`nlbctl`]) or in the
-//! background for `--watch` ([`spawn_nlbctl`]). Every run is bounded in time
-//! and inherits no `NLBCTL_*` variable from the environment running the tests.
+//! background for `--watch` ([`spawn_nlbctl`]), and reading its output. Every
+//! run is bounded in time and inherits no `NLBCTL_*` variable from the
+//! environment running the tests.
 
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
+
+use serde_json::Value;
 
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
@@ -26,7 +29,7 @@ pub struct CtlRun {
 
 impl CtlRun {
     /// `--json` output as a JSON value; panics with the output if it is not.
-    pub fn json(&self) -> serde_json::Value {
+    pub fn json(&self) -> Value {
         serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
             panic!(
                 "stdout is not one JSON document ({e}):\n{}\nstderr:\n{}",
@@ -89,6 +92,20 @@ pub async fn nlbctl_at(addr: &str, args: &[&str]) -> CtlRun {
     nlbctl(&all, &[]).await
 }
 
+/// `nlbctl --addr ADDR` with the arguments of `line` split on whitespace
+/// (readable tests; an argument with spaces needs [`nlbctl`]).
+pub async fn ctl(addr: &str, line: &str) -> CtlRun {
+    let args: Vec<&str> = line.split_whitespace().collect();
+    nlbctl_at(addr, &args).await
+}
+
+/// [`ctl`] with `--json` added, expecting exit `code`: the JSON document.
+pub async fn ctl_json(addr: &str, line: &str, code: i32) -> Value {
+    let run = ctl(addr, &format!("{line} --json")).await;
+    run.expect_code(code);
+    run.json()
+}
+
 /// A background `nlbctl` (for `--watch`) whose stdout is read line by line;
 /// killed on drop if still running.
 pub struct CtlProcess {
@@ -106,6 +123,14 @@ pub fn spawn_nlbctl(args: &[&str], env: &[(&str, &str)]) -> CtlProcess {
         child,
         lines: BufReader::new(stdout).lines(),
     }
+}
+
+/// [`spawn_nlbctl`] with `--addr ADDR` and the arguments of `line` split on
+/// whitespace.
+pub fn spawn_ctl(addr: &str, line: &str) -> CtlProcess {
+    let mut args = vec!["--addr", addr];
+    args.extend(line.split_whitespace());
+    spawn_nlbctl(&args, &[])
 }
 
 impl CtlProcess {
@@ -138,4 +163,41 @@ impl CtlProcess {
             .unwrap_or_else(|_| panic!("nlbctl did not exit within {EXIT_DEADLINE:?}"))
             .expect("wait for nlbctl")
     }
+}
+
+/// The `key` string of each object of a JSON list (`ids(&j["modules"], "instance_id")`).
+pub fn ids(list: &Value, key: &str) -> Vec<String> {
+    list.as_array()
+        .unwrap_or_else(|| panic!("not a list: {list}"))
+        .iter()
+        .map(|v| v[key].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// The keys of a JSON object (sorted, as nlbctl prints them).
+pub fn keys(obj: &Value) -> Vec<String> {
+    obj.as_object()
+        .unwrap_or_else(|| panic!("not an object: {obj}"))
+        .keys()
+        .cloned()
+        .collect()
+}
+
+/// The first column of a table's rows (the first line, the header, left out).
+pub fn first_column(table: &str) -> Vec<String> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .map(String::from)
+        .collect()
+}
+
+/// The value of the first `key: value` line.
+pub fn value_of(text: &str, key: &str) -> String {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("no {key:?} line in:\n{text}"))
+        .trim()
+        .to_string()
 }

@@ -264,10 +264,6 @@ impl Ctl {
         }
     }
 
-    pub fn options(&self) -> &ClientOptions {
-        &self.opts
-    }
-
     /// The client, connecting first if needed.
     pub async fn client(&self) -> Result<Client, CtlError> {
         self.client

@@ -24,11 +24,6 @@ impl Out {
         }
     }
 
-    /// Results into any writer (tests).
-    pub fn to_writer(json: bool, w: Box<dyn Write + Send>) -> Self {
-        Out { json, w }
-    }
-
     /// Whether `--json` was asked.
     pub fn json(&self) -> bool {
         self.json
@@ -87,10 +82,6 @@ impl Table {
 
     pub fn row(&mut self, cells: Vec<String>) {
         self.rows.push(cells);
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
     }
 
     pub fn render(&self) -> String {
