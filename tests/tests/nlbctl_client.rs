@@ -1,8 +1,8 @@
 //! `nlbctl` on the client side, without a real NLB: exit codes of usage
 //! errors and unreachable addresses, the bearer token on every call (checked
 //! by a recording gRPC server), and TLS and mutual TLS against in-test TLS
-//! servers. The real NLB's own auth and TLS are tested with it in
-//! `nlb_security.rs` once the NLB serves them.
+//! servers. nlbctl against the real NLB's own auth and TLS belongs with the
+//! NLB's security tests, once the NLB serves them.
 
 use std::sync::{Arc, Mutex};
 
@@ -363,6 +363,10 @@ async fn tls_and_mutual_tls_on_the_client_side() {
     nlbctl(&["--addr", &https, "status"], &env)
         .await
         .expect_code(0);
+    // Plain text to a TLS server: the connection breaks, exit 3, with a hint.
+    let run = nlbctl(&["--addr", &at, "status"], &[]).await;
+    run.expect_code(3);
+    assert!(run.stderr.contains("give --ca-cert"), "{}", run.stderr);
     // The certificate names nlb.test, not 127.0.0.1; another CA signed nothing here.
     let run = nlbctl(&["--addr", &at, "--ca-cert", &ca, "status"], &[]).await;
     run.expect_code(3);

@@ -325,28 +325,35 @@ impl Ctl {
             .map_err(|s| self.failed(what, s))
     }
 
-    /// The error for a failed call. A status tonic made on this side from a
-    /// transport error (UNKNOWN or CANCELLED, with the error as its source)
-    /// means the connection broke: a connection failure, exit 3. With TLS 1.3
-    /// that is how a server refusing the client certificate shows: the
-    /// handshake completes, then the first call fails.
+    /// The error for a failed call. A status made on this side because the
+    /// connection failed (tonic gives it the transport error as its source,
+    /// or, for HTTP/2 errors, a message starting `h2 protocol error`;
+    /// statuses the NLB sends have neither) is a connection failure, exit 3,
+    /// with a hint about TLS. With TLS 1.3 that is how a server refusing the
+    /// client certificate shows (the handshake completes, then the first call
+    /// fails), and plain text sent to a TLS port breaks the same way.
     pub fn failed(&self, what: &str, status: Status) -> CtlError {
         use tonic::Code;
-        let source = std::error::Error::source(&status);
-        match source {
-            Some(cause) if matches!(status.code(), Code::Unknown | Code::Cancelled) => {
-                let mut detail = error_chain(cause);
-                if self.opts.tls && !self.opts.client_cert {
-                    detail.push_str(
-                        " (if the NLB requires client certificates, give --cert and --key)",
-                    );
-                }
-                CtlError::Connect {
-                    addr: self.opts.addr.clone(),
-                    detail,
-                }
-            }
-            _ => CtlError::status(what, status),
+        let local = matches!(
+            status.code(),
+            Code::Unknown | Code::Cancelled | Code::Unavailable | Code::Internal
+        ) && (std::error::Error::source(&status).is_some()
+            || status.message().starts_with("h2 protocol error"));
+        if !local {
+            return CtlError::status(what, status);
+        }
+        let mut detail = match std::error::Error::source(&status) {
+            Some(cause) if !status.message().starts_with("h2 protocol error") => error_chain(cause),
+            _ => status.message().to_string(),
+        };
+        if !self.opts.tls {
+            detail.push_str(" (if the NLB serves TLS, give --ca-cert)");
+        } else if !self.opts.client_cert {
+            detail.push_str(" (if the NLB requires client certificates, give --cert and --key)");
+        }
+        CtlError::Connect {
+            addr: self.opts.addr.clone(),
+            detail,
         }
     }
 }
@@ -359,6 +366,7 @@ fn seconds(d: Duration) -> String {
 mod tests {
     use super::*;
     use crate::ctl::cli::Cli;
+    use crate::ctl::exit::Exit;
     use clap::Parser;
 
     fn global(args: &[&str]) -> Global {
@@ -445,6 +453,30 @@ mod tests {
         std::fs::write(&path, "\n").unwrap();
         let e = resolve_token(&g, &no_env).unwrap_err().to_string();
         assert!(e.contains("is empty") && e.contains("--token-file"), "{e}");
+    }
+
+    #[test]
+    fn broken_connections_are_told_from_statuses_the_nlb_sent() {
+        let ctl = Ctl::new(ClientOptions::resolve(&global(&[]), &no_env).unwrap());
+        let e = ctl.failed(
+            "status",
+            Status::internal("h2 protocol error: frame with invalid size"),
+        );
+        assert!(matches!(e, CtlError::Connect { .. }), "{e:?}");
+        assert_eq!(e.exit(), Exit::Unreachable);
+        assert!(e.to_string().contains("give --ca-cert"), "{e}");
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
+        let e = ctl.failed("status", Status::from_error(Box::new(io)));
+        assert!(e.to_string().contains("reset by peer"), "{e}");
+        assert_eq!(e.exit(), Exit::Unreachable);
+        // What the NLB says stays as it said it.
+        let e = ctl.failed("status", Status::internal("state file broke"));
+        assert_eq!(e.to_string(), "status: INTERNAL: state file broke");
+        assert_eq!(e.exit(), Exit::Failure);
+        assert_eq!(
+            ctl.failed("x", Status::not_found("no")).exit(),
+            Exit::NotFound
+        );
     }
 
     #[test]
