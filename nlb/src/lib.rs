@@ -10,6 +10,7 @@
 //! - [`auth`], [`tls`], [`security`], [`audit`]: who may call what, TLS on
 //!   the NLB's ports, their reloading, and the audit trail of operator changes.
 //! - [`server`], [`admin`], [`liveness`]: serving, the admin port, background loops.
+//! - [`ctl`]: `nlbctl`, the operator CLI over the control API.
 
 #![deny(unsafe_code)]
 
@@ -20,6 +21,7 @@ pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod control;
+pub mod ctl;
 pub mod liveness;
 pub mod metrics;
 pub mod registry;

@@ -1,4 +1,6 @@
-//! A small harness for end-to-end tests that run the real `nlb` binary.
+//! A small harness for end-to-end tests that run the real `nlb` binary, and
+//! through [`nlbctl`] the real `nlbctl`; [`control`] registers instances and
+//! serves a fake module, [`pki`] makes test certificates.
 //!
 //! Each test gets its own [`Sandbox`] (a temp dir holding the config file, the
 //! state file and the process logs) and its own loopback ports, so tests run
@@ -9,6 +11,10 @@
 //! the tests may be slow and busy, and nothing asserts on how long things took.
 
 #![deny(unsafe_code)]
+
+pub mod control;
+pub mod nlbctl;
+pub mod pki;
 
 use std::fs::File;
 use std::net::TcpListener as StdListener;
@@ -33,22 +39,27 @@ pub const CALL_DEADLINE: Duration = Duration::from_secs(15);
 
 const POLL: Duration = Duration::from_millis(100);
 
-/// The `nlb` binary built next to the test executable
-/// (`target/<profile>/deps/<test>` -> `target/<profile>/nlb`).
-pub fn nlb_binary() -> PathBuf {
+/// A binary of the workspace built next to the test executable
+/// (`target/<profile>/deps/<test>` -> `target/<profile>/<name>`).
+pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("the test executable's path");
     let profile_dir = exe
         .parent()
         .and_then(Path::parent)
         .expect("the test executable lives in target/<profile>/deps");
-    let bin = profile_dir.join("nlb");
+    let bin = profile_dir.join(name);
     assert!(
         bin.is_file(),
-        "the nlb binary is not at {}: run `cargo build --workspace` first \
+        "the {name} binary is not at {}: run `cargo build --workspace` first \
          (with the same CARGO_TARGET_DIR and profile as the tests)",
         bin.display()
     );
     bin
+}
+
+/// The `nlb` binary built next to the test executable.
+pub fn nlb_binary() -> PathBuf {
+    binary("nlb")
 }
 
 /// A loopback port that was free a moment ago (bound to port 0, then released).

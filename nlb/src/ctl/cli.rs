@@ -1,0 +1,464 @@
+//! The command line: global connection flags and one subcommand per job.
+//! Every command maps onto one control API call (see `docs/nlbctl.md`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgGroup, Args, Parser, Subcommand};
+use shared_types::pb::{self, HealthStatus, ModuleType, Protocol};
+
+/// nlbctl: the operator CLI of Switchyard's NLB, over its gRPC control API.
+#[derive(Parser, Debug)]
+#[command(
+    name = "nlbctl",
+    version,
+    about = "Operate a Switchyard NLB over its gRPC control API",
+    after_help = "Exit codes: 0 ok, 1 other failure, 2 usage, 3 NLB unreachable, \
+                  4 not authorized, 5 not found, 6 invalid input, 7 negative answer \
+                  (dry run not routed, health not healthy). See docs/nlbctl.md."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags every command takes.
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// The NLB's control API: host:port, http://host:port or https://host:port.
+    #[arg(
+        long,
+        global = true,
+        env = "NLBCTL_ADDR",
+        default_value = "127.0.0.1:50051",
+        value_name = "ADDR"
+    )]
+    pub addr: String,
+    /// Token sent as `authorization: Bearer TOKEN` on every call
+    /// [env: NLBCTL_TOKEN]. Prefer the variable or --token-file: a flag
+    /// shows in the process list.
+    #[arg(
+        long,
+        global = true,
+        value_name = "TOKEN",
+        conflicts_with = "token_file"
+    )]
+    pub token: Option<String>,
+    /// File holding the token (surrounding whitespace ignored)
+    /// [env: NLBCTL_TOKEN_FILE].
+    #[arg(long, global = true, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// PEM CA certificate to trust: connects with TLS.
+    #[arg(long, global = true, env = "NLBCTL_CA_CERT", value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+    /// PEM client certificate, for mutual TLS (with --key).
+    #[arg(long, global = true, env = "NLBCTL_CERT", value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of --cert.
+    #[arg(long, global = true, env = "NLBCTL_KEY", value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Name to verify the NLB's certificate against (default: the host of --addr).
+    #[arg(
+        long,
+        global = true,
+        env = "NLBCTL_TLS_SERVER_NAME",
+        value_name = "NAME"
+    )]
+    pub tls_server_name: Option<String>,
+    /// Deadline of each call, and of connecting, in seconds (0 = none;
+    /// `metrics --watch` streams have none after connecting).
+    #[arg(
+        long,
+        global = true,
+        env = "NLBCTL_TIMEOUT",
+        default_value = "10",
+        value_name = "SECONDS",
+        value_parser = parse_seconds
+    )]
+    pub timeout: Deadline,
+    /// Print machine-readable JSON (one document per call; one line per update with --watch).
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Registered module instances (ListModules, GetModuleInfo).
+    #[command(subcommand)]
+    Modules(ModulesCmd),
+    /// The routing table, route updates and dry runs (GetRoutingTable,
+    /// UpdateRouting, RouteRequest).
+    #[command(subcommand)]
+    Routes(RoutesCmd),
+    /// The NLB's status (GetNLBStatus).
+    Status(StatusArgs),
+    /// The NLB's health and its view of each instance (CheckHealth); exit 7 unless healthy.
+    Health(HealthArgs),
+    /// Time series: the NLB's and every instance's (GetNLBMetrics), one
+    /// instance's (--module: GetModuleMetrics), or live (--watch: StreamNLBMetrics).
+    Metrics(MetricsArgs),
+    /// Load per instance and the balance score (GetLoadDistribution).
+    Load(LoadArgs),
+    /// Refresh capacity factors from the latest load reports (RebalanceLoad).
+    Rebalance(RebalanceArgs),
+    /// Ask a module type to scale (TriggerScaling).
+    Scale(ScaleArgs),
+    /// Config sections: show, validate, apply (GetNLBConfig, UpdateNLBConfig).
+    #[command(subcommand)]
+    Config(ConfigCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ModulesCmd {
+    /// List instances (sorted by id unless --sort).
+    List(ModulesListArgs),
+    /// One instance: registration, routes, stats, deployment and details.
+    Show {
+        /// Instance id.
+        id: String,
+    },
+}
+
+/// `Query` flags shared by the listings.
+#[derive(Args, Debug, Clone, Default)]
+pub struct QueryArgs {
+    /// Filter rows: FIELD=VALUE (eq), or FIELD:OP:VALUE with OP one of eq, ne,
+    /// gt, lt, in (comma-separated values), contains. Repeat to combine (and).
+    #[arg(long = "filter", value_name = "EXPR", value_parser = parse_filter)]
+    pub filters: Vec<pb::Filter>,
+    /// Sort by a field (any filterable field).
+    #[arg(long, value_name = "FIELD")]
+    pub sort: Option<String>,
+    /// Sort descending.
+    #[arg(long, requires = "sort")]
+    pub desc: bool,
+    /// Page to show (1-based).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..))]
+    pub page: Option<i32>,
+    /// Rows per page (default 50, at most 1000).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=1000))]
+    pub page_size: Option<i32>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ModulesListArgs {
+    /// Only instances of this module type (alb, dblb, ailb, rtmp, nlb).
+    #[arg(long = "type", value_name = "TYPE", value_parser = parse_module_type)]
+    pub module_type: Option<ModuleType>,
+    /// Only instances in this health status (healthy, degraded, unhealthy,
+    /// starting, stopping, stopped).
+    #[arg(long, value_name = "STATUS", value_parser = parse_health)]
+    pub status: Option<HealthStatus>,
+    #[command(flatten)]
+    pub query: QueryArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RoutesCmd {
+    /// The routing table: one row per (route, serving instance), in precedence order.
+    Show(RoutesShowArgs),
+    /// Add or replace operator routes from a YAML file (a list of routes as in
+    /// the config's `routes:`, or a mapping with a `routes:` key; `-` = stdin).
+    Apply(RoutesApplyArgs),
+    /// Where would a connection go? Asks RouteRequest with dry_run (nothing
+    /// is counted); exit 7 when it would not be routed.
+    DryRun(DryRunArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RoutesShowArgs {
+    /// Only routes whose destination pattern is, or matches, this name.
+    #[arg(long, value_name = "NAME")]
+    pub destination: Option<String>,
+    /// Only routes of this protocol.
+    #[arg(long, value_name = "PROTOCOL", value_parser = parse_protocol)]
+    pub protocol: Option<Protocol>,
+    #[command(flatten)]
+    pub query: QueryArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RoutesApplyArgs {
+    /// YAML (or JSON) file of routes; `-` reads stdin.
+    pub file: PathBuf,
+    /// Replace every operator route with the file's routes.
+    #[arg(long)]
+    pub replace_all: bool,
+    /// Only validate, on the NLB, changing nothing.
+    #[arg(long, visible_alias = "dry-run")]
+    pub validate_only: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DryRunArgs {
+    /// The connection's protocol as the NLB would detect it (http, https,
+    /// http2, grpc, postgres, mysql, redis, tcp, ...).
+    #[arg(long, value_name = "PROTOCOL", value_parser = parse_protocol)]
+    pub protocol: Protocol,
+    /// The listener port the connection arrives on (0 = none given).
+    #[arg(long, default_value_t = 0, value_name = "PORT")]
+    pub port: u16,
+    /// The TLS SNI or HTTP/1 Host the client sends.
+    #[arg(long, visible_alias = "sni", value_name = "NAME")]
+    pub host: Option<String>,
+    /// The client's address (IP or IP:port).
+    #[arg(long, value_name = "ADDR")]
+    pub client: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StatusArgs {
+    /// Also list every instance.
+    #[arg(long)]
+    pub modules: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct HealthArgs {
+    /// Call every instance's HealthCheck with deep_check.
+    #[arg(long)]
+    pub deep: bool,
+    /// Call every instance's HealthCheck (an unreachable one is unhealthy).
+    #[arg(long)]
+    pub modules: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MetricsArgs {
+    /// One instance's series (GetModuleMetrics).
+    #[arg(long, value_name = "ID", conflicts_with_all = ["watch", "aggregate"])]
+    pub module: Option<String>,
+    /// Only these series names (repeat for more).
+    #[arg(long = "name", value_name = "NAME")]
+    pub names: Vec<String>,
+    /// Only points from this long ago until now: 90s, 15m, 2h, 1d (bare number = seconds).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, conflicts_with = "watch")]
+    pub since: Option<Duration>,
+    /// Five points per series (avg, min, max, sum, count) instead of every point.
+    #[arg(long, conflicts_with = "watch")]
+    pub aggregate: bool,
+    /// Stream the NLB's current values until Ctrl-C (StreamNLBMetrics).
+    #[arg(long)]
+    pub watch: bool,
+    /// Seconds between updates with --watch (default: the NLB's, 5 s).
+    #[arg(long, requires = "watch", value_name = "SECONDS",
+          value_parser = clap::value_parser!(i32).range(1..=3600))]
+    pub interval: Option<i32>,
+    /// With --watch, also each instance's latest points.
+    #[arg(long, requires = "watch")]
+    pub include_modules: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LoadArgs {
+    /// Only instances of this module type.
+    #[arg(long = "type", value_name = "TYPE", value_parser = parse_module_type)]
+    pub module_type: Option<ModuleType>,
+    /// CPU, memory and latency averaged over the retained heartbeat samples.
+    #[arg(long)]
+    pub historical: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RebalanceArgs {
+    /// How capacity factors are set.
+    #[arg(long, value_name = "STRATEGY", value_parser = ["least_connections", "even"])]
+    pub strategy: Option<String>,
+    /// Tell overloaded instances to shed connections.
+    #[arg(long)]
+    pub force: bool,
+    /// Only the instances of this module type (listed first, then named in
+    /// the request; none registered is exit 5).
+    #[arg(long = "type", value_name = "TYPE", value_parser = parse_module_type,
+          conflicts_with = "instances")]
+    pub module_type: Option<ModuleType>,
+    /// Only these instances (repeat for more).
+    #[arg(long = "instance", value_name = "ID")]
+    pub instances: Vec<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(group(ArgGroup::new("action").required(true).args(["up", "down", "to"])))]
+pub struct ScaleArgs {
+    /// Module type to scale (alb, dblb, ailb, rtmp, nlb).
+    #[arg(value_name = "TYPE", value_parser = parse_module_type)]
+    pub module_type: ModuleType,
+    /// One instance more (scale_up).
+    #[arg(long)]
+    pub up: bool,
+    /// One instance fewer (scale_down).
+    #[arg(long)]
+    pub down: bool,
+    /// Exactly N instances (scale_to).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(0..))]
+    pub to: Option<i32>,
+    /// The instance that carries out the scaling (default: the NLB picks one of the type).
+    #[arg(long, value_name = "ID")]
+    pub instance: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCmd {
+    /// The config in force, as YAML: one section, or all of them (a valid config file).
+    Show {
+        /// A top-level section (grpc, admin, state_file, registry, health,
+        /// routing, backends, routes, traffic_weights, metrics).
+        section: Option<String>,
+    },
+    /// Ask the NLB whether FILE is a valid SECTION, changing nothing.
+    Validate {
+        section: String,
+        /// The section's value as YAML or JSON; `-` reads stdin.
+        file: PathBuf,
+    },
+    /// Replace SECTION with FILE (sent with its SHA-256 checksum). An empty
+    /// file gives the section back to the config file.
+    Apply {
+        section: String,
+        /// The section's value as YAML or JSON; `-` reads stdin.
+        file: PathBuf,
+    },
+}
+
+fn parse_module_type(s: &str) -> Result<ModuleType, String> {
+    ModuleType::parse_name(s).map_err(|e| e.to_string())
+}
+
+fn parse_protocol(s: &str) -> Result<Protocol, String> {
+    Protocol::parse_name(s).map_err(|e| e.to_string())
+}
+
+fn parse_health(s: &str) -> Result<HealthStatus, String> {
+    HealthStatus::parse_name(s).map_err(|e| e.to_string())
+}
+
+/// Operators of `Filter.operator`.
+const OPERATORS: &[&str] = &["eq", "ne", "gt", "lt", "in", "contains"];
+
+/// `FIELD=VALUE` or `FIELD:OP:VALUE`.
+pub fn parse_filter(s: &str) -> Result<pb::Filter, String> {
+    let filter = |field: &str, op: &str, value: &str| pb::Filter {
+        field: field.trim().to_string(),
+        operator: op.to_string(),
+        value: value.to_string(),
+    };
+    if let Some((field, rest)) = s.split_once(':') {
+        if let Some((op, value)) = rest.split_once(':') {
+            if OPERATORS.contains(&op) && !field.trim().is_empty() && !field.contains('=') {
+                return Ok(filter(field, op, value));
+            }
+        }
+    }
+    match s.split_once('=') {
+        Some((field, value)) if !field.trim().is_empty() => Ok(filter(field, "eq", value)),
+        _ => Err(format!(
+            "{s:?} is not a filter: write FIELD=VALUE or FIELD:OP:VALUE (OP: {})",
+            OPERATORS.join(", ")
+        )),
+    }
+}
+
+/// A per-call deadline; `None` = no deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadline(pub Option<Duration>);
+
+/// Seconds as a decimal number; 0 = no deadline.
+fn parse_seconds(s: &str) -> Result<Deadline, String> {
+    let n: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(0.0..=86_400.0).contains(&n) {
+        return Err(format!("{s:?} must be 0 (no deadline) to 86400 seconds"));
+    }
+    Ok(Deadline((n > 0.0).then(|| Duration::from_secs_f64(n))))
+}
+
+/// `90`, `90s`, `15m`, `2h`, `1d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (digits, unit) = t
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((t, ""), |i| t.split_at(i));
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 90s, 15m, 2h, 1d)"))?;
+    let unit_secs = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (s, m, h, d)")),
+    };
+    n.checked_mul(unit_secs)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{s:?} is too long"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn filters_parse_both_forms() {
+        let f = parse_filter("version=v2").unwrap();
+        assert_eq!(
+            (f.field.as_str(), f.operator.as_str(), f.value.as_str()),
+            ("version", "eq", "v2")
+        );
+        let f = parse_filter("instance_id:in:alb-1,alb-2").unwrap();
+        assert_eq!(
+            (f.field.as_str(), f.operator.as_str(), f.value.as_str()),
+            ("instance_id", "in", "alb-1,alb-2")
+        );
+        let f = parse_filter("current_connections:gt:5").unwrap();
+        assert_eq!(f.operator, "gt");
+        // A colon in the value of an eq filter stays in the value.
+        let f = parse_filter("metadata.data_address=127.0.0.1:80").unwrap();
+        assert_eq!(
+            (f.field.as_str(), f.value.as_str()),
+            ("metadata.data_address", "127.0.0.1:80")
+        );
+        assert!(parse_filter("version").is_err());
+        assert!(parse_filter("=v1").is_err());
+    }
+
+    #[test]
+    fn durations_and_seconds_parse() {
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert!(parse_duration("5 weeks").is_err());
+        assert_eq!(parse_seconds("0"), Ok(Deadline(None)));
+        assert_eq!(
+            parse_seconds("2.5"),
+            Ok(Deadline(Some(Duration::from_millis(2500))))
+        );
+        assert!(parse_seconds("-1").is_err());
+    }
+
+    #[test]
+    fn global_flags_go_anywhere_and_usage_errors_are_caught() {
+        let cli =
+            Cli::try_parse_from(["nlbctl", "modules", "list", "--json", "--type", "alb"]).unwrap();
+        assert!(cli.global.json);
+        let cli = Cli::try_parse_from(["nlbctl", "--addr", "h:1", "status"]).unwrap();
+        assert_eq!(cli.global.addr, "h:1");
+        assert!(Cli::try_parse_from(["nlbctl", "modules", "list", "--type", "nginx"]).is_err());
+        assert!(
+            Cli::try_parse_from(["nlbctl", "scale", "alb"]).is_err(),
+            "an action is required"
+        );
+        assert!(Cli::try_parse_from(["nlbctl", "scale", "alb", "--up", "--to", "3"]).is_err());
+        assert!(Cli::try_parse_from(["nlbctl", "metrics", "--interval", "5"]).is_err());
+        assert!(Cli::try_parse_from(["nlbctl", "metrics", "--watch", "--module", "a"]).is_err());
+    }
+}
