@@ -77,6 +77,18 @@ async fn every_call_needs_a_token_with_the_right_role() {
     assert!(msg.contains("unless dry_run"), "{msg}");
     let (code, msg) = code_of(c.update_routing(bearer(update_routes(), VIEWER)).await);
     assert_eq!(code, Code::PermissionDenied);
+    assert!(msg.contains("unless validate_only is set"), "{msg}");
+    // Validating is a read: a viewer may check routes before asking for them.
+    let check = pb::UpdateRoutingRequest {
+        validate_only: true,
+        ..update_routes()
+    };
+    let checked = c
+        .update_routing(bearer(check, VIEWER))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(checked.success, "{}", checked.message);
     assert!(
         msg.contains("role viewer") && msg.contains("UpdateRouting needs an operator token"),
         "{msg}"
@@ -144,11 +156,11 @@ async fn every_call_needs_a_token_with_the_right_role() {
         sample(&m, "nlb_auth_refusals_total{reason=\"invalid_token\"}"),
         1.0
     );
-    // UpdateRouting as viewer, ListModules as module (the non-dry RouteRequest
-    // is refused by its handler, after the layer).
+    // ListModules as module. (The viewer's real UpdateRouting and
+    // RouteRequest are refused by their handlers, which see the dry-run flag.)
     assert_eq!(
         sample(&m, "nlb_auth_refusals_total{reason=\"permission_denied\"}"),
-        2.0
+        1.0
     );
     let svc = "service=\"marchproxy.NLBService\"";
     assert_eq!(
@@ -190,7 +202,7 @@ async fn every_call_needs_a_token_with_the_right_role() {
             &m,
             "nlb_audit_events_total{method=\"UpdateRouting\",result=\"ok\"}"
         ),
-        1.0
+        2.0
     );
 }
 

@@ -116,7 +116,7 @@ where
                     .with_label_values(&[refusal.reason()])
                     .inc();
                 let status = refusal.clone().into_status(&method);
-                if need_for(path) == Need::Operator {
+                if need_for(path) == Need::Operator || audit::AUDITED.contains(&method.as_str()) {
                     let req = tonic::Request::from_http(req.map(|_| ()));
                     let mut caller = Caller::of(&req);
                     if let super::Refusal::Forbidden { name, role, .. } = &refusal {

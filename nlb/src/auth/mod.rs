@@ -116,6 +116,19 @@ impl Principal {
         )))
     }
 
+    /// Methods a viewer may call as a dry run need an operator for real:
+    /// `dry_run` says which this call is.
+    pub fn check_may_change(&self, method: &str, dry_run: bool, flag: &str) -> Result<(), Status> {
+        if dry_run || self.role == Role::Operator {
+            return Ok(());
+        }
+        Err(Status::permission_denied(format!(
+            "token {:?} has role {}; {method} needs an operator token unless {flag} is set",
+            self.name,
+            self.role.name()
+        )))
+    }
+
     /// A module token limited to one module type may register only that type.
     pub fn check_module_type(&self, module_type: ModuleType) -> Result<(), Status> {
         match self.module_type {
@@ -165,8 +178,9 @@ pub fn nlb_method(path: &str) -> Option<&str> {
 
 /// DESIGN.md's table: what each method of the control port needs. Methods
 /// not listed (future extension RPCs included) need an operator.
-/// `RouteRequest` is a read only as a dry run; its handler asks an operator
-/// for the real thing.
+/// `RouteRequest` is a read only as a dry run, and `UpdateRouting` and
+/// `UpdateNLBConfig` only with `validate_only`: their handlers ask an
+/// operator for the real thing ([`Principal::check_may_change`]).
 pub fn need_for(path: &str) -> Need {
     if path.starts_with("/grpc.health.v1.Health/") {
         return Need::Open;
@@ -188,7 +202,9 @@ pub fn need_for(path: &str) -> Need {
             | "CheckHealth"
             | "GetNLBStatus"
             | "GetNLBConfig"
-            | "GetLoadDistribution",
+            | "GetLoadDistribution"
+            | "UpdateRouting"
+            | "UpdateNLBConfig",
         ) => Need::Viewer,
         _ => Need::Operator,
     }
@@ -428,14 +444,11 @@ mod tests {
             "GetNLBStatus",
             "GetNLBConfig",
             "GetLoadDistribution",
-        ];
-        let operator = [
+            // Real changes need an operator: their handlers check.
             "UpdateRouting",
             "UpdateNLBConfig",
-            "RebalanceLoad",
-            "TriggerScaling",
-            "SomeFutureRpc",
         ];
+        let operator = ["RebalanceLoad", "TriggerScaling", "SomeFutureRpc"];
         assert_eq!(module.len() + viewer.len() + operator.len() - 1, 20);
         let auth = Authenticator::load(None, &env).unwrap();
         for (m, module_ok, viewer_ok) in module

@@ -181,7 +181,14 @@ impl NlbService for ControlService {
                 format!(" source_instance_id={}", req.source_instance_id)
             }
         );
-        let result = self.update_routing(req).await;
+        let result = match caller.principal.check_may_change(
+            "UpdateRouting",
+            req.validate_only,
+            "validate_only",
+        ) {
+            Ok(()) => self.update_routing(req).await,
+            Err(denied) => Err(denied),
+        };
         self.audited(&caller, "UpdateRouting", &what, result, |r| {
             success(r.success, &r.message)
         })
@@ -200,13 +207,7 @@ impl NlbService for ControlService {
     ) -> Reply<pb::RouteRequestResponse> {
         let caller = Principal::of(&r);
         let req = r.into_inner();
-        if !req.dry_run && caller.role != Role::Operator {
-            return Err(Status::permission_denied(format!(
-                "token {:?} has role {}; RouteRequest needs an operator token unless dry_run is set",
-                caller.name,
-                caller.role.name()
-            )));
-        }
+        caller.check_may_change("RouteRequest", req.dry_run, "dry_run")?;
         self.route_request(req).await.map(Response::new)
     }
     async fn validate_route(
@@ -275,7 +276,14 @@ impl NlbService for ControlService {
             ),
             None => format!("no config validate_only={}", req.validate_only),
         };
-        let result = self.update_nlb_config(req).await;
+        let result = match caller.principal.check_may_change(
+            "UpdateNLBConfig",
+            req.validate_only,
+            "validate_only",
+        ) {
+            Ok(()) => self.update_nlb_config(req).await,
+            Err(denied) => Err(denied),
+        };
         self.audited(&caller, "UpdateNLBConfig", &what, result, |r| {
             success(r.success, &r.message)
         })
