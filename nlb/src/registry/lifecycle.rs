@@ -215,7 +215,7 @@ impl Registry {
     pub fn register(&self, req: &pb::RegisterModuleRequest) -> Result<Registered, RegistryError> {
         let Checked {
             module_type,
-            routes,
+            mut routes,
             timings,
             data_address,
             proxy_protocol,
@@ -225,6 +225,9 @@ impl Registry {
         let now = Instant::now();
         let wall = SystemTime::now();
         self.with(|inner| {
+            for spec in &mut routes {
+                inner.route_keys.intern(spec);
+            }
             let existing = inner.instances.get(&id);
             let renew = match existing {
                 Some(old) if old.info.address == inst.address => true,
@@ -280,6 +283,7 @@ impl Registry {
                 stats: None,
                 stats_at: None,
                 pending: None,
+                endpoint: None,
                 info: inst,
             };
             inner
@@ -609,10 +613,13 @@ impl Registry {
     pub fn set_instance_routes(
         &self,
         instance_id: &str,
-        routes: Vec<RouteSpec>,
+        mut routes: Vec<RouteSpec>,
         replace_all: bool,
     ) -> Result<usize, RegistryError> {
         self.with(|inner| {
+            for spec in &mut routes {
+                inner.route_keys.intern(spec);
+            }
             let Some(inst) = inner.instances.get_mut(instance_id) else {
                 return (
                     Err(RegistryError::NotFound(format!(
