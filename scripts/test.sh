@@ -1,17 +1,43 @@
 #!/usr/bin/env bash
 # Runs every Switchyard test: installs what the tests need (once), checks
-# formatting, builds the workspace once (dev profile), then runs every suite.
-# Benchmarks are not run here.
+# formatting, builds the workspace once (dev profile), then runs every suite:
+# the Rust suites, then the Python interop suite (tests/python) against the
+# nlb binary built here. Benchmarks are not run here (scripts/bench.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 say() { printf '\n== %s\n' "$*"; }
+
+# Where cargo builds (honours CARGO_TARGET_DIR and cargo config), absolute.
+target_dir() {
+    cargo metadata --format-version 1 --no-deps |
+        python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])'
+}
 
 say "tools"
 if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install cargo-nextest --locked
 fi
 cargo nextest --version | head -1
+
+TARGET_DIR="$(target_dir)"
+# The Python suite's packages live in a venv beside the build, pinned by
+# tests/python/requirements.txt; pip runs only when that file changed.
+VENV="$TARGET_DIR/python-venv"
+REQS=tests/python/requirements.txt
+if ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
+    rm -rf "$VENV"
+    python3 -m venv "$VENV" || {
+        echo "python3 -m venv failed: install Python 3 with its venv module (Debian: python3-venv)" >&2
+        exit 1
+    }
+fi
+if ! cmp -s "$REQS" "$VENV/.requirements.installed"; then
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$REQS"
+    cp "$REQS" "$VENV/.requirements.installed"
+fi
+"$VENV/bin/python" --version
+"$VENV/bin/python" -m pytest --version
 
 say "format"
 cargo fmt --all -- --check
@@ -22,7 +48,11 @@ cargo build --workspace --all-targets
 say "doc tests"
 cargo test --workspace --doc --quiet
 
-say "tests"
-# The e2e crate starts the real binaries built above. Its summary line is
-# the last thing printed.
+say "tests (Rust)"
+# The e2e crate starts the real binaries built above.
 cargo nextest run --workspace --no-fail-fast
+
+say "tests (Python interop, tests/python)"
+# A grpcio client against the debug nlb built above. Its summary line is the
+# last thing printed.
+SWITCHYARD_NLB_BIN="$TARGET_DIR/debug/nlb" "$VENV/bin/python" -m pytest tests/python

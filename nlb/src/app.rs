@@ -10,7 +10,7 @@ use shared_types::pb::{self, HealthStatus, ModuleType};
 use crate::config::{ConfigStore, NlbConfig};
 use crate::control::module_client::ModuleClients;
 use crate::metrics::{series::NLB_OWNER, NlbMetrics, SeriesStore};
-use crate::registry::{InstanceView, OperatorRouting, Registry, Settings};
+use crate::registry::{InstanceView, OperatorRouting, Registry, Settings, Summary};
 use crate::routing::EndpointState;
 use crate::security::Security;
 
@@ -31,16 +31,21 @@ pub struct Census {
 
 impl Census {
     pub fn of(views: &[InstanceView]) -> Self {
+        let summaries: Vec<Summary> = views.iter().map(InstanceView::summary).collect();
+        Self::of_summaries(&summaries)
+    }
+
+    pub fn of_summaries(instances: &[Summary]) -> Self {
         let mut c = Census {
-            instances: views.len(),
+            instances: instances.len(),
             ..Census::default()
         };
-        for v in views {
-            c.healthy += usize::from(v.state == EndpointState::Healthy);
-            c.any_unhealthy |= v.instance.health_status == HealthStatus::Unhealthy as i32;
-            c.active_connections += i64::from(v.instance.current_connections);
+        for s in instances {
+            c.healthy += usize::from(s.state == EndpointState::Healthy);
+            c.any_unhealthy |= s.health_status == HealthStatus::Unhealthy;
+            c.active_connections += i64::from(s.current_connections);
             *c.by_type
-                .entry(v.module_type.short_name().to_string())
+                .entry(s.module_type.short_name().to_string())
                 .or_insert(0) += 1;
         }
         c
@@ -179,10 +184,10 @@ impl Nlb {
             .set(i64::try_from(snapshot.generation).unwrap_or(i64::MAX));
         self.metrics.routes.set(snapshot.routes().count() as i64);
         self.metrics.instances.reset();
-        for view in self.registry.list() {
+        for s in self.registry.summaries() {
             self.metrics
                 .instances
-                .with_label_values(&[view.module_type.short_name(), view.state.name()])
+                .with_label_values(&[s.module_type.short_name(), s.state.name()])
                 .inc();
         }
         self.metrics
@@ -230,7 +235,7 @@ impl Nlb {
     /// Samples the NLB's own numbers into its time series (for
     /// `GetNLBMetrics` and `StreamNLBMetrics`).
     pub fn own_metric_points(&self) -> Vec<pb::MetricDataPoint> {
-        let census = Census::of(&self.registry.list());
+        let census = Census::of_summaries(&self.registry.summaries());
         let snapshot = self.registry.router().load();
         let now = shared_types::time::now();
         let point = |name: &str, value: f64| pb::MetricDataPoint {
@@ -269,27 +274,22 @@ impl Nlb {
         );
     }
 
-    /// Records a heartbeat's stats as series of the instance.
+    /// Records a heartbeat's stats as series of the instance (labelled
+    /// `source=heartbeat`). It runs for every heartbeat, so it builds no
+    /// points: the store takes the values as they are.
     pub fn record_heartbeat_stats(&self, instance_id: &str, stats: &pb::ModuleStats) {
-        let now = shared_types::time::now();
-        let point = |name: &str, value: f64| pb::MetricDataPoint {
-            name: name.to_string(),
-            value,
-            labels: [("source".to_string(), "heartbeat".to_string())].into(),
-            timestamp: Some(now),
-        };
-        let points = [
-            point("active_connections", stats.active_connections as f64),
-            point("total_requests", stats.total_requests as f64),
-            point("failed_requests", stats.failed_requests as f64),
-            point("cpu_usage_percent", stats.cpu_usage_percent),
-            point("memory_usage_mb", stats.memory_usage_mb),
-            point("avg_latency_ms", stats.avg_latency_ms),
-            point("p99_latency_ms", stats.p99_latency_ms),
-        ];
-        self.series.record(
+        self.series.record_values(
             instance_id,
-            &points,
+            &[("source", "heartbeat")],
+            &[
+                ("active_connections", stats.active_connections as f64),
+                ("total_requests", stats.total_requests as f64),
+                ("failed_requests", stats.failed_requests as f64),
+                ("cpu_usage_percent", stats.cpu_usage_percent),
+                ("memory_usage_mb", stats.memory_usage_mb),
+                ("avg_latency_ms", stats.avg_latency_ms),
+                ("p99_latency_ms", stats.p99_latency_ms),
+            ],
             shared_types::time::unix_millis(SystemTime::now()),
         );
     }

@@ -4,6 +4,7 @@
 //! refused, so one module cannot grow the NLB's memory without bound.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::{BuildHasher, RandomState};
 
 use parking_lot::Mutex;
 use shared_types::pb::MetricDataPoint;
@@ -39,9 +40,88 @@ fn stamp(p: &MetricDataPoint, default: u64) -> u64 {
         .map_or(default, |t| unix_millis(to_system(t)))
 }
 
+/// One series: its key and its ring of (time, value), oldest first.
+#[derive(Debug)]
+struct Series {
+    key: SeriesKey,
+    ring: VecDeque<(u64, f64)>,
+}
+
+/// An owner's series, found by a hash of their key (the name and the labels,
+/// in any order), so that recording a point into an existing series
+/// allocates nothing. An owner holds a handful of series (at most
+/// `max_series`), so they sit in a vector, their hashes side by side for a
+/// scan that touches little memory.
 #[derive(Debug, Default)]
 struct Owner {
-    series: HashMap<SeriesKey, VecDeque<(u64, f64)>>,
+    hashes: Vec<u64>,
+    series: Vec<Series>,
+}
+
+impl Owner {
+    /// The ring of the series `name` + `labels` (hash `hash`), created if it
+    /// is new and the owner holds fewer than `max_series`; `None` if refused.
+    fn ring<'l>(
+        &mut self,
+        hash: u64,
+        name: &str,
+        labels: impl Iterator<Item = (&'l str, &'l str)> + Clone,
+        max_series: usize,
+    ) -> Option<&mut VecDeque<(u64, f64)>> {
+        let n = labels.clone().count();
+        let found = self
+            .hashes
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| **h == hash)
+            .map(|(i, _)| i)
+            .find(|i| {
+                let key = &self.series[*i].key;
+                key.name == name
+                    && key.labels.len() == n
+                    && labels
+                        .clone()
+                        .all(|(k, v)| key.labels.get(k).is_some_and(|have| have == v))
+            });
+        let at = match found {
+            Some(at) => at,
+            None if self.series.len() >= max_series => return None,
+            None => {
+                self.hashes.push(hash);
+                self.series.push(Series {
+                    key: SeriesKey {
+                        name: name.to_string(),
+                        labels: labels
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                            .collect(),
+                    },
+                    ring: VecDeque::new(),
+                });
+                self.series.len() - 1
+            }
+        };
+        Some(&mut self.series[at].ring)
+    }
+
+    fn series(&self) -> impl Iterator<Item = &Series> {
+        self.series.iter()
+    }
+}
+
+/// Adds a point to a ring kept in time order (a late point goes in its
+/// place), dropping the oldest past `retention`.
+fn push_point(ring: &mut VecDeque<(u64, f64)>, ts: u64, value: f64, retention: usize) {
+    // Points mostly arrive in order: then only the newest one is read (a
+    // binary search would read a cold ring in several places).
+    if ring.back().is_none_or(|(t, _)| *t <= ts) {
+        ring.push_back((ts, value));
+    } else {
+        let pos = ring.partition_point(|(t, _)| *t <= ts);
+        ring.insert(pos, (ts, value));
+    }
+    while ring.len() > retention {
+        ring.pop_front();
+    }
 }
 
 /// What a `record` call kept.
@@ -61,15 +141,14 @@ pub const MAX_LABEL_VALUE_LEN: usize = 256;
 /// inside the default 4 MiB message limit).
 pub const MAX_POINTS_PER_ANSWER: usize = 50_000;
 
-/// The keys of `o` whose name is in `names` (empty = all), sorted.
-fn matching_keys<'o>(o: &'o Owner, names: &[String]) -> Vec<&'o SeriesKey> {
-    let mut keys: Vec<&SeriesKey> = o
-        .series
-        .keys()
-        .filter(|k| names.is_empty() || names.contains(&k.name))
+/// The series of `o` whose name is in `names` (empty = all), by key.
+fn matching<'o>(o: &'o Owner, names: &[String]) -> Vec<&'o Series> {
+    let mut series: Vec<&Series> = o
+        .series()
+        .filter(|s| names.is_empty() || names.contains(&s.key.name))
         .collect();
-    keys.sort();
-    keys
+    series.sort_by(|a, b| a.key.cmp(&b.key));
+    series
 }
 
 /// The store. Cheap to share behind an `Arc`.
@@ -77,6 +156,8 @@ fn matching_keys<'o>(o: &'o Owner, names: &[String]) -> Vec<&'o SeriesKey> {
 pub struct SeriesStore {
     owners: Mutex<HashMap<String, Owner>>,
     limits: Mutex<(usize, usize)>,
+    /// Keys the hashes of series keys (per process: no client picks collisions).
+    hasher: RandomState,
 }
 
 impl SeriesStore {
@@ -84,6 +165,7 @@ impl SeriesStore {
         SeriesStore {
             owners: Mutex::new(HashMap::new()),
             limits: Mutex::new((retention.max(1), max_series.max(1))),
+            hasher: RandomState::new(),
         }
     }
 
@@ -128,27 +210,64 @@ impl SeriesStore {
         Ok(())
     }
 
+    /// The hash of a series key; the order of the labels does not matter.
+    fn key_hash<'l>(&self, name: &str, labels: impl Iterator<Item = (&'l str, &'l str)>) -> u64 {
+        let labels = labels.fold(0u64, |acc, kv| acc.wrapping_add(self.hasher.hash_one(kv)));
+        self.hasher.hash_one((name, labels))
+    }
+
+    /// The owner's series, created empty if it has none yet.
+    fn owner<'o>(owners: &'o mut HashMap<String, Owner>, owner: &str) -> &'o mut Owner {
+        if !owners.contains_key(owner) {
+            owners.insert(owner.to_string(), Owner::default());
+        }
+        owners.get_mut(owner).expect("just inserted")
+    }
+
     /// Stores points for `owner`; a point without a timestamp is stamped `now_ms`.
     pub fn record(&self, owner: &str, points: &[MetricDataPoint], now_ms: u64) -> Recorded {
         let (retention, max_series) = *self.limits.lock();
         let mut owners = self.owners.lock();
-        let o = owners.entry(owner.to_string()).or_default();
+        let o = Self::owner(&mut owners, owner);
         let mut out = Recorded::default();
         for p in points {
-            let key = SeriesKey::of(p);
-            let ts = stamp(p, now_ms);
-            if !o.series.contains_key(&key) && o.series.len() >= max_series {
-                out.refused_new_series += 1;
-                continue;
+            let labels = p.labels.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+            let hash = self.key_hash(&p.name, labels.clone());
+            match o.ring(hash, &p.name, labels, max_series) {
+                Some(ring) => {
+                    push_point(ring, stamp(p, now_ms), p.value, retention);
+                    out.accepted += 1;
+                }
+                None => out.refused_new_series += 1,
             }
-            let ring = o.series.entry(key).or_default();
-            // Keep the ring ordered by time; late points go in their place.
-            let pos = ring.partition_point(|(t, _)| *t <= ts);
-            ring.insert(pos, (ts, p.value));
-            while ring.len() > retention {
-                ring.pop_front();
+        }
+        out
+    }
+
+    /// Stores one point per `(name, value)` for `owner`, each with the same
+    /// `labels` and time: what [`SeriesStore::record`] does with the same
+    /// points, without building them (the heartbeat path).
+    pub fn record_values(
+        &self,
+        owner: &str,
+        labels: &[(&str, &str)],
+        values: &[(&str, f64)],
+        ts_ms: u64,
+    ) -> Recorded {
+        let (retention, max_series) = *self.limits.lock();
+        let mut owners = self.owners.lock();
+        let o = Self::owner(&mut owners, owner);
+        let mut out = Recorded::default();
+        for (name, value) in values {
+            let labels = labels.iter().copied();
+            let hash = self.key_hash(name, labels.clone());
+            match o.ring(hash, name, labels, max_series) {
+                Some(ring) => {
+                    push_point(ring, ts_ms, *value, retention);
+                    out.accepted += 1;
+                }
+                None => out.refused_new_series += 1,
             }
-            out.accepted += 1;
         }
         out
     }
@@ -166,12 +285,11 @@ impl SeriesStore {
         let Some(o) = owners.get(owner) else {
             return Vec::new();
         };
-        let keys = matching_keys(o, names);
         let mut out = Vec::new();
-        for key in keys {
-            for (ts, v) in &o.series[key] {
+        for s in matching(o, names) {
+            for (ts, v) in &s.ring {
                 if *ts >= start_ms && *ts <= end_ms {
-                    out.push(point(key, *ts, *v));
+                    out.push(point(&s.key, *ts, *v));
                 }
             }
         }
@@ -184,9 +302,9 @@ impl SeriesStore {
         let Some(o) = owners.get(owner) else {
             return Vec::new();
         };
-        let keys = matching_keys(o, names);
-        keys.into_iter()
-            .filter_map(|k| o.series[k].back().map(|(ts, v)| point(k, *ts, *v)))
+        matching(o, names)
+            .into_iter()
+            .filter_map(|s| s.ring.back().map(|(ts, v)| point(&s.key, *ts, *v)))
             .collect()
     }
 
@@ -331,6 +449,57 @@ mod tests {
         assert_eq!(got[0].value, 2.0);
         assert_eq!(s.latest("a", &[]).len(), 2);
         assert!(s.query("nobody", &[], 0, u64::MAX).is_empty());
+    }
+
+    #[test]
+    fn record_values_stores_what_record_stores() {
+        let with_labels = |name: &str, v: f64, ts: u64| MetricDataPoint {
+            labels: [
+                ("source".to_string(), "heartbeat".to_string()),
+                ("zone".to_string(), "a".to_string()),
+            ]
+            .into(),
+            ..p(name, v, ts)
+        };
+        let (a, b) = (SeriesStore::new(5, 10), SeriesStore::new(5, 10));
+        for t in 0..8u64 {
+            let v = t as f64;
+            a.record(
+                "i",
+                &[with_labels("cpu", v, t), with_labels("mem", 2.0 * v, t)],
+                0,
+            );
+            // Labels in another order are the same series.
+            b.record_values(
+                "i",
+                &[("zone", "a"), ("source", "heartbeat")],
+                &[("cpu", v), ("mem", 2.0 * v)],
+                t,
+            );
+        }
+        assert_eq!(
+            a.query("i", &[], 0, u64::MAX),
+            b.query("i", &[], 0, u64::MAX)
+        );
+        assert_eq!(
+            b.query("i", &[], 0, u64::MAX).len(),
+            10,
+            "5 kept per series"
+        );
+        assert_eq!(b.series_count(), 2);
+        // Another label set is another series, within the cap.
+        let r = b.record_values("i", &[("source", "x")], &[("cpu", 1.0)], 9);
+        assert_eq!(r.accepted, 1);
+        assert_eq!(b.series_count(), 3);
+        let capped = SeriesStore::new(5, 1);
+        let r = capped.record_values("i", &[], &[("cpu", 1.0), ("mem", 1.0), ("cpu", 2.0)], 1);
+        assert_eq!(
+            r,
+            Recorded {
+                accepted: 2,
+                refused_new_series: 1
+            }
+        );
     }
 
     #[test]

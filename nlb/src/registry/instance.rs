@@ -116,6 +116,9 @@ pub struct Instance {
     pub stats: Option<pb::ModuleStats>,
     pub stats_at: Option<SystemTime>,
     pub pending: Option<Instruction>,
+    /// The endpoint last compiled into a snapshot, reused while it still
+    /// describes the instance (see [`Instance::current_endpoint`]).
+    pub(super) endpoint: Option<Arc<Endpoint>>,
 }
 
 impl Instance {
@@ -163,6 +166,35 @@ impl Instance {
             }
             EndpointState::Healthy => HealthStatus::Healthy,
         }
+    }
+
+    /// The endpoint for the next snapshot: the previous one if nothing it
+    /// holds has changed, else a new one (kept for next time).
+    pub fn current_endpoint(&mut self) -> Arc<Endpoint> {
+        if let Some(e) = &self.endpoint {
+            // State and capacity change in place. The rest (id, type,
+            // addresses, version, limits) is set when the instance is
+            // (re-)registered, which builds a new `Instance`: comparing those
+            // strings on every rebuild would cost a cache miss per instance.
+            let same = e.state == self.state().0
+                && e.capacity_factor.to_bits() == self.capacity_factor.to_bits()
+                && e.max_connections == u32::try_from(self.info.max_connections).unwrap_or(0)
+                && e.proxy_protocol == self.proxy_protocol
+                && e.module_type == self.module_type
+                && Arc::ptr_eq(&e.counters, &self.counters);
+            if same {
+                debug_assert!(
+                    e.address == self.data_address
+                        && e.version == self.info.version
+                        && e.id == self.info.instance_id,
+                    "an instance's address, version or id changed in place: clear its endpoint"
+                );
+                return Arc::clone(e);
+            }
+        }
+        let e = Arc::new(self.endpoint());
+        self.endpoint = Some(Arc::clone(&e));
+        e
     }
 
     /// The endpoint the routing snapshot balances over.

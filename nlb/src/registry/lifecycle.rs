@@ -227,7 +227,7 @@ impl Registry {
     ) -> Result<Registered, RegistryError> {
         let Checked {
             module_type,
-            routes,
+            mut routes,
             timings,
             data_address,
             proxy_protocol,
@@ -237,6 +237,9 @@ impl Registry {
         let now = Instant::now();
         let wall = SystemTime::now();
         self.with(|inner| {
+            for spec in &mut routes {
+                inner.route_keys.intern(spec);
+            }
             let existing = inner.instances.get(&id);
             if let Some(theirs) = existing.and_then(|old| old.owner.as_deref()) {
                 if !may_take_over && Some(theirs) != owner {
@@ -301,6 +304,7 @@ impl Registry {
                 stats: None,
                 stats_at: None,
                 pending: None,
+                endpoint: None,
                 info: inst,
             };
             inner
@@ -630,10 +634,13 @@ impl Registry {
     pub fn set_instance_routes(
         &self,
         instance_id: &str,
-        routes: Vec<RouteSpec>,
+        mut routes: Vec<RouteSpec>,
         replace_all: bool,
     ) -> Result<usize, RegistryError> {
         self.with(|inner| {
+            for spec in &mut routes {
+                inner.route_keys.intern(spec);
+            }
             let Some(inst) = inner.instances.get_mut(instance_id) else {
                 return (
                     Err(RegistryError::NotFound(format!(

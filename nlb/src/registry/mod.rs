@@ -19,12 +19,12 @@ use shared_types::pb::ModuleType;
 
 pub use instance::{Drain, HealthTimings, Instance, Instruction};
 pub use lifecycle::{DueCheck, HeartbeatOutcome, Registered, Tick, Unregistered};
-pub use views::{InstanceView, Rebalanced, Strategy, OVERLOAD_TOLERANCE};
+pub use views::{InstanceView, Rebalanced, Strategy, Summary, OVERLOAD_TOLERANCE};
 
 use crate::config::NlbConfig;
 use crate::routing::{
-    Endpoint, EndpointCounters, EndpointState, Policy, RouteSpec, RouteStatsCache, Router,
-    Snapshot, SnapshotInput,
+    Endpoint, EndpointCounters, EndpointState, KeyInterner, Policy, RouteSpec, RouteStatsCache,
+    Router, Snapshot, SnapshotInput,
 };
 
 /// Why a registry operation was refused. Each maps to one gRPC code.
@@ -97,11 +97,14 @@ impl OperatorRouting {
 }
 
 pub(crate) struct Inner {
-    pub(crate) instances: HashMap<String, Instance>,
+    /// By instance id, in id order: snapshots list servers in that order.
+    pub(crate) instances: BTreeMap<String, Instance>,
     /// registration id -> instance id
     pub(crate) by_registration: HashMap<String, String>,
     generation: u64,
     stats_cache: RouteStatsCache,
+    /// Announced routes of identical identity share one key.
+    route_keys: KeyInterner,
     operator: OperatorRouting,
     backend_endpoints: BTreeMap<String, Vec<Arc<Endpoint>>>,
     settings: Settings,
@@ -123,10 +126,11 @@ impl Registry {
     pub fn new(settings: Settings, operator: OperatorRouting) -> Self {
         let registry = Registry {
             inner: Mutex::new(Inner {
-                instances: HashMap::new(),
+                instances: BTreeMap::new(),
                 by_registration: HashMap::new(),
                 generation: 0,
                 stats_cache: RouteStatsCache::default(),
+                route_keys: KeyInterner::default(),
                 operator: OperatorRouting::default(),
                 backend_endpoints: BTreeMap::new(),
                 settings,
@@ -219,21 +223,21 @@ impl Registry {
         true
     }
 
-    /// Compiles and publishes a snapshot from the current state.
+    /// Compiles and publishes a snapshot from the current state. It runs on
+    /// every change of membership, health, routes or weights and walks every
+    /// instance, so it is kept lean: instances are visited in id order (no
+    /// sort), an instance whose endpoint did not change lends the previous
+    /// snapshot's (no allocation), and announced routes group by a hash
+    /// computed once per route.
     fn rebuild(inner: &mut Inner, router: &Router) {
         inner.generation += 1;
-        let endpoints: Vec<Arc<Endpoint>> = {
-            let mut ids: Vec<&String> = inner.instances.keys().collect();
-            ids.sort();
-            ids.iter()
-                .map(|id| Arc::new(inner.instances[*id].endpoint()))
-                .collect()
-        };
-        let by_id: HashMap<&str, &Arc<Endpoint>> =
-            endpoints.iter().map(|e| (e.id.as_str(), e)).collect();
+        let endpoints: Vec<Arc<Endpoint>> = inner
+            .instances
+            .values_mut()
+            .map(Instance::current_endpoint)
+            .collect();
         let mut announced = Vec::new();
-        for instance in inner.instances.values() {
-            let endpoint = by_id[instance.info.instance_id.as_str()];
+        for (instance, endpoint) in inner.instances.values().zip(&endpoints) {
             for spec in &instance.routes {
                 announced.push((spec, endpoint));
             }
@@ -247,6 +251,9 @@ impl Registry {
                 backends: &inner.backend_endpoints,
                 policy: inner.operator.policy.clone(),
                 now_ms: shared_types::time::unix_millis(std::time::SystemTime::now()),
+                // Instances are visited in id order; an instance's route ids
+                // are distinct, so are its routes' identities.
+                ordered: true,
             },
             &mut inner.stats_cache,
         );

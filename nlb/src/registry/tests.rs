@@ -578,3 +578,140 @@ fn a_scaling_target_is_announced_until_the_reaper_sees_it_met() {
     assert!(!hb.should_scale, "2 live alb instances: the target is met");
     assert!(!hb.instructions.contains_key("desired_instances"));
 }
+
+// ------------------------------------------------- rebuild cost, same result
+
+fn big_registry() -> Registry {
+    Registry::new(
+        Settings {
+            max_instances: 1000,
+            ..settings()
+        },
+        OperatorRouting {
+            routes: vec![RouteSpec::operator(&pb::Route {
+                route_id: "all-alb".into(),
+                protocol: Protocol::Http as i32,
+                destination_port: 8080,
+                metadata: [("module_type".to_string(), "alb".to_string())].into(),
+                ..Default::default()
+            })
+            .unwrap()],
+            ..Default::default()
+        },
+    )
+}
+
+#[test]
+fn servers_are_listed_by_id_whatever_the_registration_order() {
+    let r = big_registry();
+    // Registered out of order; each announces the same route "web".
+    for i in [7, 3, 9, 1, 5, 0, 8, 2, 6, 4] {
+        r.register(&req(
+            &format!("alb-{i}"),
+            &format!("10.0.0.{i}:9000"),
+            Some("10.0.0.1:8080"),
+        ))
+        .unwrap();
+    }
+    let snapshot = r.router().load();
+    let expected: Vec<String> = (0..10).map(|i| format!("alb-{i}")).collect();
+    let mut routes = 0;
+    for route in snapshot.routes() {
+        let ids: Vec<&str> = route.servers.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, expected, "route {}", route.spec.route_id());
+        routes += 1;
+    }
+    assert_eq!(routes, 2, "the operator route and the merged announcement");
+}
+
+#[test]
+fn rebuilds_reuse_endpoints_of_unchanged_instances_only() {
+    let r = big_registry();
+    let a = r
+        .register(&req("alb-a", "10.0.0.1:9000", Some("10.0.0.1:8080")))
+        .unwrap();
+    r.register(&req("alb-b", "10.0.0.2:9000", Some("10.0.0.2:8080")))
+        .unwrap();
+    let endpoint = |id: &str| {
+        r.router()
+            .load()
+            .routes()
+            .flat_map(|route| route.servers.iter())
+            .find(|e| e.id == id)
+            .cloned()
+            .expect("listed")
+    };
+    let (a1, b1) = (endpoint("alb-a"), endpoint("alb-b"));
+    // A change of b's health: a's endpoint is carried over, b's is new.
+    let b = r.get("alb-b").unwrap();
+    let b_reg = r.read(|inner| inner.instances["alb-b"].registration_id.clone());
+    r.heartbeat(&beat(
+        &b.instance.instance_id,
+        &b_reg,
+        HealthStatus::Unhealthy,
+    ))
+    .unwrap();
+    let (a2, b2) = (endpoint("alb-a"), endpoint("alb-b"));
+    assert!(Arc::ptr_eq(&a1, &a2), "unchanged instance, same endpoint");
+    assert!(!Arc::ptr_eq(&b1, &b2), "changed instance, new endpoint");
+    assert!(!b2.accepts_new());
+    assert!(Arc::ptr_eq(&b1.counters, &b2.counters), "counters live on");
+    // A capacity change gives a new endpoint too.
+    r.rebalance(Strategy::LeastConnections, false, &[]);
+    r.heartbeat(&pb::HeartbeatRequest {
+        current_stats: Some(pb::ModuleStats {
+            cpu_usage_percent: 50.0,
+            ..Default::default()
+        }),
+        ..beat("alb-a", &a.registration_id, HealthStatus::Healthy)
+    })
+    .unwrap();
+    r.rebalance(Strategy::LeastConnections, false, &[]);
+    let a3 = endpoint("alb-a");
+    assert!(!Arc::ptr_eq(&a2, &a3));
+    assert!(
+        (a3.capacity_factor - 0.5).abs() < 1e-9,
+        "{}",
+        a3.capacity_factor
+    );
+    // Re-registering from another address (after a drain) is a new instance.
+    r.unregister("alb-a", "", true, 0).unwrap();
+    r.register(&req("alb-a", "10.0.0.9:9000", Some("10.0.0.9:8080")))
+        .unwrap();
+    let a4 = endpoint("alb-a");
+    assert_eq!(a4.address.as_deref(), Some("10.0.0.9:8080"));
+}
+
+#[test]
+fn identical_announcements_share_one_key() {
+    let r = big_registry();
+    for i in 0..3 {
+        r.register(&req(&format!("alb-{i}"), &format!("10.0.0.{i}:9000"), None))
+            .unwrap();
+    }
+    r.read(|inner| {
+        let keys: Vec<*const crate::routing::route::MergeKey> = inner
+            .instances
+            .values()
+            .map(|i| i.routes[0].merge_key() as *const _)
+            .collect();
+        assert!(keys.windows(2).all(|w| w[0] == w[1]), "{keys:?}");
+    });
+}
+
+#[test]
+fn summaries_match_the_views() {
+    let r = big_registry();
+    let a = r
+        .register(&req("alb-a", "10.0.0.1:9000", Some("10.0.0.1:8080")))
+        .unwrap();
+    r.register(&req("alb-b", "10.0.0.2:9000", None)).unwrap();
+    r.register(&req("alb-c", "10.0.0.3:9000", Some("10.0.0.3:8080")))
+        .unwrap();
+    r.heartbeat(&beat("alb-a", &a.registration_id, HealthStatus::Unhealthy))
+        .unwrap();
+    r.unregister("alb-c", "", true, 30).unwrap();
+    let from_views: Vec<Summary> = r.list().iter().map(InstanceView::summary).collect();
+    assert_eq!(r.summaries(), from_views);
+    assert_eq!(from_views.len(), 3);
+}

@@ -26,6 +26,31 @@ pub struct InstanceView {
     pub state: EndpointState,
 }
 
+/// One instance in brief: the fields of its [`InstanceView`] that counts
+/// and gauges use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    pub module_type: ModuleType,
+    /// Whether it takes new connections.
+    pub state: EndpointState,
+    /// As `InstanceView::instance.health_status` shows it.
+    pub health_status: pb::HealthStatus,
+    /// As `InstanceView::instance.current_connections` shows it.
+    pub current_connections: i32,
+}
+
+impl InstanceView {
+    pub fn summary(&self) -> Summary {
+        Summary {
+            module_type: self.module_type,
+            state: self.state,
+            health_status: pb::HealthStatus::from_wire(self.instance.health_status)
+                .unwrap_or_default(),
+            current_connections: self.instance.current_connections,
+        }
+    }
+}
+
 /// How `RebalanceLoad` sets capacity factors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Strategy {
@@ -219,6 +244,24 @@ impl Registry {
                 inner.instances.values().map(|i| view(inner, i)).collect();
             out.sort_by(|a, b| a.instance.instance_id.cmp(&b.instance.instance_id));
             out
+        })
+    }
+
+    /// Every instance as counts and gauges see it, sorted by instance id:
+    /// what [`Registry::list`] would show of each, without building the
+    /// views (the periodic samplers call this with thousands of instances).
+    pub fn summaries(&self) -> Vec<Summary> {
+        self.read(|inner| {
+            inner
+                .instances
+                .values()
+                .map(|i| Summary {
+                    module_type: i.module_type,
+                    state: i.state().0,
+                    health_status: i.effective_status(),
+                    current_connections: i32::try_from(i.counters.active()).unwrap_or(i32::MAX),
+                })
+                .collect()
         })
     }
 

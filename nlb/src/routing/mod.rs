@@ -23,7 +23,7 @@ use shared_types::pb::Protocol;
 
 pub use endpoint::{ConnectionGuard, Endpoint, EndpointCounters, EndpointState};
 pub use pattern::{normalize_name, Cidr, NamePattern};
-pub use route::{FieldError, RouteSpec, Target};
+pub use route::{FieldError, KeyInterner, RouteSpec, Target};
 pub use table::{
     CompiledRoute, Policy, RouteError, RouteStatsCache, Selection, Snapshot, SnapshotInput,
 };

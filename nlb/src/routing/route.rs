@@ -4,6 +4,8 @@
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::{Arc, OnceLock};
 
 use shared_types::pb::{self, ModuleType, Protocol};
 
@@ -53,6 +55,9 @@ pub struct RouteSpec {
     pub port: u16,
     pub priority: i32,
     pub target: Target,
+    /// Computed once: snapshots group announced routes by it on every
+    /// rebuild, for every instance.
+    key: Arc<MergeKey>,
 }
 
 /// Protocols no TCP listener can carry.
@@ -155,6 +160,7 @@ impl RouteSpec {
         let target = target.map_err(|(f, m)| err(f, m)).ok();
         match target {
             Some(target) if errors.is_empty() => Ok(RouteSpec {
+                key: Arc::new(MergeKey::new(route, &target)),
                 route: route.clone(),
                 protocol,
                 source,
@@ -201,10 +207,39 @@ impl RouteSpec {
 
     /// The identity under which announced routes merge: every field but
     /// metadata, plus the announcing module type.
-    pub fn merge_key(&self) -> MergeKey {
-        let r = &self.route;
-        MergeKey {
-            target: self.target.clone(),
+    pub fn merge_key(&self) -> &MergeKey {
+        &self.key
+    }
+}
+
+/// See [`RouteSpec::merge_key`]. Ordered by its fields; hashed and compared
+/// for equality through a hash computed once, so grouping thousands of
+/// announcements costs one integer compare each (then one field compare to
+/// confirm a match).
+#[derive(Debug, Clone)]
+pub struct MergeKey {
+    hash: u64,
+    fields: MergeFields,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct MergeFields {
+    target: Target,
+    route_id: String,
+    protocol: i32,
+    source_pattern: String,
+    destination_pattern: String,
+    source_port: i32,
+    destination_port: i32,
+    path_pattern: String,
+    headers: BTreeMap<String, String>,
+    priority: i32,
+}
+
+impl MergeKey {
+    fn new(r: &pb::Route, target: &Target) -> Self {
+        let fields = MergeFields {
+            target: target.clone(),
             route_id: r.route_id.clone(),
             protocol: r.protocol,
             source_pattern: r.source_pattern.clone(),
@@ -218,24 +253,98 @@ impl RouteSpec {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             priority: r.priority,
+        };
+        // Keyed per process, so no client can choose colliding routes.
+        static KEYS: OnceLock<std::collections::hash_map::RandomState> = OnceLock::new();
+        let hash = KEYS.get_or_init(Default::default).hash_one(&fields);
+        MergeKey { hash, fields }
+    }
+}
+
+impl PartialEq for MergeKey {
+    fn eq(&self, other: &Self) -> bool {
+        // Interned keys (see [`KeyInterner`]) are the same object.
+        std::ptr::eq(self, other) || (self.hash == other.hash && self.fields == other.fields)
+    }
+}
+
+impl Eq for MergeKey {}
+
+impl Hash for MergeKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+impl PartialOrd for MergeKey {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for MergeKey {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.fields.cmp(&other.fields)
+    }
+}
+
+/// Makes identical routes share one [`MergeKey`], so that grouping the
+/// announcements of thousands of instances compares pointers rather than
+/// every field of every route (scattered over memory) on each rebuild.
+#[derive(Debug, Default)]
+pub struct KeyInterner {
+    keys: std::collections::HashSet<Arc<MergeKey>, Prehashed>,
+    /// Keys held after the last pruning.
+    kept: usize,
+}
+
+impl KeyInterner {
+    /// Keys held (some may be unused until the next pruning).
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Points `spec` at the shared key for its identity.
+    pub fn intern(&mut self, spec: &mut RouteSpec) {
+        match self.keys.get(&*spec.key) {
+            Some(shared) => spec.key = Arc::clone(shared),
+            None => {
+                self.keys.insert(Arc::clone(&spec.key));
+                // Keys no route uses any more go, in amortized O(1).
+                if self.keys.len() > 2 * self.kept.max(64) {
+                    self.keys.retain(|k| Arc::strong_count(k) > 1);
+                    self.kept = self.keys.len();
+                }
+            }
         }
     }
 }
 
-/// See [`RouteSpec::merge_key`].
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct MergeKey {
-    target: Target,
-    route_id: String,
-    protocol: i32,
-    source_pattern: String,
-    destination_pattern: String,
-    source_port: i32,
-    destination_port: i32,
-    path_pattern: String,
-    headers: BTreeMap<String, String>,
-    priority: i32,
+/// A hasher for keys that carry their own hash ([`MergeKey`]).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PrehashedHasher(u64);
+
+impl Hasher for PrehashedHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is expected; fold anything else in anyway.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
 }
+
+/// Builds [`PrehashedHasher`]s.
+pub type Prehashed = std::hash::BuildHasherDefault<PrehashedHasher>;
 
 /// One error per route id given more than once in a set of routes.
 pub fn duplicate_ids(routes: &[pb::Route]) -> Vec<FieldError> {

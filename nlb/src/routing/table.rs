@@ -3,6 +3,7 @@
 //! after. The control plane builds a new one on every change of membership,
 //! health, routes or weights; the data plane reads one per connection.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use shared_types::pb::ModuleType;
 
 use super::balance::{choose_endpoint, choose_version};
 use super::endpoint::Endpoint;
-use super::route::{MergeKey, RouteSpec, Target};
+use super::route::{MergeKey, Prehashed, RouteSpec, Target};
 use super::ConnInfo;
 
 /// Per-route bookkeeping that survives rebuilds.
@@ -29,14 +30,15 @@ impl RouteStats {
 
 /// Keeps route stats across rebuilds, keyed by route identity.
 #[derive(Debug, Default)]
-pub struct RouteStatsCache(HashMap<MergeKey, Arc<RouteStats>>);
+pub struct RouteStatsCache(HashMap<Arc<MergeKey>, Arc<RouteStats>, Prehashed>);
 
 /// A route with the endpoints serving it.
 #[derive(Debug)]
 pub struct CompiledRoute {
     pub spec: RouteSpec,
-    /// Every endpoint serving the route, able to take traffic or not.
-    pub servers: Vec<Arc<Endpoint>>,
+    /// Every endpoint serving the route, able to take traffic or not, by
+    /// id. Routes naming the same module type share one list.
+    pub servers: Arc<[Arc<Endpoint>]>,
     pub stats: Arc<RouteStats>,
 }
 
@@ -76,6 +78,33 @@ pub struct SnapshotInput<'a> {
     pub backends: &'a BTreeMap<String, Vec<Arc<Endpoint>>>,
     pub policy: Policy,
     pub now_ms: u64,
+    /// The caller gives `instances` in increasing id order, one entry per
+    /// id, and `announced` in the same order (each instance's routes with
+    /// distinct identities): servers then need no sorting. Checked in debug
+    /// builds. `false` sorts them.
+    pub ordered: bool,
+}
+
+/// The servers of a route being compiled: its own list, or the list of a
+/// module type's instances that several routes share.
+enum Servers {
+    Own(Vec<Arc<Endpoint>>),
+    Shared(Arc<[Arc<Endpoint>]>),
+}
+
+/// `list` by id without duplicates. `ordered`: the caller says it already is
+/// (checked in debug builds).
+fn sorted(mut list: Vec<Arc<Endpoint>>, ordered: bool) -> Arc<[Arc<Endpoint>]> {
+    if ordered {
+        debug_assert!(
+            list.is_sorted_by(|a, b| a.id < b.id),
+            "servers given as ordered are not in increasing id order"
+        );
+    } else {
+        list.sort_by(|a, b| a.id.cmp(&b.id));
+        list.dedup_by(|a, b| a.id == b.id);
+    }
+    list.into()
 }
 
 /// One immutable routing table.
@@ -93,43 +122,83 @@ impl Snapshot {
     /// Compiles a snapshot. Identical announced routes from several instances
     /// merge into one route served by all of them.
     pub fn build(input: SnapshotInput<'_>, cache: &mut RouteStatsCache) -> Snapshot {
-        let mut merged: BTreeMap<MergeKey, (RouteSpec, Vec<Arc<Endpoint>>)> = BTreeMap::new();
+        // Routes by identity, in first-seen order; sorted by identity below.
+        // Each announcement costs a lookup by its precomputed hash.
+        let mut merged: Vec<(&RouteSpec, Servers)> = Vec::new();
+        let mut index: HashMap<&MergeKey, usize, Prehashed> = HashMap::default();
         for (spec, instance) in input.announced {
-            merged
-                .entry(spec.merge_key())
-                .or_insert_with(|| (spec.clone(), Vec::new()))
-                .1
-                .push(Arc::clone(instance));
+            match index.entry(spec.merge_key()) {
+                Entry::Occupied(i) => match &mut merged[*i.get()].1 {
+                    Servers::Own(list) => list.push(Arc::clone(instance)),
+                    Servers::Shared(_) => unreachable!("announced routes own their servers"),
+                },
+                Entry::Vacant(v) => {
+                    v.insert(merged.len());
+                    merged.push((spec, Servers::Own(vec![Arc::clone(instance)])));
+                }
+            }
         }
+        // The instances of each module type an operator route names, once.
+        let mut of_type: HashMap<ModuleType, Arc<[Arc<Endpoint>]>> = HashMap::new();
         for spec in input.operator {
             let servers = match &spec.target {
-                Target::ModuleType(t) => input
-                    .instances
-                    .iter()
-                    .filter(|e| e.module_type == *t)
-                    .cloned()
-                    .collect(),
-                Target::Backend(name) => input.backends.get(name).cloned().unwrap_or_default(),
-                Target::Announced(_) => Vec::new(),
+                Target::ModuleType(t) => {
+                    Servers::Shared(Arc::clone(of_type.entry(*t).or_insert_with(|| {
+                        sorted(
+                            input
+                                .instances
+                                .iter()
+                                .filter(|e| e.module_type == *t)
+                                .cloned()
+                                .collect(),
+                            input.ordered,
+                        )
+                    })))
+                }
+                Target::Backend(name) => {
+                    Servers::Own(input.backends.get(name).cloned().unwrap_or_default())
+                }
+                Target::Announced(_) => Servers::Own(Vec::new()),
             };
-            merged.insert(spec.merge_key(), (spec.clone(), servers));
+            // The same identity given again replaces the route and its servers.
+            match index.entry(spec.merge_key()) {
+                Entry::Occupied(i) => merged[*i.get()] = (spec, servers),
+                Entry::Vacant(v) => {
+                    v.insert(merged.len());
+                    merged.push((spec, servers));
+                }
+            }
         }
+        drop(index);
+        // Identity order, so routes that tie on precedence keep a stable order.
+        merged.sort_by(|a, b| a.0.merge_key().cmp(b.0.merge_key()));
 
-        let mut fresh = HashMap::with_capacity(merged.len());
+        let mut fresh = HashMap::with_capacity_and_hasher(merged.len(), Prehashed::default());
         let mut specific = Vec::new();
         let mut fallback = Vec::new();
-        for (key, (spec, mut servers)) in merged {
-            servers.sort_by(|a, b| a.id.cmp(&b.id));
-            servers.dedup_by(|a, b| a.id == b.id);
-            let stats = cache.0.remove(&key).unwrap_or_else(|| {
-                Arc::new(RouteStats {
-                    created_at_ms: input.now_ms,
-                    last_used_ms: AtomicU64::new(0),
-                })
-            });
+        for (spec, servers) in merged {
+            let servers = match servers {
+                Servers::Shared(list) => list,
+                // Announced in id order when `ordered`; backends as listed.
+                Servers::Own(list) => {
+                    let ordered = input.ordered && !matches!(spec.target, Target::Backend(_));
+                    sorted(list, ordered)
+                }
+            };
+            let key = spec.merge_key();
+            let (key, stats) = match cache.0.remove_entry(key) {
+                Some(kept) => kept,
+                None => (
+                    Arc::new(key.clone()),
+                    Arc::new(RouteStats {
+                        created_at_ms: input.now_ms,
+                        last_used_ms: AtomicU64::new(0),
+                    }),
+                ),
+            };
             fresh.insert(key, Arc::clone(&stats));
             let route = CompiledRoute {
-                spec,
+                spec: spec.clone(),
                 servers,
                 stats,
             };

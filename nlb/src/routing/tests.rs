@@ -143,6 +143,7 @@ fn snapshot(routes: Vec<pb::Route>, instances: &[Arc<Endpoint>], policy: Policy)
             backends: &BTreeMap::new(),
             policy,
             now_ms: 0,
+            ordered: false,
         },
         &mut RouteStatsCache::default(),
     )
@@ -697,6 +698,7 @@ fn backend_route_is_served_by_its_pool() {
             // Weights never apply to backends.
             policy: weights(&[("v9", 100)]),
             now_ms: 0,
+            ordered: false,
         },
         &mut RouteStatsCache::default(),
     );
@@ -732,6 +734,7 @@ fn announced_snapshot(
             backends: &BTreeMap::new(),
             policy: Policy::default(),
             now_ms,
+            ordered: false,
         },
         cache,
     )
@@ -1224,4 +1227,25 @@ fn balance_score_is_one_when_even_and_lower_when_spread() {
     assert!((wide - 0.2).abs() < 1e-9, "{wide}");
     assert!(mild < 1.0 && wide < mild, "{mild} {wide}");
     assert_eq!(balance_score(&[1.0, 0.0, 0.0, 0.0]), 0.0);
+}
+
+#[test]
+fn interned_keys_are_shared_and_unused_ones_pruned() {
+    let mut interner = crate::routing::KeyInterner::default();
+    let mut specs: Vec<RouteSpec> = (0..3).map(|_| spec(http_any())).collect();
+    for s in &mut specs {
+        interner.intern(s);
+    }
+    assert!(std::ptr::eq(specs[0].merge_key(), specs[2].merge_key()));
+    assert_eq!(specs[0], specs[1], "interning changes no route");
+    // Many distinct routes that are dropped at once do not pile up.
+    for round in 0..10 {
+        let mut routes: Vec<RouteSpec> = (0..100)
+            .map(|i| spec(route(&format!("r{round}-{i}"), Protocol::Http, "", 80, 0)))
+            .collect();
+        for s in &mut routes {
+            interner.intern(s);
+        }
+    }
+    assert!(interner.len() <= 300, "{} keys held", interner.len());
 }
