@@ -6,7 +6,6 @@ and grpc.health.v1.
 
 from __future__ import annotations
 
-import os
 import secrets
 from typing import Callable
 
@@ -193,10 +192,6 @@ def test_python_grpcio_client_interoperates(
     assert nlb.stop() == 0, nlb.stderr()
 
 
-@pytest.mark.skipif(
-    os.environ.get("SWITCHYARD_AUTH_READY") != "1",
-    reason="control API token auth is not merged yet; set SWITCHYARD_AUTH_READY=1 once it is",
-)
 def test_token_auth_roles(stubs: Stubs, start_nlb: Callable[..., NlbProcess]) -> None:
     operator_token = secrets.token_urlsafe(24)
     module_token = secrets.token_urlsafe(24)
@@ -229,6 +224,14 @@ def test_token_auth_roles(stubs: Stubs, start_nlb: Callable[..., NlbProcess]) ->
         registration(stubs, "py-auth-1"), metadata=as_module, timeout=CALL_TIMEOUT_S
     )
     assert registered.success, registered.message
+
+    # ... heartbeats for its own instance ...
+    beat = client.Heartbeat(
+        pb.HeartbeatRequest(instance_id="py-auth-1", registration_id=registered.registration_id),
+        metadata=as_module,
+        timeout=CALL_TIMEOUT_S,
+    )
+    assert beat.acknowledged, beat.message
 
     # ... but may not read the registry.
     with pytest.raises(grpc.RpcError) as denied:
