@@ -14,43 +14,31 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-BENCHES=(control) # `alb` joins here when the ALB exists.
+# Each benchmark NAME is a function bench_NAME below. `alb` joins when the
+# ALB exists.
+BENCHES=(control)
 
 usage() {
-    echo "usage: $0 [all|${BENCHES[*]// /|}]" >&2
+    echo "usage: $0 [all|$(
+        IFS='|'
+        echo "${BENCHES[*]}"
+    )]" >&2
     exit 2
 }
 
 say() { printf '\n== %s\n' "$*"; }
 
+[ $# -le 1 ] || usage
 case "${1:-all}" in
 all) selected=("${BENCHES[@]}") ;;
-control) selected=(control) ;;
-*) usage ;;
+*)
+    [[ " ${BENCHES[*]} " == *" $1 "* ]] || usage
+    selected=("$1")
+    ;;
 esac
-
-TARGET_DIR="$(cargo metadata --format-version 1 --no-deps |
-    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
-REL="$TARGET_DIR/release"
-WORK="$(mktemp -d -t switchyard-bench.XXXXXX)"
-RESULTS="$WORK/results"
-: >"$RESULTS"
-STARTED_PIDS=()
-
-cleanup() {
-    for pid in "${STARTED_PIDS[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || true
-    done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-say "build (release, once)"
-cargo build --release -p nlb -p switchyard-bench
 
 # --- the NLB under test -----------------------------------------------------
 
-NLB_PID=""
 NLB_GRPC=""
 NLB_LOGFILE=""
 
@@ -72,7 +60,6 @@ start_nlb() {
         NLB_STATE_FILE="$dir/nlb.state.json" NLB_LOG="${NLB_LOG:-info}" "$@" \
         "$REL/nlb" --config "$dir/nlb.yaml" </dev/null >"$NLB_LOGFILE" 2>&1 &
     NLB_PID=$!
-    STARTED_PIDS+=("$NLB_PID")
     local i
     for i in $(seq 1 300); do
         if ! kill -0 "$NLB_PID" 2>/dev/null; then
@@ -90,15 +77,36 @@ start_nlb() {
     exit 1
 }
 
+# stop_nlb: SIGTERM to the nlb started above, SIGKILL after 30 s; reaps it.
 stop_nlb() {
-    kill -TERM "$NLB_PID" 2>/dev/null || return 0
-    local i
+    [ -n "$NLB_PID" ] || return 0
+    local pid="$NLB_PID" i
+    NLB_PID=""
+    kill -TERM "$pid" 2>/dev/null || true
     for i in $(seq 1 300); do
-        kill -0 "$NLB_PID" 2>/dev/null || return 0
+        kill -0 "$pid" 2>/dev/null || break
         sleep 0.1
     done
-    kill -KILL "$NLB_PID" 2>/dev/null || true
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
 }
+
+TARGET_DIR="$(cargo metadata --format-version 1 --no-deps |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
+REL="$TARGET_DIR/release"
+WORK="$(mktemp -d -t switchyard-bench.XXXXXX)"
+RESULTS="$WORK/results"
+: >"$RESULTS"
+NLB_PID="" # the nlb this script started and has not stopped yet
+
+cleanup() {
+    stop_nlb
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+say "build (release, once)"
+cargo build --release -p nlb -p switchyard-bench
 
 # --- control: the gRPC control API ------------------------------------------
 
@@ -124,13 +132,13 @@ bench_control() {
 
         say "control: RouteRequest and Heartbeat, auth $mode"
         start_nlb "control-$mode" "${env[@]}"
-        env "${creds[@]}" "$REL/control-bench" route --addr "$NLB_GRPC" --nlb-pid "$NLB_PID" "${load[@]}" | tee -a "$RESULTS"
-        env "${creds[@]}" "$REL/control-bench" heartbeat --addr "$NLB_GRPC" --nlb-pid "$NLB_PID" "${load[@]}" --instances 1000 | tee -a "$RESULTS"
+        env -u BENCH_OPERATOR_TOKEN -u BENCH_MODULE_TOKEN "${creds[@]}" "$REL/control-bench" route --addr "$NLB_GRPC" --nlb-pid "$NLB_PID" "${load[@]}" | tee -a "$RESULTS"
+        env -u BENCH_OPERATOR_TOKEN -u BENCH_MODULE_TOKEN "${creds[@]}" "$REL/control-bench" heartbeat --addr "$NLB_GRPC" --nlb-pid "$NLB_PID" "${load[@]}" --instances 1000 | tee -a "$RESULTS"
         stop_nlb
 
         say "control: $fleet instances heartbeating at 1 Hz, NLB CPU over ${window}s, auth $mode"
         start_nlb "fleet-$mode" "${env[@]}"
-        env "${creds[@]}" "$REL/control-bench" fleet --addr "$NLB_GRPC" --nlb-pid "$NLB_PID" \
+        env -u BENCH_OPERATOR_TOKEN -u BENCH_MODULE_TOKEN "${creds[@]}" "$REL/control-bench" fleet --addr "$NLB_GRPC" --nlb-pid "$NLB_PID" \
             --instances "$fleet" --window-secs "$window" --connections "$fleet_connections" | tee -a "$RESULTS"
         stop_nlb
     done
