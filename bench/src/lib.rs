@@ -3,6 +3,7 @@
 //! loop is bounded in time and in count. Nothing here asserts on timing.
 
 pub mod client;
+pub mod control;
 pub mod fleet;
 pub mod load;
 pub mod proc_stat;
