@@ -715,3 +715,21 @@ fn summaries_match_the_views() {
     assert_eq!(r.summaries(), from_views);
     assert_eq!(from_views.len(), 3);
 }
+
+#[test]
+fn an_instance_announcing_a_route_twice_serves_it_once() {
+    let r = big_registry();
+    r.register(&req("alb-a", "10.0.0.1:9000", Some("10.0.0.1:8080")))
+        .unwrap();
+    let web = RouteSpec::announced(&route("web", 80), ModuleType::Alb).unwrap();
+    // The control API refuses duplicate ids; the registry copes anyway.
+    r.set_instance_routes("alb-a", vec![web.clone(), web], true)
+        .unwrap();
+    let snapshot = r.router().load();
+    let web = snapshot
+        .routes()
+        .find(|route| route.spec.route_id() == "web")
+        .expect("web");
+    let ids: Vec<&str> = web.servers.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids, ["alb-a"]);
+}

@@ -79,9 +79,10 @@ pub struct SnapshotInput<'a> {
     pub policy: Policy,
     pub now_ms: u64,
     /// The caller gives `instances` in increasing id order, one entry per
-    /// id, and `announced` in the same order (each instance's routes with
-    /// distinct identities): servers then need no sorting. Checked in debug
-    /// builds. `false` sorts them.
+    /// id, and `announced` in the same order, an instance's routes together
+    /// with the same endpoint `Arc`: servers then need no sorting, only
+    /// repeats of one endpoint dropped. Checked in debug builds. `false`
+    /// sorts them.
     pub ordered: bool,
 }
 
@@ -96,6 +97,8 @@ enum Servers {
 /// (checked in debug builds).
 fn sorted(mut list: Vec<Arc<Endpoint>>, ordered: bool) -> Arc<[Arc<Endpoint>]> {
     if ordered {
+        // An instance announcing the same route twice is listed once.
+        list.dedup_by(|a, b| Arc::ptr_eq(a, b));
         debug_assert!(
             list.is_sorted_by(|a, b| a.id < b.id),
             "servers given as ordered are not in increasing id order"
