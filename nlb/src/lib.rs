@@ -25,6 +25,7 @@ pub mod ctl;
 pub mod liveness;
 pub mod metrics;
 pub mod registry;
+pub mod request_id;
 pub mod routing;
 pub mod security;
 pub mod server;

@@ -11,14 +11,13 @@ use shared_types::pb::nlb_service_server::NlbServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
 
 use crate::admission::{Admission, AdmittedListener};
 use crate::app::Nlb;
 use crate::auth::layer::AuthLayer;
 use crate::control::ControlService;
 use crate::metrics::grpc::GrpcMetricsLayer;
+use crate::request_id::RequestIdLayer;
 use crate::{admin, admission, liveness, security};
 
 /// Why the NLB could not start.
@@ -58,15 +57,6 @@ async fn bind(what: &'static str, addr: &str) -> Result<(TcpListener, SocketAddr
     Ok((listener, local))
 }
 
-fn request_span(req: &http::Request<tonic::body::Body>) -> tracing::Span {
-    let id = req
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    tracing::info_span!("grpc", method = %req.uri().path(), request_id = %id)
-}
-
 /// Binds the ports and starts serving.
 pub async fn start(nlb: Arc<Nlb>) -> Result<Running, StartError> {
     let config = nlb.config.current();
@@ -96,12 +86,10 @@ pub async fn start(nlb: Arc<Nlb>) -> Result<Running, StartError> {
         .max_encoding_message_size(max);
     let keepalive = (config.grpc.keepalive_interval_seconds > 0)
         .then(|| Duration::from_secs(config.grpc.keepalive_interval_seconds));
-    // Outermost first: request ids, the call's span, metrics (so refused
-    // calls are counted too), then authentication.
+    // Outermost first: the request id (and, with debug logs, the call's
+    // span), metrics (so refused calls are counted too), then authentication.
     let layers = tower::ServiceBuilder::new()
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-        .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(TraceLayer::new_for_grpc().make_span_with(request_span))
+        .layer(RequestIdLayer)
         .layer(GrpcMetricsLayer::new(Arc::clone(&nlb.metrics.grpc)))
         .layer(AuthLayer::new(
             Arc::clone(&nlb.security),

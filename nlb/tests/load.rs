@@ -6,6 +6,8 @@
 #[allow(dead_code)]
 mod common;
 
+use std::time::Duration;
+
 use std::collections::HashMap;
 
 use common::*;
@@ -95,9 +97,13 @@ async fn load_distribution_reports_connections_and_balance() {
 
 #[tokio::test]
 async fn load_distribution_with_history_averages_heartbeat_samples() {
-    let t = TestNlb::start().await;
+    // Heartbeat stats are sampled into the series once per interval: 1 s here.
+    let t = TestNlb::start_with("metrics: {sample_interval_seconds: 1}").await;
     let regs = two_albs(&t).await;
-    for cpu in [10.0, 30.0] {
+    for (i, cpu) in [10.0, 30.0].into_iter().enumerate() {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+        }
         t.client
             .clone()
             .heartbeat(pb::HeartbeatRequest {

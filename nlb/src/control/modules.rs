@@ -146,7 +146,7 @@ impl ControlService {
             .heartbeats
             .with_label_values(&[result])
             .inc();
-        if out.acknowledged {
+        if out.record_stats {
             if let Some(stats) = &req.current_stats {
                 self.nlb.record_heartbeat_stats(&req.instance_id, stats);
             }

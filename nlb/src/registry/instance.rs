@@ -115,6 +115,8 @@ pub struct Instance {
     pub draining: Option<Drain>,
     pub stats: Option<pb::ModuleStats>,
     pub stats_at: Option<SystemTime>,
+    /// When its heartbeat stats last went into its time series.
+    pub series_at: Option<Instant>,
     pub pending: Option<Instruction>,
     /// The endpoint last compiled into a snapshot, reused while it still
     /// describes the instance (see [`Instance::current_endpoint`]).

@@ -46,6 +46,9 @@ pub struct HeartbeatOutcome {
     pub should_reload: bool,
     pub should_scale: bool,
     pub instructions: HashMap<String, String>,
+    /// The beat's stats are due in the instance's time series (at most one
+    /// sample per `metrics.sample_interval_seconds`).
+    pub record_stats: bool,
 }
 
 /// An active health check to run.
@@ -303,6 +306,7 @@ impl Registry {
                 draining: None,
                 stats: None,
                 stats_at: None,
+                series_at: None,
                 pending: None,
                 endpoint: None,
                 info: inst,
@@ -456,9 +460,17 @@ impl Registry {
                     inst.reported = status;
                 }
             }
+            let mut record_stats = false;
             if let Some(stats) = &req.current_stats {
                 inst.stats = Some(stats.clone());
                 inst.stats_at = Some(SystemTime::now());
+                let interval = inner.settings.series_interval;
+                record_stats = inst
+                    .series_at
+                    .is_none_or(|at| now.duration_since(at) >= interval);
+                if record_stats {
+                    inst.series_at = Some(now);
+                }
             }
             if !inst.lease_ok {
                 inst.recovering_beats += 1;
@@ -470,6 +482,7 @@ impl Registry {
             let mut out = HeartbeatOutcome {
                 acknowledged: true,
                 message: format!("lease renewed for {}s", inst.timings.lease().as_secs()),
+                record_stats,
                 ..HeartbeatOutcome::default()
             };
             if let Some(drain) = inst.draining {

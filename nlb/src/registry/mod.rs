@@ -48,11 +48,14 @@ pub struct Settings {
     pub drain_timeout: Duration,
     pub removal_grace: Duration,
     pub max_instances: usize,
+    /// Heartbeat stats go into an instance's time series at most this often.
+    pub series_interval: Duration,
 }
 
 impl Settings {
     pub fn from_config(c: &NlbConfig) -> Self {
         Settings {
+            series_interval: Duration::from_secs(c.metrics.sample_interval_seconds),
             drain_timeout: Duration::from_secs(c.registry.drain_timeout_seconds.into()),
             removal_grace: Duration::from_secs(c.registry.removal_grace_seconds.into()),
             max_instances: c.registry.max_instances,

@@ -14,6 +14,7 @@ fn settings() -> Settings {
         drain_timeout: Duration::from_secs(30),
         removal_grace: Duration::from_secs(30),
         max_instances: 3,
+        series_interval: Duration::from_secs(10),
     }
 }
 
@@ -164,6 +165,28 @@ fn the_registry_is_bounded() {
         .register(&req("alb-9", "10.0.0.1:9000", None))
         .unwrap_err();
     assert!(matches!(err, RegistryError::ResourceExhausted(_)));
+}
+
+#[test]
+fn heartbeat_stats_are_sampled_into_series_at_most_once_per_interval() {
+    let r = registry();
+    let reg = r
+        .register(&req("alb-1", "10.0.0.1:9000", Some("10.0.0.1:8080")))
+        .unwrap();
+    let with_stats = || pb::HeartbeatRequest {
+        current_stats: Some(pb::ModuleStats::default()),
+        ..beat("alb-1", &reg.registration_id, HealthStatus::Healthy)
+    };
+    let sampled: Vec<bool> = (0..3)
+        .map(|_| r.heartbeat(&with_stats()).unwrap().record_stats)
+        .collect();
+    // The first beat is sampled; the next ones, within the 10 s interval, not.
+    assert_eq!(sampled, [true, false, false]);
+    // A beat without stats is never sampled.
+    let plain = beat("alb-1", &reg.registration_id, HealthStatus::Healthy);
+    assert!(!r.heartbeat(&plain).unwrap().record_stats);
+    // The latest stats are kept whether sampled or not.
+    assert!(r.get("alb-1").unwrap().stats.is_some());
 }
 
 #[test]
