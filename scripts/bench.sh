@@ -7,7 +7,7 @@
 #   scripts/bench.sh control    the NLB's gRPC control API (docs/benchmarks.md)
 #
 # Knobs (environment): BENCH_DURATION (s, default 10), BENCH_WARMUP (2),
-# BENCH_CONCURRENCY (64), BENCH_CONNECTIONS (4), BENCH_FLEET (10000 instances),
+# BENCH_CONCURRENCY (32), BENCH_CONNECTIONS (4), BENCH_FLEET (10000 instances),
 # BENCH_FLEET_WINDOW (30 s), BENCH_FLEET_CONNECTIONS (BENCH_CONNECTIONS; the
 # number of instances gives each its own connection, as separate module
 # processes would have), BENCH_AUTH ("off on": which auth modes to run).
@@ -112,7 +112,7 @@ cargo build --release -p nlb -p switchyard-bench
 
 bench_control() {
     local duration="${BENCH_DURATION:-10}" warmup="${BENCH_WARMUP:-2}"
-    local concurrency="${BENCH_CONCURRENCY:-64}" connections="${BENCH_CONNECTIONS:-4}"
+    local concurrency="${BENCH_CONCURRENCY:-32}" connections="${BENCH_CONNECTIONS:-4}"
     local fleet="${BENCH_FLEET:-10000}" window="${BENCH_FLEET_WINDOW:-30}"
     local fleet_connections="${BENCH_FLEET_CONNECTIONS:-$connections}"
     local load=(--concurrency "$concurrency" --connections "$connections"

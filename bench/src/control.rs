@@ -40,7 +40,7 @@ pub struct LoadArgs {
     #[command(flatten)]
     pub target: Target,
     /// Calls in flight.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
     #[arg(long, default_value_t = 2)]
     pub warmup_secs: u64,
