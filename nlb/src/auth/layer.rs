@@ -126,11 +126,7 @@ where
                             module_type: None,
                         });
                     } else {
-                        caller.principal = Arc::new(super::Principal {
-                            name: "unauthenticated".into(),
-                            role: super::Role::Viewer,
-                            module_type: None,
-                        });
+                        caller.principal = super::Principal::unauthenticated();
                     }
                     audit::record(
                         &self.layer.audit_events,

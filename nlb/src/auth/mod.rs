@@ -85,6 +85,16 @@ impl Principal {
         })
     }
 
+    /// A caller without a valid token on an open method while auth is on:
+    /// the least a role can be (a viewer that binds nothing).
+    pub fn unauthenticated() -> Arc<Principal> {
+        Arc::new(Principal {
+            name: "unauthenticated".to_string(),
+            role: Role::Viewer,
+            module_type: None,
+        })
+    }
+
     pub fn is_anonymous(&self) -> bool {
         self.name == ANONYMOUS
     }
@@ -319,14 +329,12 @@ impl Authenticator {
         if !state.enabled {
             return Ok(Principal::anonymous());
         }
-        let principal = match token {
-            None if need == Need::Open => return Ok(Principal::anonymous()),
-            None => return Err(Refusal::NoToken),
-            Some(t) => match state.tokens.lookup(t) {
-                Some(p) => Arc::clone(p),
-                None if need == Need::Open => return Ok(Principal::anonymous()),
-                None => return Err(Refusal::BadToken),
-            },
+        let principal = match token.and_then(|t| state.tokens.lookup(t)) {
+            Some(p) => Arc::clone(p),
+            // Open methods (health) take anyone, as nobody in particular.
+            None if need == Need::Open => return Ok(Principal::unauthenticated()),
+            None if token.is_none() => return Err(Refusal::NoToken),
+            None => return Err(Refusal::BadToken),
         };
         if principal.role.allows(need) {
             Ok(principal)
@@ -477,7 +485,8 @@ mod tests {
     #[test]
     fn health_is_open_and_reflection_needs_any_token() {
         let auth = Authenticator::load(None, &env).unwrap();
-        assert!(auth.check("/grpc.health.v1.Health/Check", None).is_ok());
+        let p = auth.check("/grpc.health.v1.Health/Check", None).unwrap();
+        assert_eq!((p.name.as_str(), p.role), ("unauthenticated", Role::Viewer));
         assert!(auth
             .check("/grpc.health.v1.Health/Check", Some("junk"))
             .is_ok());
