@@ -141,6 +141,12 @@ bench_control() {
         env -u BENCH_OPERATOR_TOKEN -u BENCH_MODULE_TOKEN "${creds[@]}" "$REL/control-bench" fleet --addr "$NLB_GRPC" --nlb-pid "$NLB_PID" \
             --instances "$fleet" --window-secs "$window" --connections "$fleet_connections" | tee -a "$RESULTS"
         stop_nlb
+
+        say "control: the same fleet on HeartbeatStream (one stream per instance), auth $mode"
+        start_nlb "fleet-stream-$mode" "${env[@]}"
+        env -u BENCH_OPERATOR_TOKEN -u BENCH_MODULE_TOKEN "${creds[@]}" "$REL/control-bench" fleet --stream --addr "$NLB_GRPC" --nlb-pid "$NLB_PID" \
+            --instances "$fleet" --window-secs "$window" --connections "$fleet_connections" | tee -a "$RESULTS"
+        stop_nlb
     done
 }
 
@@ -155,9 +161,9 @@ grep '^RESULT ' "$RESULTS" | awk '
     {
         delete f
         for (i = 2; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
-        if (f["bench"] == "fleet") {
-            fleet[++nf] = sprintf("%-16s %9s %10s %9s %10s %7s %9s %9s %8s",
-                f["auth"], f["instances"], f["register_s"], f["beats_per_s"], f["beat_p99_ms"],
+        if (f["bench"] ~ /^fleet/) {
+            fleet[++nf] = sprintf("%-13s %-16s %9s %10s %9s %10s %7s %9s %9s %8s",
+                f["bench"], f["auth"], f["instances"], f["register_s"], f["beats_per_s"], f["beat_p99_ms"],
                 f["errors"], f["nlb_cpu_pct"], f["nlb_us_per_beat"], f["nlb_rss_mib"])
         } else {
             load[++nl] = sprintf("%-14s %-16s %9s %8s %8s %7s %10s %10s",
@@ -172,7 +178,7 @@ grep '^RESULT ' "$RESULTS" | awk '
             for (i = 1; i <= nl; i++) print load[i]
         }
         if (nf) {
-            printf "\n%-16s %9s %10s %9s %10s %7s %9s %9s %8s\n", "fleet auth", "instances",
+            printf "\n%-13s %-16s %9s %10s %9s %10s %7s %9s %9s %8s\n", "fleet", "auth", "instances",
                 "register s", "beats/s", "beat p99", "errors", "NLB CPU%", "us/beat", "RSS MiB"
             for (i = 1; i <= nf; i++) print fleet[i]
         }

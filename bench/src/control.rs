@@ -80,6 +80,10 @@ pub struct FleetArgs {
     /// The whole fleet must be registered within this many seconds.
     #[arg(long, default_value_t = 600)]
     pub register_deadline_secs: u64,
+    /// Heartbeat over one `HeartbeatStream` per instance (the Switchyard
+    /// extension) instead of unary `Heartbeat` calls.
+    #[arg(long)]
+    pub stream: bool,
 }
 
 /// `off`, `on`, or `on-not-enforced` when tokens are sent but a call without
@@ -317,12 +321,14 @@ pub async fn fleet_run(a: FleetArgs) -> Result<()> {
         settle: Duration::from_secs(a.settle_secs),
         window: Duration::from_secs(a.window_secs),
         register_deadline: Duration::from_secs(a.register_deadline_secs),
+        stream: a.stream,
     };
+    let name = if a.stream { "fleet-stream" } else { "fleet" };
     let o = fleet::run(clients, auth, a.nlb_pid, plan).await?;
     let (reg_p50, reg_p99) = percentiles(&o.register_latency);
     let (p50, p99) = percentiles(&o.beat_latency);
     println!(
-        "fleet (auth {label}): {} of {} instances registered in {:.2}s ({:.0}/s; {} in flight; \
+        "{name} (auth {label}): {} of {} instances registered in {:.2}s ({:.0}/s; {} in flight; \
          latency p50 {reg_p50} ms, p99 {reg_p99} ms, max {} ms; {} errors)",
         o.registered,
         a.instances,
@@ -334,7 +340,7 @@ pub async fn fleet_run(a: FleetArgs) -> Result<()> {
     );
     print!("{}", o.register_errors.describe());
     println!(
-        "fleet (auth {label}): over {:.1}s, heartbeats every {}s each: {} answered of {} scheduled \
+        "{name} (auth {label}): over {:.1}s, heartbeats every {}s each: {} answered of {} scheduled \
          (latency p50 {p50} ms, p99 {p99} ms; {} errors); NLB CPU {:.1}% of one core \
          (load client {:.1}%)",
         o.window.as_secs_f64(),
@@ -349,11 +355,11 @@ pub async fn fleet_run(a: FleetArgs) -> Result<()> {
     let beats_per_s = o.beats_ok as f64 / o.window.as_secs_f64().max(1e-9);
     let us_per_beat = o.nlb_cpu_percent / 100.0 * 1e6 / beats_per_s.max(1e-9);
     println!(
-        "fleet (auth {label}): NLB CPU per heartbeat {us_per_beat:.1} us; NLB resident memory {:.0} MiB",
+        "{name} (auth {label}): NLB CPU per heartbeat {us_per_beat:.1} us; NLB resident memory {:.0} MiB",
         o.nlb_rss_mib
     );
     result_line(
-        "fleet",
+        name,
         label,
         &[
             ("instances", o.registered.to_string()),

@@ -30,6 +30,8 @@ pub struct FleetPlan {
     pub window: Duration,
     /// Registration of the whole fleet must end within this, or the run stops.
     pub register_deadline: Duration,
+    /// Beat over one `HeartbeatStream` per instance instead of unary calls.
+    pub stream: bool,
 }
 
 #[derive(Debug)]
@@ -120,6 +122,24 @@ pub async fn run(
             finished.fetch_add(1, Ordering::Relaxed);
             let Some(reg_id) = reg_id else { return };
             registered.fetch_add(1, Ordering::Relaxed);
+            // With `stream`, one HeartbeatStream for the instance's life.
+            let mut stream = None;
+            if plan.stream {
+                let (tx, rx) = tokio::sync::mpsc::channel(2);
+                let inbound = tokio_stream::wrappers::ReceiverStream::new(rx);
+                match client.heartbeat_stream(auth.request(inbound)).await {
+                    Ok(answers) => stream = Some((tx, answers.into_inner())),
+                    Err(e) => {
+                        let (kind, msg) = status_kind(&e);
+                        shared
+                            .lock()
+                            .expect("not poisoned")
+                            .beat_errors
+                            .add(&kind, || msg);
+                        return;
+                    }
+                }
+            }
 
             // The first beat at this instance's phase, one interval after
             // the fleet began at the earliest and never in the past.
@@ -139,7 +159,22 @@ pub async fn run(
                 let msg = scenario::heartbeat(&id, &reg_id, seq);
                 seq += 1;
                 let sent = Instant::now();
-                let answer = client.heartbeat(auth.request(msg)).await;
+                let answer = match &mut stream {
+                    Some((tx, answers)) => match tx.send(msg).await {
+                        Err(_) => Err(tonic::Status::unavailable("the heartbeat stream closed")),
+                        Ok(()) => match answers.message().await {
+                            Ok(Some(r)) => Ok(r),
+                            Ok(None) => {
+                                Err(tonic::Status::unavailable("the heartbeat stream ended"))
+                            }
+                            Err(e) => Err(e),
+                        },
+                    },
+                    None => client
+                        .heartbeat(auth.request(msg))
+                        .await
+                        .map(|r| r.into_inner()),
+                };
                 let done = Instant::now();
                 let Some((start, end)) = w else { continue };
                 if sent < start || done >= end {
@@ -147,12 +182,11 @@ pub async fn run(
                 }
                 let mut s = shared.lock().expect("not poisoned");
                 match answer {
-                    Ok(r) if r.get_ref().acknowledged => {
+                    Ok(r) if r.acknowledged => {
                         s.beats_ok += 1;
                         record(s.beat_latency.as_mut().expect("set"), done - sent);
                     }
                     Ok(r) => {
-                        let r = r.into_inner();
                         s.beat_errors.add("not acknowledged", || r.message);
                     }
                     Err(e) => {

@@ -12,6 +12,9 @@ use shared_types::pb::{self, HealthStatus, ModuleType, Protocol};
 /// fleet run) and mark every instance unhealthy; liveness is the heartbeat
 /// lease alone.
 pub const NLB_CONFIG: &str = r#"# Written by control-bench config (scripts/bench.sh control).
+# A stream per instance in the streaming fleet: 10,000 over a few connections.
+grpc:
+  max_concurrent_streams: 20000
 health:
   active_checks: false
 registry:

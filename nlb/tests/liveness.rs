@@ -520,3 +520,77 @@ async fn active_health_checks_stop_and_restore_traffic() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+// ===========================================================================
+// HeartbeatStream (Switchyard extension)
+// ===========================================================================
+
+#[tokio::test]
+async fn a_heartbeat_stream_answers_each_beat_in_order_like_the_unary_call() {
+    let t = TestNlb::start().await;
+    let reg = t
+        .register(register_req(
+            instance(
+                "alb-1",
+                ModuleType::Alb,
+                "127.0.0.1:7001",
+                Some("127.0.0.1:8001"),
+            ),
+            vec![],
+        ))
+        .await;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut answers = t
+        .client
+        .clone()
+        .heartbeat_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("the stream opens")
+        .into_inner();
+    let beat = |reg_id: &str, cpu: f64| pb::HeartbeatRequest {
+        instance_id: "alb-1".into(),
+        registration_id: reg_id.into(),
+        status: HealthStatus::Healthy as i32,
+        current_stats: Some(pb::ModuleStats {
+            cpu_usage_percent: cpu,
+            ..Default::default()
+        }),
+        timestamp: None,
+    };
+    for cpu in [10.0, 20.0, 30.0] {
+        tx.send(beat(&reg.registration_id, cpu)).await.unwrap();
+        let a = tokio::time::timeout(SOON, answers.message())
+            .await
+            .expect("answered in time")
+            .expect("no error")
+            .expect("an answer");
+        assert!(a.acknowledged, "{}", a.message);
+        assert!(a.message.starts_with("lease renewed"), "{}", a.message);
+    }
+    // The latest stats are the last beat's.
+    let info = t.module_info("alb-1").await.unwrap();
+    assert_eq!(info.stats.unwrap().cpu_usage_percent, 30.0);
+
+    // An unknown registration is told to register again, and the stream stays.
+    tx.send(beat("no-such-registration", 0.0)).await.unwrap();
+    let a = answers.message().await.unwrap().unwrap();
+    assert!(!a.acknowledged);
+    assert_eq!(a.instructions["action"], "reregister");
+    tx.send(beat(&reg.registration_id, 40.0)).await.unwrap();
+    assert!(answers.message().await.unwrap().unwrap().acknowledged);
+
+    // An invalid beat ends the stream with the unary call's error.
+    tx.send(pb::HeartbeatRequest::default()).await.unwrap();
+    let err = answers
+        .message()
+        .await
+        .expect_err("the stream ends in an error");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("instance_id"), "{}", err.message());
+    let m = scrape(t.admin_addr).await;
+    assert_eq!(sample(&m, "nlb_heartbeats_total{result=\"ok\"}"), 4.0);
+    assert_eq!(
+        sample(&m, "nlb_heartbeats_total{result=\"reregister\"}"),
+        1.0
+    );
+}

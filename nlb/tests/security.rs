@@ -792,3 +792,68 @@ async fn a_missing_certificate_or_tokens_file_stops_the_start_naming_it() {
         assert!(err.to_string().contains(want), "{err}");
     }
 }
+
+#[tokio::test]
+async fn a_heartbeat_stream_is_bound_to_its_token_like_the_unary_call() {
+    let a = "module-a-secret-0123456789";
+    let b = "module-b-secret-0123456789";
+    let (t, _dir, _file) = start_with_tokens_file(
+        &[
+            ("alb-token", "module", &format!("token: {a}")),
+            ("other", "module", &format!("token: {b}")),
+            ("grafana", "viewer", &format!("token: {VIEWER}")),
+        ],
+        0,
+    )
+    .await;
+    let mut c = t.client.clone();
+    let reg = c
+        .register_module(bearer(
+            register_req(
+                instance("alb-1", ModuleType::Alb, "127.0.0.1:7001", None),
+                vec![],
+            ),
+            a,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let beat = pb::HeartbeatRequest {
+        instance_id: "alb-1".into(),
+        registration_id: reg.registration_id,
+        ..Default::default()
+    };
+    let open = |token: &'static str, first: pb::HeartbeatRequest| {
+        let mut c = c.clone();
+        async move {
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            tx.send(first).await.unwrap();
+            let mut s = c
+                .heartbeat_stream(bearer(
+                    tokio_stream::wrappers::ReceiverStream::new(rx),
+                    token,
+                ))
+                .await?
+                .into_inner();
+            let answer = s.message().await;
+            drop(tx);
+            answer
+        }
+    };
+    let ok = open(a, beat.clone()).await.unwrap().unwrap();
+    assert!(ok.acknowledged);
+    let err = open(b, beat.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().contains("registered by another token"),
+        "{}",
+        err.message()
+    );
+    let err = open(VIEWER, beat).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().contains("HeartbeatStream needs a module"),
+        "{}",
+        err.message()
+    );
+}

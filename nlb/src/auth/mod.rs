@@ -199,7 +199,10 @@ pub fn need_for(path: &str) -> Need {
         return Need::Authenticated;
     }
     match nlb_method(path) {
-        Some("RegisterModule" | "Heartbeat" | "ReportMetrics" | "UnregisterModule") => Need::Module,
+        Some(
+            "RegisterModule" | "Heartbeat" | "HeartbeatStream" | "ReportMetrics"
+            | "UnregisterModule",
+        ) => Need::Module,
         Some(
             "ListModules"
             | "GetModuleInfo"

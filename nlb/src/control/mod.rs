@@ -143,6 +143,38 @@ impl NlbService for ControlService {
             success(r.success, &r.message)
         })
     }
+    async fn heartbeat_stream(
+        &self,
+        r: Request<tonic::Streaming<pb::HeartbeatRequest>>,
+    ) -> Reply<tonic::codegen::BoxStream<pb::HeartbeatResponse>> {
+        let caller = Principal::of(&r);
+        let mut inbound = r.into_inner();
+        let this = self.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut stopping = self.nlb.shutdown_signal.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    m = inbound.message() => m,
+                    _ = stopping.wait_for(|s| *s) => break,
+                };
+                // The client ended the stream, or it broke.
+                let Ok(Some(req)) = next else { break };
+                let answer = match this.check_owner(&caller, &req.instance_id) {
+                    Ok(()) => this.heartbeat(req).await,
+                    Err(denied) => Err(denied),
+                };
+                // An error ends the stream, as it ends a unary call.
+                let failed = answer.is_err();
+                if tx.send(answer).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
     async fn heartbeat(&self, r: Request<pb::HeartbeatRequest>) -> Reply<pb::HeartbeatResponse> {
         let caller = Principal::of(&r);
         let req = r.into_inner();
