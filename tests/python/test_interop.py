@@ -89,7 +89,9 @@ def test_python_grpcio_client_interoperates(
     pool = descriptor_pool.DescriptorPool(db)
     methods = {m.name for m in pool.FindServiceByName(NLB_SERVICE).methods}
     assert {"RegisterModule", "Heartbeat", "ListModules", "GetModuleInfo"} <= methods
-    assert len(methods) == 20, sorted(methods)
+    # The 20 reference RPCs, plus Switchyard's additive extension.
+    assert len(methods) == 21, sorted(methods)
+    assert "HeartbeatStream" in methods, sorted(methods)
     # ... and v1.
     v1 = reflection_v1_services(channel)
     assert {NLB_SERVICE, HEALTH_SERVICE} <= v1, v1
@@ -132,6 +134,17 @@ def test_python_grpcio_client_interoperates(
     )
     assert not stale.acknowledged
     assert stale.instructions["action"] == "reregister", dict(stale.instructions)
+
+    # The HeartbeatStream extension: one answer per beat, in order; an
+    # unknown registration is told to re-register and the stream goes on.
+    beats = [
+        pb.HeartbeatRequest(instance_id="py-alb-1", registration_id=registered.registration_id),
+        pb.HeartbeatRequest(instance_id="py-alb-1", registration_id="not-a-registration"),
+        pb.HeartbeatRequest(instance_id="py-alb-1", registration_id=registered.registration_id),
+    ]
+    answers = list(client.HeartbeatStream(iter(beats), timeout=CALL_TIMEOUT_S))
+    assert [a.acknowledged for a in answers] == [True, False, True], answers
+    assert answers[1].instructions["action"] == "reregister"
 
     # ListModules: the registered instance with its fields.
     listed = client.ListModules(pb.ListModulesRequest(), timeout=CALL_TIMEOUT_S)
