@@ -147,33 +147,31 @@ impl NlbService for ControlService {
         &self,
         r: Request<tonic::Streaming<pb::HeartbeatRequest>>,
     ) -> Reply<tonic::codegen::BoxStream<pb::HeartbeatResponse>> {
+        use futures::StreamExt;
         let caller = Principal::of(&r);
-        let mut inbound = r.into_inner();
-        let this = self.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let mut stopping = self.nlb.shutdown_signal.subscribe();
-        tokio::spawn(async move {
-            loop {
-                let next = tokio::select! {
-                    m = inbound.message() => m,
-                    _ = stopping.wait_for(|s| *s) => break,
-                };
+        let inbound = r.into_inner();
+        // Each answer is computed as the response stream is polled: no task
+        // or channel between the beat and its answer.
+        let answers =
+            futures::stream::unfold(Some((inbound, self.clone(), caller)), |state| async move {
+                let (mut inbound, this, caller) = state?;
                 // The client ended the stream, or it broke.
-                let Ok(Some(req)) = next else { break };
+                let Ok(Some(req)) = inbound.message().await else {
+                    return None;
+                };
                 let answer = match this.check_owner(&caller, &req.instance_id) {
                     Ok(()) => this.heartbeat(req).await,
                     Err(denied) => Err(denied),
                 };
                 // An error ends the stream, as it ends a unary call.
-                let failed = answer.is_err();
-                if tx.send(answer).await.is_err() || failed {
-                    break;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+                let next = answer.is_ok().then_some((inbound, this, caller));
+                Some((answer, next))
+            });
+        let mut stopping = self.nlb.shutdown_signal.subscribe();
+        let stopped = async move {
+            let _ = stopping.wait_for(|s| *s).await;
+        };
+        Ok(Response::new(Box::pin(answers.take_until(stopped))))
     }
     async fn heartbeat(&self, r: Request<pb::HeartbeatRequest>) -> Reply<pb::HeartbeatResponse> {
         let caller = Principal::of(&r);
