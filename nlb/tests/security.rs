@@ -554,12 +554,14 @@ async fn start_nlb(dir: &Path, config: &str) -> nlb::Running {
     nlb::start(nlb::Nlb::new(store)).await.expect("NLB starts")
 }
 
-/// `GET /healthz` over TLS to the admin port; the status code, or the error.
+/// `GET path` over TLS to the admin port, presenting `identity` if given:
+/// the status code and the whole response, or why it failed.
 async fn admin_get_tls(
     addr: SocketAddr,
+    path: &str,
     ca_pem: &str,
     identity: Option<(String, String)>,
-) -> Result<u16, String> {
+) -> Result<(u16, String), String> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -584,25 +586,39 @@ async fn admin_get_tls(
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| e.to_string())?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
     let attempt = async {
         let mut s = connector
             .connect(ServerName::try_from("localhost").unwrap(), tcp)
             .await
             .map_err(|e| e.to_string())?;
-        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        s.write_all(request.as_bytes())
             .await
             .map_err(|e| e.to_string())?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await.map_err(|e| e.to_string())?;
         let text = String::from_utf8_lossy(&buf).to_string();
-        text.split_whitespace()
+        let status = text
+            .split_whitespace()
             .nth(1)
             .and_then(|c| c.parse().ok())
-            .ok_or_else(|| format!("no status in {text:?}"))
+            .ok_or_else(|| format!("no status in {text:?}"))?;
+        Ok((status, text))
     };
     tokio::time::timeout(SOON, attempt)
         .await
         .map_err(|_| "timed out".to_string())?
+}
+
+/// The status of `GET /healthz` over TLS to the admin port.
+async fn admin_health_tls(
+    addr: SocketAddr,
+    ca_pem: &str,
+    identity: Option<(String, String)>,
+) -> Result<u16, String> {
+    admin_get_tls(addr, "/healthz", ca_pem, identity)
+        .await
+        .map(|(status, _)| status)
 }
 
 #[tokio::test]
@@ -647,15 +663,15 @@ async fn tls_on_the_grpc_port_and_mutual_tls_on_the_admin_port() {
     // Admin: a client certificate from the CA is required.
     let client_id = pki.leaf(true);
     assert_eq!(
-        admin_get_tls(running.admin_addr, &pki.ca_pem, Some(client_id.clone())).await,
+        admin_health_tls(running.admin_addr, &pki.ca_pem, Some(client_id.clone())).await,
         Ok(200)
     );
-    assert!(admin_get_tls(running.admin_addr, &pki.ca_pem, None)
+    assert!(admin_health_tls(running.admin_addr, &pki.ca_pem, None)
         .await
         .is_err());
     let stranger = Pki::new(dir.path(), "stranger").leaf(true);
     assert!(
-        admin_get_tls(running.admin_addr, &pki.ca_pem, Some(stranger))
+        admin_health_tls(running.admin_addr, &pki.ca_pem, Some(stranger))
             .await
             .is_err()
     );
@@ -678,47 +694,14 @@ async fn tls_on_the_grpc_port_and_mutual_tls_on_the_admin_port() {
         .get_nlb_status(pb::GetNlbStatusRequest::default())
         .await
         .is_ok());
-    let m = http_metrics_over_tls(running.admin_addr, &two.ca_pem, client_id).await;
+    let (_, m) = admin_get_tls(running.admin_addr, "/metrics", &two.ca_pem, Some(client_id))
+        .await
+        .expect("/metrics over mutual TLS");
     assert!(
         sample(&m, "nlb_tls_reloads_total{port=\"grpc\",result=\"ok\"}") >= 1.0,
         "{m}"
     );
     running.shutdown(Duration::from_secs(5)).await;
-}
-
-/// `/metrics` over mutual TLS (the admin port shares the gRPC port's files).
-async fn http_metrics_over_tls(addr: SocketAddr, ca_pem: &str, id: (String, String)) -> String {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
-        .unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_client_auth_cert(
-        vec![CertificateDer::from_pem_slice(id.0.as_bytes()).unwrap()],
-        PrivateKeyDer::from_pem_slice(id.1.as_bytes()).unwrap(),
-    )
-    .unwrap();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut s = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .expect("admin TLS handshake");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(SOON, s.read_to_end(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    String::from_utf8(buf).unwrap()
 }
 
 #[tokio::test]
