@@ -115,19 +115,13 @@ where
                     .refusals
                     .with_label_values(&[refusal.reason()])
                     .inc();
-                let status = refusal.clone().into_status(&method);
+                let status = refusal.to_status(&method);
                 if need_for(path) == Need::Operator || audit::AUDITED.contains(&method.as_str()) {
                     let req = tonic::Request::from_http(req.map(|_| ()));
-                    let mut caller = Caller::of(&req);
-                    if let super::Refusal::Forbidden { name, role, .. } = &refusal {
-                        caller.principal = Arc::new(super::Principal {
-                            name: name.clone(),
-                            role: *role,
-                            module_type: None,
-                        });
-                    } else {
-                        caller.principal = super::Principal::unauthenticated();
-                    }
+                    let caller = Caller {
+                        principal: refusal.caller(),
+                        ..Caller::of(&req)
+                    };
                     audit::record(
                         &self.layer.audit_events,
                         &caller,

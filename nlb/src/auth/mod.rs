@@ -229,8 +229,7 @@ pub enum Refusal {
     NoToken,
     BadToken,
     Forbidden {
-        name: String,
-        role: Role,
+        principal: Arc<Principal>,
         need: Need,
     },
 }
@@ -245,7 +244,15 @@ impl Refusal {
         }
     }
 
-    pub fn into_status(self, method: &str) -> Status {
+    /// Who was refused: the token's principal, or `unauthenticated`.
+    pub fn caller(&self) -> Arc<Principal> {
+        match self {
+            Refusal::Forbidden { principal, .. } => Arc::clone(principal),
+            Refusal::NoToken | Refusal::BadToken => Principal::unauthenticated(),
+        }
+    }
+
+    pub fn to_status(&self, method: &str) -> Status {
         match self {
             Refusal::NoToken => Status::unauthenticated(format!(
                 "{method} needs a token: send `authorization: Bearer <token>` or `x-api-key: <token>`"
@@ -253,9 +260,10 @@ impl Refusal {
             Refusal::BadToken => Status::unauthenticated(format!(
                 "{method}: the token presented is not valid"
             )),
-            Refusal::Forbidden { name, role, need } => Status::permission_denied(format!(
-                "token {name:?} has role {}; {method} needs {}",
-                role.name(),
+            Refusal::Forbidden { principal, need } => Status::permission_denied(format!(
+                "token {:?} has role {}; {method} needs {}",
+                principal.name,
+                principal.role.name(),
                 need.name()
             )),
         }
@@ -342,11 +350,7 @@ impl Authenticator {
         if principal.role.allows(need) {
             Ok(principal)
         } else {
-            Err(Refusal::Forbidden {
-                name: principal.name.clone(),
-                role: principal.role,
-                need,
-            })
+            Err(Refusal::Forbidden { principal, need })
         }
     }
 
