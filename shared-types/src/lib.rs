@@ -3,13 +3,15 @@
 //!
 //! `pb` is generated from `proto/marchproxy/*.proto` at build time (protox, no
 //! system `protoc`). Everything else here is hand-written: names for enums as
-//! users write them in YAML and on the command line, timestamps, and builders
-//! for the contract's `Error` message.
+//! users write them in YAML and on the command line, timestamps, builders
+//! for the contract's `Error` message, and the contract's `Query` (filters,
+//! sort, pages) as DESIGN.md decides it, for the NLB and the modules alike.
 
 #![deny(unsafe_code)]
 
 pub mod error;
 pub mod names;
+pub mod query;
 pub mod time;
 
 pub mod pb {

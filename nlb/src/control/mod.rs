@@ -4,7 +4,6 @@
 mod load;
 pub mod module_client;
 mod modules;
-pub mod query;
 mod routes;
 mod status;
 mod telemetry;

@@ -4,7 +4,7 @@ use shared_types::pb::{self, HealthStatus, ModuleType};
 use shared_types::time::{from_system, now};
 use tonic::Status;
 
-use super::query::{self, Fields, Queryable, Value};
+use shared_types::query::{self, Fields, Queryable, Value};
 use super::ControlService;
 use crate::registry::InstanceView;
 

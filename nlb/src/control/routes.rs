@@ -12,7 +12,7 @@ use shared_types::time::{from_unix_millis, unix_millis};
 use tonic::Status;
 
 use super::module_client::request;
-use super::query::{self, Fields, Queryable, Value};
+use shared_types::query::{self, Fields, Queryable, Value};
 use super::ControlService;
 use crate::config::{ConfigError, RouteConfig, UpdateError};
 use crate::routing::route::duplicate_ids;

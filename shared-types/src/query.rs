@@ -5,7 +5,7 @@
 
 use std::cmp::Ordering;
 
-use shared_types::pb::{Pagination, Query};
+use crate::pb::{Pagination, Query};
 use tonic::Status;
 
 /// Default and largest page size.
@@ -186,7 +186,7 @@ pub fn apply<T: Queryable>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shared_types::pb::Filter;
+    use crate::pb::Filter;
 
     #[derive(Debug)]
     struct Row(&'static str, f64);
