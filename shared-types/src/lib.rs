@@ -6,11 +6,14 @@
 //! users write them in YAML and on the command line, timestamps, builders
 //! for the contract's `Error` message, and the contract's `Query` (filters,
 //! sort, pages) as DESIGN.md decides it, for the NLB and the modules alike.
+//! And [`proxy_v2`], the PROXY protocol v2 header codec (pure bytes, no I/O)
+//! that the NLB and the module SDK share.
 
 #![deny(unsafe_code)]
 
 pub mod error;
 pub mod names;
+pub mod proxy_v2;
 pub mod query;
 pub mod time;
 
