@@ -79,6 +79,7 @@ pub struct Nlb {
 impl Nlb {
     pub fn new(config: ConfigStore) -> Arc<Self> {
         let c = config.current();
+        let security = Arc::new(Security::default());
         let nlb = Arc::new(Nlb {
             registry: Arc::new(Registry::new(
                 Settings::from_config(&c),
@@ -89,8 +90,8 @@ impl Nlb {
                 c.metrics.max_series_per_instance,
             ),
             metrics: NlbMetrics::new(),
-            modules: ModuleClients::default(),
-            security: Arc::new(Security::default()),
+            modules: ModuleClients::new(security.module_call_token.clone()),
+            security,
             config,
             started_at: SystemTime::now(),
             total_requests: AtomicU64::new(0),

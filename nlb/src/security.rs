@@ -5,8 +5,10 @@
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwapOption;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tonic::metadata::{Ascii, MetadataValue};
 
 use crate::app::Nlb;
 use crate::auth::{Authenticator, TokenError};
@@ -25,13 +27,24 @@ pub enum SecurityError {
     Tokens(#[from] TokenError),
     #[error("{0}")]
     Tls(#[from] TlsError),
+    #[error("module call token: {0}")]
+    CallToken(String),
 }
+
+/// The `authorization` value the NLB sends when it calls a module's
+/// ModuleService (modules accept it as their `nlb` token).
+pub type CallToken = Arc<ArcSwapOption<MetadataValue<Ascii>>>;
+
+/// The variable holding the token the NLB presents to modules.
+pub const ENV_MODULE_CALL_TOKEN: &str = "NLB_MODULE_CALL_TOKEN";
 
 /// Authentication and TLS in force.
 pub struct Security {
     pub auth: Authenticator,
     pub grpc_tls: OnceLock<Arc<ReloadingTls>>,
     pub admin_tls: OnceLock<Arc<ReloadingTls>>,
+    /// What the NLB presents to modules (shared with its module clients).
+    pub module_call_token: CallToken,
 }
 
 impl Default for Security {
@@ -40,11 +53,46 @@ impl Default for Security {
             auth: Authenticator::open(),
             grpc_tls: OnceLock::new(),
             admin_tls: OnceLock::new(),
+            module_call_token: CallToken::default(),
         }
     }
 }
 
 type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// Reads the module call token: `NLB_MODULE_CALL_TOKEN`, else
+/// `auth.module_call_token_file`; `None` when neither is set.
+pub fn load_call_token(
+    config: &NlbConfig,
+    env: Env<'_>,
+) -> Result<Option<MetadataValue<Ascii>>, SecurityError> {
+    let bad = |m: String| SecurityError::CallToken(m);
+    let token = match env(ENV_MODULE_CALL_TOKEN).filter(|t| !t.trim().is_empty()) {
+        Some(t) => t.trim().to_string(),
+        None => match &config.auth.module_call_token_file {
+            None => return Ok(None),
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| bad(format!("cannot read {}: {e}", p.display())))?;
+                let t = text.trim().to_string();
+                if t.is_empty() {
+                    return Err(bad(format!("{} is empty", p.display())));
+                }
+                t
+            }
+        },
+    };
+    if token.len() < crate::auth::tokens::MIN_TOKEN_LEN {
+        return Err(bad(format!(
+            "a token needs at least {} characters",
+            crate::auth::tokens::MIN_TOKEN_LEN
+        )));
+    }
+    format!("Bearer {token}")
+        .parse()
+        .map(Some)
+        .map_err(|_| bad("it holds characters an HTTP header cannot carry".into()))
+}
 
 impl Security {
     /// Loads tokens and TLS files at start; any problem stops the start.
@@ -56,6 +104,11 @@ impl Security {
     ) -> Result<(), SecurityError> {
         let n = self.auth.reload(config.auth.tokens_file.as_deref(), env)?;
         metrics.auth_enabled.set(i64::from(self.auth.enabled()));
+        let call = load_call_token(config, env)?;
+        if call.is_none() {
+            tracing::info!("no module call token (NLB_MODULE_CALL_TOKEN, auth.module_call_token_file): calls to modules carry no token, so modules with tokens refuse the NLB's Scale and SetTrafficWeight");
+        }
+        self.module_call_token.store(call.map(Arc::new));
         if self.auth.enabled() {
             tracing::info!(tokens = n, "control API authentication is on");
             if n == 0 {
@@ -100,6 +153,12 @@ impl Security {
                 }
             }
             metrics.auth_enabled.set(i64::from(self.auth.enabled()));
+            match load_call_token(config, env) {
+                Ok(t) => self.module_call_token.store(t.map(Arc::new)),
+                Err(e) => {
+                    tracing::error!(error = %e, "module call token reload refused; the token in force stays")
+                }
+            }
         }
         for (port, files, slot) in [
             ("grpc", &config.tls.grpc, &self.grpc_tls),
@@ -154,6 +213,7 @@ fn reload_port(
 /// serving, for `--check-config`.
 pub fn check_files(config: &NlbConfig, env: Env<'_>) -> Result<(), SecurityError> {
     Authenticator::load(config.auth.tokens_file.as_deref(), env)?;
+    load_call_token(config, env)?;
     for (port, files, alpn) in [
         ("grpc", &config.tls.grpc, GRPC_ALPN),
         ("admin", &config.tls.admin, ADMIN_ALPN),

@@ -1,6 +1,7 @@
 //! A small harness for end-to-end tests that run the real `nlb` binary, and
 //! through [`nlbctl`] the real `nlbctl`; [`control`] registers instances and
-//! serves a fake module, [`pki`] makes test certificates.
+//! serves a fake module, [`module`] runs the SDK's `echo-module`, [`pki`]
+//! makes test certificates.
 //!
 //! Each test gets its own [`Sandbox`] (a temp dir holding the config file, the
 //! state file and the process logs) and its own loopback ports, so tests run
@@ -13,6 +14,7 @@
 #![deny(unsafe_code)]
 
 pub mod control;
+pub mod module;
 pub mod nlbctl;
 pub mod pki;
 

@@ -296,6 +296,10 @@ pub struct AuthConfig {
     pub tokens_file: Option<PathBuf>,
     /// How often the tokens file is checked for changes (0 = only on SIGHUP).
     pub reload_interval_seconds: u64,
+    /// A file holding the token the NLB presents when it calls a module's
+    /// ModuleService (`NLB_MODULE_CALL_TOKEN` wins over it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub module_call_token_file: Option<PathBuf>,
 }
 
 impl Default for AuthConfig {
@@ -303,6 +307,7 @@ impl Default for AuthConfig {
         AuthConfig {
             tokens_file: None,
             reload_interval_seconds: 10,
+            module_call_token_file: None,
         }
     }
 }

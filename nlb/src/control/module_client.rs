@@ -1,5 +1,6 @@
 //! Clients of the modules' `ModuleService`, one lazily connected channel per
-//! address, every call under a deadline.
+//! address, every call under a deadline and with the NLB's module call token
+//! (the `nlb` token modules accept for their changing RPCs).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -7,21 +8,52 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use shared_types::pb::module_service_client::ModuleServiceClient;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
+
+use crate::security::CallToken;
+
+/// Adds the module call token (when one is set) to every call.
+#[derive(Clone)]
+pub struct WithToken(CallToken);
+
+impl tonic::service::Interceptor for WithToken {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(v) = self.0.load_full() {
+            req.metadata_mut().insert("authorization", (*v).clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A client of one module's ModuleService.
+pub type ModuleClient = ModuleServiceClient<InterceptedService<Channel, WithToken>>;
 
 /// Channels to module instances, keyed by their ModuleService address.
 #[derive(Default)]
 pub struct ModuleClients {
     channels: Mutex<HashMap<String, Channel>>,
+    token: CallToken,
 }
 
 impl ModuleClients {
+    pub fn new(token: CallToken) -> Self {
+        ModuleClients {
+            channels: Mutex::default(),
+            token,
+        }
+    }
+
+    fn wrap(&self, ch: Channel) -> ModuleClient {
+        ModuleServiceClient::with_interceptor(ch, WithToken(self.token.clone()))
+    }
+
     /// A client for the module at `address` (`host:port`).
-    pub fn client(&self, address: &str) -> Result<ModuleServiceClient<Channel>, Status> {
+    pub fn client(&self, address: &str) -> Result<ModuleClient, Status> {
         let mut channels = self.channels.lock();
         if let Some(ch) = channels.get(address) {
-            return Ok(ModuleServiceClient::new(ch.clone()));
+            return Ok(self.wrap(ch.clone()));
         }
         let endpoint = Endpoint::from_shared(format!("http://{address}"))
             .map_err(|e| Status::invalid_argument(format!("module address {address:?}: {e}")))?
@@ -29,7 +61,7 @@ impl ModuleClients {
             .tcp_nodelay(true);
         let ch = endpoint.connect_lazy();
         channels.insert(address.to_string(), ch.clone());
-        Ok(ModuleServiceClient::new(ch))
+        Ok(self.wrap(ch))
     }
 
     /// Forgets the channel to an address (its instance left).
@@ -47,7 +79,7 @@ impl ModuleClients {
         f: F,
     ) -> Result<T, Status>
     where
-        F: FnOnce(ModuleServiceClient<Channel>) -> Fut,
+        F: FnOnce(ModuleClient) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let client = self.client(address)?;
@@ -91,7 +123,7 @@ impl ModuleClients {
         f: F,
     ) -> Vec<(String, Result<T, Status>)>
     where
-        F: Fn(String, ModuleServiceClient<Channel>) -> Fut,
+        F: Fn(String, ModuleClient) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         use futures::stream::{self, StreamExt};

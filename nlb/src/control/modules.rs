@@ -4,9 +4,9 @@ use shared_types::pb::{self, HealthStatus, ModuleType};
 use shared_types::time::{from_system, now};
 use tonic::Status;
 
-use shared_types::query::{self, Fields, Queryable, Value};
 use super::ControlService;
 use crate::registry::InstanceView;
+use shared_types::query::{self, Fields, Queryable, Value};
 
 /// Fields `ListModules` queries may name.
 const MODULE_FIELDS: Fields = Fields {

@@ -12,11 +12,11 @@ use shared_types::time::{from_unix_millis, unix_millis};
 use tonic::Status;
 
 use super::module_client::request;
-use shared_types::query::{self, Fields, Queryable, Value};
 use super::ControlService;
 use crate::config::{ConfigError, RouteConfig, UpdateError};
 use crate::routing::route::duplicate_ids;
 use crate::routing::{normalize_name, ConnInfo, Detected, RouteError, RouteSpec, Snapshot, Target};
+use shared_types::query::{self, Fields, Queryable, Value};
 
 /// Fields `GetRoutingTable` queries may name.
 const ENTRY_FIELDS: Fields = Fields {

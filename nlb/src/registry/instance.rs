@@ -124,6 +124,15 @@ pub struct Instance {
 }
 
 impl Instance {
+    /// Its open connections: the NLB's own count of those it forwarded, or
+    /// the module's latest report when that is higher (a module also counts
+    /// connections that reached it another way, and the report is all there
+    /// is before the data plane forwards any).
+    pub fn active_connections(&self) -> i64 {
+        let reported = self.stats.as_ref().map_or(0, |s| s.active_connections);
+        self.counters.active().max(reported)
+    }
+
     /// Whether the instance may take new connections, and if not, why.
     pub fn state(&self) -> (EndpointState, &'static str) {
         if self.draining.is_some() {

@@ -374,7 +374,7 @@ impl Registry {
                     false,
                 );
             }
-            let active = inst.counters.active();
+            let active = inst.active_connections();
             if graceful {
                 let timeout = if drain_timeout_seconds > 0 {
                     Duration::from_secs(drain_timeout_seconds as u64)

@@ -338,6 +338,43 @@ fn unregister_checks_the_binding() {
 }
 
 #[test]
+fn reported_connections_count_when_the_nlb_forwarded_none() {
+    let r = registry();
+    let mut regs = Vec::new();
+    for i in 0..2 {
+        let id = format!("alb-{i}");
+        regs.push(
+            r.register(&req(
+                &id,
+                &format!("10.0.0.{i}:9000"),
+                Some("10.0.0.1:8080"),
+            ))
+            .unwrap(),
+        );
+    }
+    let mut hb = beat("alb-0", &regs[0].registration_id, HealthStatus::Healthy);
+    hb.current_stats = Some(pb::ModuleStats {
+        active_connections: 8,
+        ..Default::default()
+    });
+    r.heartbeat(&hb).unwrap();
+    assert_eq!(r.get("alb-0").unwrap().instance.current_connections, 8);
+    let out = r.rebalance(Strategy::Even, true, &[]);
+    assert_eq!(out.previous["alb-0"], 8);
+    assert_eq!(out.target["alb-0"], 4);
+    assert_eq!(out.shed, vec![("alb-0".to_string(), 4)]);
+    let hb = r
+        .heartbeat(&beat(
+            "alb-0",
+            &regs[0].registration_id,
+            HealthStatus::Healthy,
+        ))
+        .unwrap();
+    assert_eq!(hb.instructions["action"], "shed");
+    assert_eq!(hb.instructions["shed_connections"], "4");
+}
+
+#[test]
 fn instructions_are_delivered_once() {
     let r = registry();
     let reg = r.register(&req("alb-1", "10.0.0.1:9000", None)).unwrap();

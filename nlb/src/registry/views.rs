@@ -135,7 +135,7 @@ fn capacity(inst: &Instance) -> f64 {
 
 fn load_info(inst: &Instance) -> pb::LoadInfo {
     let stats = inst.stats.clone().unwrap_or_default();
-    let active = inst.counters.active();
+    let active = inst.active_connections();
     pb::LoadInfo {
         instance_id: inst.info.instance_id.clone(),
         active_connections: i32::try_from(active).unwrap_or(i32::MAX),
@@ -159,7 +159,7 @@ fn load_info(inst: &Instance) -> pb::LoadInfo {
 fn view(inner: &Inner, inst: &Instance) -> InstanceView {
     let mut instance = inst.info.clone();
     instance.health_status = inst.effective_status() as i32;
-    instance.current_connections = i32::try_from(inst.counters.active()).unwrap_or(i32::MAX);
+    instance.current_connections = i32::try_from(inst.active_connections()).unwrap_or(i32::MAX);
     instance.traffic_weight = weight_of(inner, inst);
     if instance.started_at.is_none() {
         instance.started_at = Some(from_system(inst.registered_at));
@@ -259,7 +259,7 @@ impl Registry {
                     module_type: i.module_type,
                     state: i.state().0,
                     health_status: i.effective_status(),
-                    current_connections: i32::try_from(i.counters.active()).unwrap_or(i32::MAX),
+                    current_connections: i32::try_from(i.active_connections()).unwrap_or(i32::MAX),
                 })
                 .collect()
         })
@@ -306,10 +306,10 @@ impl Registry {
                     .iter()
                     .filter(|i| i.state().0 == EndpointState::Healthy && i.data_address.is_some())
                     .collect();
-                let total: i64 = group.iter().map(|i| i.counters.active()).sum();
+                let total: i64 = group.iter().map(|i| i.active_connections()).sum();
                 let cap: f64 = live.iter().map(|i| capacity(i)).sum();
                 for inst in group {
-                    let active = inst.counters.active();
+                    let active = inst.active_connections();
                     let id = inst.info.instance_id.clone();
                     out.previous.insert(id.clone(), active as i32);
                     let is_live = live.iter().any(|l| l.info.instance_id == id);

@@ -1,0 +1,654 @@
+//! A module's config: the SDK's sections (where the NLB is, where to listen,
+//! timings, tokens) plus the module's own `module:` section, from a YAML
+//! file and the `MODULE_*` environment variables every module reads.
+//!
+//! With no file every key has a documented default (`docs/modules.md`), so
+//! `echo-module` with no flags is a working module. Environment variables
+//! win over the file. Tokens never appear in the file itself: the file names
+//! token *files*, the environment may hold the tokens.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_yaml_ng::Value;
+
+/// One problem with a config, naming the key (`listen.grpc`) or variable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The whole config of a module process.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SdkConfig {
+    /// The NLB's control API.
+    pub nlb: NlbLink,
+    /// Where the module listens.
+    pub listen: Listen,
+    /// The host (name or IP) the NLB and operators use to reach this module;
+    /// empty: the listen IP when it is a specific one, else the host name.
+    pub advertise_host: String,
+    /// This instance's id; empty: `<module>-<host name>-<data port>`.
+    pub instance_id: String,
+    /// The version this instance runs; empty: the module's own version.
+    pub version: String,
+    /// Most data connections at once (0 = unlimited); announced to the NLB.
+    pub max_connections: u32,
+    pub heartbeat: HeartbeatConfig,
+    pub registration: RegistrationConfig,
+    pub metrics: MetricsConfig,
+    pub shutdown: ShutdownConfig,
+    pub data: DataConfig,
+    pub auth: AuthConfig,
+    /// The module's own section, handed to it as YAML.
+    pub module: Value,
+}
+
+impl Default for SdkConfig {
+    fn default() -> Self {
+        SdkConfig {
+            nlb: NlbLink::default(),
+            listen: Listen::default(),
+            advertise_host: String::new(),
+            instance_id: String::new(),
+            version: String::new(),
+            max_connections: 0,
+            heartbeat: HeartbeatConfig::default(),
+            registration: RegistrationConfig::default(),
+            metrics: MetricsConfig::default(),
+            shutdown: ShutdownConfig::default(),
+            data: DataConfig::default(),
+            auth: AuthConfig::default(),
+            module: Value::Null,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NlbLink {
+    /// `host:port` of the NLB's gRPC control API.
+    pub addr: String,
+    /// A file holding the module token this module presents to the NLB
+    /// (`MODULE_TOKEN` wins over it).
+    pub token_file: Option<PathBuf>,
+    pub tls: ClientTls,
+}
+
+impl Default for NlbLink {
+    fn default() -> Self {
+        NlbLink {
+            addr: "127.0.0.1:50051".into(),
+            token_file: None,
+            tls: ClientTls::default(),
+        }
+    }
+}
+
+/// TLS to the NLB's control API: on when `ca_file` is set; `cert_file` and
+/// `key_file` add a client certificate (mutual TLS).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientTls {
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// The name to verify in the NLB's certificate; empty: the host of `addr`.
+    pub server_name: String,
+}
+
+impl ClientTls {
+    pub fn enabled(&self) -> bool {
+        self.ca_file.is_some()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listen {
+    /// ModuleService (gRPC).
+    pub grpc: String,
+    /// The data listener the NLB forwards connections to.
+    pub data: String,
+    /// `/healthz`, `/readyz`, `/metrics`, `/status`.
+    pub admin: String,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen {
+            grpc: "0.0.0.0:50061".into(),
+            data: "0.0.0.0:8080".into(),
+            admin: "0.0.0.0:9101".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeartbeatConfig {
+    /// Seconds between beats, promised to the NLB at registration.
+    pub interval_seconds: u32,
+    /// How long the NLB's active health check may wait for this module.
+    pub timeout_seconds: u32,
+    /// Missed beats before the NLB stops sending new connections.
+    pub unhealthy_threshold: u32,
+    /// Good beats before it sends them again.
+    pub healthy_threshold: u32,
+    /// Beat over one `HeartbeatStream` (falls back to unary `Heartbeat`
+    /// against an NLB without the extension).
+    pub stream: bool,
+}
+
+impl Default for HeartbeatConfig {
+    fn default() -> Self {
+        HeartbeatConfig {
+            interval_seconds: 2,
+            timeout_seconds: 1,
+            unhealthy_threshold: 3,
+            healthy_threshold: 1,
+            stream: true,
+        }
+    }
+}
+
+impl HeartbeatConfig {
+    pub fn interval(&self) -> Duration {
+        Duration::from_secs(u64::from(self.interval_seconds.max(1)))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrationConfig {
+    /// First retry delay; doubles per failed attempt, with full jitter.
+    pub initial_backoff_ms: u64,
+    /// Longest delay between attempts.
+    pub max_backoff_ms: u64,
+    /// Deadline of one RegisterModule call.
+    pub call_timeout_seconds: u64,
+}
+
+impl Default for RegistrationConfig {
+    fn default() -> Self {
+        RegistrationConfig {
+            initial_backoff_ms: 200,
+            max_backoff_ms: 10_000,
+            call_timeout_seconds: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Seconds between `ReportMetrics` calls (0 = never).
+    pub report_interval_seconds: u64,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            report_interval_seconds: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// After SIGTERM (or a `Shutdown` call without a timeout), how long open
+    /// connections may finish before they are closed.
+    pub drain_timeout_seconds: u64,
+    /// A shed connection asked to finish is closed after this long.
+    pub shed_grace_seconds: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            drain_timeout_seconds: 30,
+            shed_grace_seconds: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Ask the NLB for a PROXY v2 header on every connection (the real
+    /// client address); a connection without one is then refused.
+    pub proxy_protocol: bool,
+    /// How long a connection may take to send its PROXY v2 header.
+    pub proxy_header_timeout_ms: u64,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            proxy_protocol: false,
+            proxy_header_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// Who may change this module over ModuleService: operators and the NLB.
+/// Tokens come from `tokens_file` and `MODULE_OPERATOR_TOKEN` /
+/// `MODULE_NLB_TOKEN`; with none, the module runs open (and says so).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub tokens_file: Option<PathBuf>,
+}
+
+/// Every `MODULE_*` variable the SDK reads, with the key it overrides.
+pub const ENV_OVERRIDES: &[(&str, &str)] = &[
+    ("MODULE_NLB_ADDR", "nlb.addr"),
+    ("MODULE_GRPC_LISTEN", "listen.grpc"),
+    ("MODULE_DATA_LISTEN", "listen.data"),
+    ("MODULE_ADMIN_LISTEN", "listen.admin"),
+    ("MODULE_ADVERTISE_HOST", "advertise_host"),
+    ("MODULE_INSTANCE_ID", "instance_id"),
+    ("MODULE_VERSION", "version"),
+    ("MODULE_TOKEN_FILE", "nlb.token_file"),
+    ("MODULE_NLB_TLS_CA", "nlb.tls.ca_file"),
+    ("MODULE_NLB_TLS_CERT", "nlb.tls.cert_file"),
+    ("MODULE_NLB_TLS_KEY", "nlb.tls.key_file"),
+    ("MODULE_NLB_TLS_SERVER_NAME", "nlb.tls.server_name"),
+    ("MODULE_TOKENS_FILE", "auth.tokens_file"),
+];
+
+/// The token this module presents to the NLB (wins over `nlb.token_file`).
+pub const ENV_TOKEN: &str = "MODULE_TOKEN";
+
+impl SdkConfig {
+    /// Reads the file (if any), applies the environment (`env` looks a
+    /// variable up) and validates. Every problem is reported, not only the
+    /// first.
+    pub fn load(
+        path: Option<&Path>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<SdkConfig, Vec<ConfigError>> {
+        let mut config = match path {
+            None => SdkConfig::default(),
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| {
+                    vec![ConfigError::new(
+                        "",
+                        format!("cannot read {}: {e}", p.display()),
+                    )]
+                })?;
+                Self::parse(&text)?
+            }
+        };
+        config.apply_env(env);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses YAML text (an empty file is all defaults).
+    pub fn parse(text: &str) -> Result<SdkConfig, Vec<ConfigError>> {
+        if text.trim().is_empty() {
+            return Ok(SdkConfig::default());
+        }
+        serde_yaml_ng::from_str(text).map_err(|e| {
+            let at = e
+                .location()
+                .map(|l| format!(" (line {}, column {})", l.line(), l.column()))
+                .unwrap_or_default();
+            vec![ConfigError::new("", format!("{e}{at}"))]
+        })
+    }
+
+    fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) {
+        for (var, key) in ENV_OVERRIDES {
+            let Some(v) = env(var) else { continue };
+            let path = || Some(PathBuf::from(&v)).filter(|p| !p.as_os_str().is_empty());
+            match *key {
+                "nlb.addr" => self.nlb.addr = v.clone(),
+                "listen.grpc" => self.listen.grpc = v.clone(),
+                "listen.data" => self.listen.data = v.clone(),
+                "listen.admin" => self.listen.admin = v.clone(),
+                "advertise_host" => self.advertise_host = v.clone(),
+                "instance_id" => self.instance_id = v.clone(),
+                "version" => self.version = v.clone(),
+                "nlb.token_file" => self.nlb.token_file = path(),
+                "nlb.tls.ca_file" => self.nlb.tls.ca_file = path(),
+                "nlb.tls.cert_file" => self.nlb.tls.cert_file = path(),
+                "nlb.tls.key_file" => self.nlb.tls.key_file = path(),
+                "nlb.tls.server_name" => self.nlb.tls.server_name = v.clone(),
+                "auth.tokens_file" => self.auth.tokens_file = path(),
+                other => unreachable!("ENV_OVERRIDES names {other} without a setter"),
+            }
+        }
+    }
+
+    /// Checks every key; returns all problems.
+    pub fn validate(&self) -> Result<(), Vec<ConfigError>> {
+        let mut errors = Vec::new();
+        let mut err = |k: &str, m: String| errors.push(ConfigError::new(k, m));
+        if split_host_port(&self.nlb.addr).is_none() {
+            err(
+                "nlb.addr",
+                format!("{:?} is not host:port (e.g. nlb:50051)", self.nlb.addr),
+            );
+        }
+        for (key, addr) in [
+            ("listen.grpc", &self.listen.grpc),
+            ("listen.data", &self.listen.data),
+            ("listen.admin", &self.listen.admin),
+        ] {
+            if addr.parse::<SocketAddr>().is_err() {
+                err(
+                    key,
+                    format!("{addr:?} is not ip:port (e.g. 0.0.0.0:8080 or [::]:8080)"),
+                );
+            }
+        }
+        let ports: Vec<_> = [&self.listen.grpc, &self.listen.data, &self.listen.admin]
+            .iter()
+            .filter_map(|a| a.parse::<SocketAddr>().ok())
+            .filter(|a| a.port() != 0)
+            .collect();
+        for (i, a) in ports.iter().enumerate() {
+            if ports[..i].contains(a) {
+                err("listen", format!("{a} is used by two listeners"));
+            }
+        }
+        if !self.instance_id.is_empty() && !valid_id(&self.instance_id) {
+            err(
+                "instance_id",
+                format!(
+                    "{:?}: use 1-128 letters, digits, '-', '_', '.' or ':'",
+                    self.instance_id
+                ),
+            );
+        }
+        if !self.version.is_empty() && !valid_id(&self.version) {
+            err(
+                "version",
+                format!(
+                    "{:?}: use 1-128 letters, digits, '-', '_', '.' or ':'",
+                    self.version
+                ),
+            );
+        }
+        if self.advertise_host.chars().any(char::is_whitespace) {
+            err(
+                "advertise_host",
+                format!("{:?} contains whitespace", self.advertise_host),
+            );
+        }
+        if self.heartbeat.interval_seconds == 0 {
+            err(
+                "heartbeat.interval_seconds",
+                "must be at least 1".to_string(),
+            );
+        }
+        if self.heartbeat.timeout_seconds == 0 {
+            err(
+                "heartbeat.timeout_seconds",
+                "must be at least 1".to_string(),
+            );
+        }
+        if self.registration.initial_backoff_ms == 0
+            || self.registration.max_backoff_ms < self.registration.initial_backoff_ms
+        {
+            err(
+                "registration",
+                format!(
+                    "initial_backoff_ms ({}) must be at least 1 and at most max_backoff_ms ({})",
+                    self.registration.initial_backoff_ms, self.registration.max_backoff_ms
+                ),
+            );
+        }
+        if self.registration.call_timeout_seconds == 0 {
+            err(
+                "registration.call_timeout_seconds",
+                "must be at least 1".to_string(),
+            );
+        }
+        if self.data.proxy_header_timeout_ms == 0 {
+            err(
+                "data.proxy_header_timeout_ms",
+                "must be at least 1".to_string(),
+            );
+        }
+        let tls = &self.nlb.tls;
+        if tls.cert_file.is_some() != tls.key_file.is_some() {
+            err(
+                "nlb.tls",
+                "cert_file and key_file go together (a client certificate needs its key)"
+                    .to_string(),
+            );
+        }
+        if tls.cert_file.is_some() && tls.ca_file.is_none() {
+            err(
+                "nlb.tls.ca_file",
+                "a client certificate needs TLS: set ca_file (the CA that signed the NLB's certificate)"
+                    .to_string(),
+            );
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// The address this instance's data listener is reached at.
+    pub fn advertised(&self, listen: SocketAddr) -> String {
+        let host = if !self.advertise_host.is_empty() {
+            self.advertise_host.clone()
+        } else if !listen.ip().is_unspecified() {
+            listen.ip().to_string()
+        } else {
+            host_name()
+        };
+        join_host_port(&host, listen.port())
+    }
+}
+
+/// `host:port` with brackets around an IPv6 literal.
+pub fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// Splits `host:port` (`[v6]:port` too); `None` if it is not one.
+pub fn split_host_port(addr: &str) -> Option<(&str, u16)> {
+    let (host, port) = addr.rsplit_once(':')?;
+    let port = port.parse::<u16>().ok().filter(|p| *p != 0)?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return None;
+    }
+    Some((host, port))
+}
+
+/// The machine's host name (a container's is its id), `localhost` if unknown.
+pub fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+fn valid_id(s: &str) -> bool {
+    (1..=128).contains(&s.len())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+}
+
+/// Reads a secret from a file: trimmed, never empty.
+pub fn read_secret(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let secret = text.trim().to_string();
+    if secret.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(secret)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn no_file_is_the_documented_defaults() {
+        let c = SdkConfig::load(None, &env_of(&[])).unwrap();
+        assert_eq!(c, SdkConfig::default());
+        assert_eq!(c.nlb.addr, "127.0.0.1:50051");
+        assert_eq!(c.listen.grpc, "0.0.0.0:50061");
+        assert_eq!(c.listen.data, "0.0.0.0:8080");
+        assert_eq!(c.listen.admin, "0.0.0.0:9101");
+        assert_eq!(c.heartbeat.interval_seconds, 2);
+        assert!(c.heartbeat.stream);
+        assert_eq!(c.shutdown.drain_timeout_seconds, 30);
+    }
+
+    #[test]
+    fn every_documented_variable_overrides_its_key() {
+        let env = env_of(&[
+            ("MODULE_NLB_ADDR", "nlb:7000"),
+            ("MODULE_GRPC_LISTEN", "127.0.0.1:1"),
+            ("MODULE_DATA_LISTEN", "127.0.0.1:2"),
+            ("MODULE_ADMIN_LISTEN", "127.0.0.1:3"),
+            ("MODULE_ADVERTISE_HOST", "alb-1.internal"),
+            ("MODULE_INSTANCE_ID", "alb-1"),
+            ("MODULE_VERSION", "2.0.0"),
+            ("MODULE_TOKEN_FILE", "/run/token"),
+            ("MODULE_NLB_TLS_CA", "/tls/ca.pem"),
+            ("MODULE_NLB_TLS_CERT", "/tls/c.pem"),
+            ("MODULE_NLB_TLS_KEY", "/tls/k.pem"),
+            ("MODULE_NLB_TLS_SERVER_NAME", "nlb.internal"),
+            ("MODULE_TOKENS_FILE", "/run/tokens.yaml"),
+        ]);
+        let file = "nlb: {addr: 'other:1'}\ninstance_id: from-file\n";
+        let mut c = SdkConfig::parse(file).unwrap();
+        c.apply_env(&env);
+        c.validate().unwrap();
+        assert_eq!(c.nlb.addr, "nlb:7000");
+        assert_eq!(c.listen.grpc, "127.0.0.1:1");
+        assert_eq!(c.listen.data, "127.0.0.1:2");
+        assert_eq!(c.listen.admin, "127.0.0.1:3");
+        assert_eq!(c.advertise_host, "alb-1.internal");
+        assert_eq!(c.instance_id, "alb-1");
+        assert_eq!(c.version, "2.0.0");
+        assert_eq!(c.nlb.token_file.as_deref(), Some(Path::new("/run/token")));
+        assert_eq!(c.nlb.tls.ca_file.as_deref(), Some(Path::new("/tls/ca.pem")));
+        assert_eq!(
+            c.nlb.tls.cert_file.as_deref(),
+            Some(Path::new("/tls/c.pem"))
+        );
+        assert_eq!(c.nlb.tls.key_file.as_deref(), Some(Path::new("/tls/k.pem")));
+        assert_eq!(c.nlb.tls.server_name, "nlb.internal");
+        assert_eq!(
+            c.auth.tokens_file.as_deref(),
+            Some(Path::new("/run/tokens.yaml"))
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = SdkConfig::parse("listen: {grcp: '0.0.0.0:1'}\n").unwrap_err();
+        assert!(e[0].message.contains("grcp"), "{e:?}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let c = SdkConfig {
+            nlb: NlbLink {
+                addr: "nlb".into(),
+                ..NlbLink::default()
+            },
+            listen: Listen {
+                grpc: "localhost:1".into(),
+                data: "127.0.0.1:5".into(),
+                admin: "127.0.0.1:5".into(),
+            },
+            instance_id: "has space".into(),
+            heartbeat: HeartbeatConfig {
+                interval_seconds: 0,
+                ..HeartbeatConfig::default()
+            },
+            ..SdkConfig::default()
+        };
+        let keys: Vec<String> = c
+            .validate()
+            .unwrap_err()
+            .into_iter()
+            .map(|e| e.key)
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "nlb.addr",
+                "listen.grpc",
+                "listen",
+                "instance_id",
+                "heartbeat.interval_seconds"
+            ]
+        );
+    }
+
+    #[test]
+    fn module_section_is_kept_as_yaml() {
+        let c = SdkConfig::parse("module:\n  greeting: hi\n").unwrap();
+        assert_eq!(c.module["greeting"].as_str(), Some("hi"));
+    }
+
+    #[test]
+    fn advertised_address_prefers_the_setting_then_the_listen_ip() {
+        let mut c = SdkConfig::default();
+        assert_eq!(
+            c.advertised("10.0.0.5:8080".parse().unwrap()),
+            "10.0.0.5:8080"
+        );
+        c.advertise_host = "alb-1".into();
+        assert_eq!(c.advertised("0.0.0.0:8080".parse().unwrap()), "alb-1:8080");
+        c.advertise_host = "::1".into();
+        assert_eq!(c.advertised("[::]:8080".parse().unwrap()), "[::1]:8080");
+    }
+
+    #[test]
+    fn host_port_splitting() {
+        assert_eq!(split_host_port("nlb:50051"), Some(("nlb", 50051)));
+        assert_eq!(split_host_port("[::1]:5"), Some(("::1", 5)));
+        assert_eq!(split_host_port("nlb"), None);
+        assert_eq!(split_host_port("nlb:0"), None);
+        assert_eq!(split_host_port(":5"), None);
+    }
+}

@@ -1,0 +1,412 @@
+//! The data listener: accepts the connections the NLB forwards, reads their
+//! PROXY v2 header when the module asked for one, counts them, and hands
+//! each to [`crate::Module::serve`] on its own task. Every live connection
+//! is tracked so the SDK can ask it to finish (drain, shed) and close it at
+//! a deadline.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use shared_types::proxy_v2::{self, Decoded};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+use crate::context::Context;
+use crate::module::Module;
+use crate::stats::{ConnectionGuard, Stats};
+
+/// One data connection, handed to the module.
+pub struct Connection {
+    /// The socket, counting bytes into the module's stats.
+    pub stream: Metered<TcpStream>,
+    /// The client: the PROXY v2 source when the NLB sent one, else the peer.
+    pub client: SocketAddr,
+    /// The peer of the socket (the NLB, when it forwards).
+    pub peer: SocketAddr,
+    /// The address the connection arrived at.
+    pub local: SocketAddr,
+    /// The PROXY v2 header, when the module asked for one.
+    pub proxy_header: Option<proxy_v2::Header>,
+    /// Resolves when the SDK wants this connection to finish.
+    pub closing: Closing,
+    /// Stats, rate limits and identity of the module.
+    pub ctx: Arc<Context>,
+    _guard: ConnectionGuard,
+}
+
+impl Connection {
+    /// Resolves when the SDK asks this connection to finish (drain, shed):
+    /// finish the request in flight, then return from `serve`.
+    pub async fn closing(&mut self) {
+        self.closing.wait().await;
+    }
+}
+
+/// A connection's "please finish" signal.
+#[derive(Clone)]
+pub struct Closing(watch::Receiver<bool>);
+
+impl Closing {
+    /// Resolves once the connection should finish (at once if it already
+    /// should).
+    pub async fn wait(&mut self) {
+        // An error means the SDK dropped the sender: it is going away.
+        let _ = self.0.wait_for(|c| *c).await;
+    }
+
+    pub fn is_closing(&self) -> bool {
+        *self.0.borrow()
+    }
+}
+
+/// A stream that counts the bytes read and written into [`Stats`].
+pub struct Metered<S> {
+    inner: S,
+    stats: Arc<Stats>,
+}
+
+impl<S> Metered<S> {
+    pub fn new(inner: S, stats: Arc<Stats>) -> Self {
+        Metered { inner, stats }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.stats.add_received(n as u64);
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.stats.add_sent(n as u64);
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r {
+            self.stats.add_sent(n as u64);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+struct Entry {
+    closing: watch::Sender<bool>,
+    abort: Option<AbortHandle>,
+}
+
+/// The live data connections.
+#[derive(Default)]
+pub struct Connections {
+    next: AtomicU64,
+    live: Mutex<BTreeMap<u64, Entry>>,
+    changed: Notify,
+}
+
+/// Removes its connection from [`Connections`] when the task ends.
+struct Tracked {
+    conns: Arc<Connections>,
+    id: u64,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.conns.live.lock().remove(&self.id);
+        self.conns.changed.notify_waiters();
+    }
+}
+
+impl Connections {
+    pub fn len(&self) -> usize {
+        self.live.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn track(self: &Arc<Self>) -> (Tracked, Closing) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = watch::channel(false);
+        self.live.lock().insert(
+            id,
+            Entry {
+                closing: tx,
+                abort: None,
+            },
+        );
+        (
+            Tracked {
+                conns: self.clone(),
+                id,
+            },
+            Closing(rx),
+        )
+    }
+
+    fn set_abort(&self, id: u64, abort: AbortHandle) {
+        if let Some(e) = self.live.lock().get_mut(&id) {
+            e.abort = Some(abort);
+        }
+    }
+
+    /// Asks the `n` oldest connections not already finishing to finish;
+    /// closes those still open after `grace`. Returns how many were asked.
+    pub fn shed(self: &Arc<Self>, n: usize, grace: Duration) -> usize {
+        let picked: Vec<u64> = {
+            let live = self.live.lock();
+            let picked: Vec<u64> = live
+                .iter()
+                .filter(|(_, e)| !*e.closing.borrow())
+                .take(n)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in &picked {
+                let _ = live[id].closing.send(true);
+            }
+            picked
+        };
+        if !picked.is_empty() {
+            let conns = self.clone();
+            let ids = picked.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                conns.abort(&ids);
+            });
+        }
+        picked.len()
+    }
+
+    /// Asks every connection to finish.
+    pub fn close_all(&self) {
+        for e in self.live.lock().values() {
+            let _ = e.closing.send(true);
+        }
+    }
+
+    fn abort(&self, ids: &[u64]) {
+        let live = self.live.lock();
+        for id in ids {
+            if let Some(a) = live.get(id).and_then(|e| e.abort.as_ref()) {
+                a.abort();
+            }
+        }
+    }
+
+    /// Asks every connection to finish and waits until they have, or until
+    /// `deadline`, when those left are closed. Returns how many were left.
+    pub async fn drain(&self, deadline: Instant) -> usize {
+        self.close_all();
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.is_empty() {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                break;
+            }
+        }
+        let ids: Vec<u64> = self.live.lock().keys().copied().collect();
+        self.abort(&ids);
+        ids.len()
+    }
+}
+
+/// Why a connection was turned away before the module saw it.
+#[derive(Debug, thiserror::Error)]
+pub enum AdmitError {
+    #[error("no PROXY v2 header within {0:?}")]
+    HeaderTimeout(Duration),
+    #[error("{0}")]
+    Header(#[from] proxy_v2::DecodeError),
+    #[error("reading the PROXY v2 header: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Reads exactly one PROXY v2 header from `stream`, and no byte more.
+pub async fn read_proxy_header(
+    stream: &mut TcpStream,
+    max_len: usize,
+) -> Result<proxy_v2::Header, AdmitError> {
+    let mut buf = vec![0u8; 16];
+    let mut have = 0;
+    loop {
+        let n = stream.read(&mut buf[have..]).await?;
+        if n == 0 {
+            return Err(AdmitError::Io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("the peer closed after {have} byte(s) of the PROXY v2 header"),
+            )));
+        }
+        have += n;
+        match proxy_v2::decode(&buf[..have], max_len)? {
+            Decoded::Complete { header, .. } => return Ok(header),
+            Decoded::Incomplete { needed_total } => {
+                if buf.len() < needed_total {
+                    buf.resize(needed_total, 0);
+                }
+            }
+        }
+    }
+}
+
+/// Settings of the accept loop.
+#[derive(Debug, Clone)]
+pub struct DataSettings {
+    pub proxy_protocol: bool,
+    pub proxy_header_timeout: Duration,
+    /// 0 = unlimited.
+    pub max_connections: usize,
+}
+
+/// Accepts until `stop` turns true, then drops the listener (the port stops
+/// taking connections; those accepted keep running).
+pub async fn accept_loop(
+    listener: TcpListener,
+    module: Arc<dyn Module>,
+    ctx: Arc<Context>,
+    conns: Arc<Connections>,
+    settings: DataSettings,
+    mut stop: watch::Receiver<bool>,
+) {
+    let local = listener.local_addr().ok();
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors (or a transient error): back off
+                // rather than spin.
+                tracing::warn!(error = %e, "data listener: accept failed; retrying in 100 ms");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if settings.max_connections > 0 && conns.len() >= settings.max_connections {
+            ctx.counters.refused_full.inc();
+            tracing::debug!(%peer, max = settings.max_connections, "data connection refused: at max_connections");
+            drop(stream);
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        let (tracked, closing) = conns.track();
+        let id = tracked.id;
+        let module = module.clone();
+        let ctx = ctx.clone();
+        let settings = settings.clone();
+        let task = tokio::spawn(async move {
+            let _tracked = tracked;
+            serve_one(stream, peer, local, closing, module, ctx, &settings).await;
+        });
+        conns.set_abort(id, task.abort_handle());
+    }
+}
+
+async fn serve_one(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    closing: Closing,
+    module: Arc<dyn Module>,
+    ctx: Arc<Context>,
+    settings: &DataSettings,
+) {
+    let guard = ctx.stats.connection();
+    let local = local
+        .or_else(|| stream.local_addr().ok())
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let mut client = peer;
+    let mut proxy_header = None;
+    if settings.proxy_protocol {
+        let read = tokio::time::timeout(
+            settings.proxy_header_timeout,
+            read_proxy_header(&mut stream, proxy_v2::DEFAULT_MAX_LEN),
+        )
+        .await
+        .unwrap_or(Err(AdmitError::HeaderTimeout(
+            settings.proxy_header_timeout,
+        )));
+        match read {
+            Ok(h) => {
+                if let Some(src) = h.source() {
+                    client = src;
+                }
+                proxy_header = Some(h);
+            }
+            Err(e) => {
+                ctx.counters.bad_proxy_header.inc();
+                tracing::debug!(%peer, error = %e, "data connection closed: bad PROXY v2 header");
+                return;
+            }
+        }
+    }
+    let conn = Connection {
+        stream: Metered::new(stream, ctx.stats.clone()),
+        client,
+        peer,
+        local,
+        proxy_header,
+        closing,
+        ctx,
+        _guard: guard,
+    };
+    module.serve(conn).await;
+}

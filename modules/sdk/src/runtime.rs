@@ -1,0 +1,455 @@
+//! Wires a module's parts together and runs them: the listeners, the NLB
+//! agent, and shutdown as a small state machine (serving → draining →
+//! stopped).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use parking_lot::Mutex;
+use shared_types::pb::module_service_server::ModuleServiceServer;
+use shared_types::pb::{HealthCheckConfig, HealthStatus, ModuleInstance};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::agent::{self, Link};
+use crate::auth::ModuleAuth;
+use crate::config::SdkConfig;
+use crate::context::Context;
+use crate::data::{self, Connections, DataSettings};
+use crate::module::{Descriptor, Module};
+use crate::scale::Scaler;
+use crate::service::Service;
+use crate::versions::Versions;
+
+/// Looks up an environment variable (the process's, or a test's).
+pub type Env = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// Where the module is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Listening; not yet registered with the NLB.
+    Starting,
+    /// Registered at least once and taking traffic.
+    Serving,
+    /// Finishing open connections until the deadline; takes no new ones.
+    Draining { deadline: Instant },
+    /// Done: listeners closed, about to exit.
+    Stopped,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::Serving => "serving",
+            Phase::Draining { .. } => "draining",
+            Phase::Stopped => "stopped",
+        }
+    }
+
+    pub fn health(self) -> HealthStatus {
+        match self {
+            Phase::Starting => HealthStatus::Starting,
+            Phase::Serving => HealthStatus::Healthy,
+            Phase::Draining { .. } => HealthStatus::Stopping,
+            Phase::Stopped => HealthStatus::Stopped,
+        }
+    }
+}
+
+/// Why the module stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// SIGTERM or SIGINT: unregister gracefully, then drain.
+    Signal,
+    /// A `Shutdown` call: unregister, then drain (`graceful`) or close now.
+    Shutdown { graceful: bool, timeout: Duration },
+    /// The NLB said `drain`: it already stopped sending traffic.
+    NlbDrain { timeout: Duration },
+}
+
+/// Everything the parts of a running module share.
+pub struct Shared {
+    pub module: Arc<dyn Module>,
+    pub descriptor: Descriptor,
+    pub ctx: Arc<Context>,
+    pub config: SdkConfig,
+    pub config_path: Option<PathBuf>,
+    pub auth: ModuleAuth,
+    pub scaler: Option<Arc<dyn Scaler>>,
+    pub conns: Arc<Connections>,
+    pub versions: Mutex<Versions>,
+    pub link: Mutex<Link>,
+    /// Advertised ModuleService address (`ModuleInstance.address`).
+    pub grpc_address: String,
+    /// Advertised data address (`metadata["data_address"]`).
+    pub data_address: String,
+    pub started_at: SystemTime,
+    phase: watch::Sender<Phase>,
+    stop: watch::Sender<Option<StopReason>>,
+    /// Routes or weights changed: announce them to the NLB again.
+    pub reannounce: Notify,
+    pub(crate) env: Env,
+}
+
+impl Shared {
+    pub fn phase(&self) -> Phase {
+        *self.phase.borrow()
+    }
+
+    pub(crate) fn set_phase(&self, p: Phase) {
+        self.phase.send_if_modified(|cur| {
+            // Never go back from draining or stopped.
+            let ok = match (*cur, p) {
+                (Phase::Stopped, _) => false,
+                (Phase::Draining { .. }, Phase::Starting | Phase::Serving) => false,
+                (Phase::Draining { .. }, Phase::Draining { .. }) => false,
+                _ => *cur != p,
+            };
+            if ok {
+                *cur = p;
+            }
+            ok
+        });
+    }
+
+    /// Asks the module to stop (the first reason wins).
+    pub fn request_stop(&self, reason: StopReason) {
+        self.stop.send_if_modified(|cur| {
+            if cur.is_none() {
+                *cur = Some(reason);
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stop.borrow().is_some()
+    }
+
+    /// The instance as the NLB should see it.
+    pub fn instance(&self) -> ModuleInstance {
+        let mut metadata = HashMap::new();
+        metadata.insert("data_address".to_string(), self.data_address.clone());
+        metadata.insert("module".to_string(), self.descriptor.name.to_string());
+        metadata.insert("admin_address".to_string(), self.admin_address());
+        let versions = self.versions.lock();
+        let weight = versions.own_weight();
+        ModuleInstance {
+            instance_id: self.ctx.instance_id.clone(),
+            module_type: self.descriptor.module_type as i32,
+            address: self.grpc_address.clone(),
+            health_status: self.phase().health() as i32,
+            metadata,
+            started_at: Some(shared_types::time::from_system(self.started_at)),
+            current_connections: i32::try_from(self.conns.len()).unwrap_or(i32::MAX),
+            max_connections: i32::try_from(self.config.max_connections).unwrap_or(i32::MAX),
+            version: self.ctx.version.clone(),
+            // 0 means "not set" on the wire: a version at 0 % is reported as
+            // unset, which the NLB treats the same when no weights exist.
+            traffic_weight: if versions.weights().len() > 1 {
+                weight
+            } else {
+                0
+            },
+        }
+    }
+
+    fn admin_address(&self) -> String {
+        self.link.lock().admin_address.clone()
+    }
+
+    pub fn health_config(&self) -> HealthCheckConfig {
+        let h = &self.config.heartbeat;
+        HealthCheckConfig {
+            interval_seconds: h.interval_seconds as i32,
+            timeout_seconds: h.timeout_seconds as i32,
+            unhealthy_threshold: h.unhealthy_threshold as i32,
+            healthy_threshold: h.healthy_threshold as i32,
+            ..HealthCheckConfig::default()
+        }
+    }
+
+    /// Capabilities announced at registration.
+    pub fn capabilities(&self) -> HashMap<String, String> {
+        let mut caps = self.descriptor.capabilities.clone();
+        if self.config.data.proxy_protocol {
+            caps.insert("proxy_protocol".into(), "v2".into());
+        }
+        caps.insert(
+            "protocols".into(),
+            self.descriptor
+                .protocols
+                .iter()
+                .map(|p| {
+                    p.as_str_name()
+                        .trim_start_matches("PROTOCOL_")
+                        .to_ascii_lowercase()
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+        );
+        caps
+    }
+
+    /// Reads the config file again (for `Reload`): the module section, and
+    /// the tokens. The SDK's own settings (ports, NLB address) apply at the
+    /// next start.
+    pub async fn reload(&self) -> Result<String, String> {
+        let fresh = match &self.config_path {
+            Some(p) => SdkConfig::load(Some(p), &*self.env).map_err(|errs| {
+                errs.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            })?,
+            None => self.config.clone(),
+        };
+        let tokens = self
+            .auth
+            .reload(fresh.auth.tokens_file.as_deref(), &*self.env)
+            .map_err(|e| format!("tokens: {e}"))?;
+        let said = self
+            .module
+            .reload(fresh.module.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(format!("{said}; {tokens} token(s) in force"))
+    }
+}
+
+/// A module assembled and ready to start.
+pub struct Runner {
+    module: Arc<dyn Module>,
+    config: SdkConfig,
+    config_path: Option<PathBuf>,
+    scaler: Option<Arc<dyn Scaler>>,
+    env: Env,
+}
+
+/// A started module.
+pub struct Running {
+    pub shared: Arc<Shared>,
+    pub grpc_addr: SocketAddr,
+    pub data_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    done: JoinHandle<()>,
+}
+
+impl Running {
+    /// Asks the module to stop.
+    pub fn stop(&self, reason: StopReason) {
+        self.shared.request_stop(reason);
+    }
+
+    /// Waits until the module has stopped.
+    pub async fn wait(self) {
+        let _ = self.done.await;
+    }
+}
+
+impl Runner {
+    pub fn new(module: impl Module, config: SdkConfig) -> Self {
+        Runner {
+            module: Arc::new(module),
+            config,
+            config_path: None,
+            scaler: None,
+            env: Arc::new(|k| std::env::var(k).ok()),
+        }
+    }
+
+    /// The file `Reload` reads again.
+    pub fn config_path(mut self, path: Option<PathBuf>) -> Self {
+        self.config_path = path;
+        self
+    }
+
+    /// What `Scale` calls (without one, `Scale` is FAILED_PRECONDITION).
+    pub fn scaler(mut self, scaler: impl Scaler) -> Self {
+        self.scaler = Some(Arc::new(scaler));
+        self
+    }
+
+    /// Where `MODULE_*` tokens are read from (the process environment by
+    /// default).
+    pub fn env(mut self, env: impl Fn(&str) -> Option<String> + Send + Sync + 'static) -> Self {
+        self.env = Arc::new(env);
+        self
+    }
+
+    /// Binds the three listeners, then runs everything in the background.
+    pub async fn start(self) -> anyhow::Result<Running> {
+        use anyhow::Context as _;
+        let config = self.config;
+        let bind = |what: &'static str, addr: String| async move {
+            TcpListener::bind(&addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} ({what})"))
+        };
+        let grpc = bind("listen.grpc", config.listen.grpc.clone()).await?;
+        let data = bind("listen.data", config.listen.data.clone()).await?;
+        let admin = bind("listen.admin", config.listen.admin.clone()).await?;
+        let (grpc_addr, data_addr, admin_addr) =
+            (grpc.local_addr()?, data.local_addr()?, admin.local_addr()?);
+
+        let descriptor = self.module.descriptor();
+        let instance_id = if config.instance_id.is_empty() {
+            format!(
+                "{}-{}-{}",
+                descriptor.name,
+                crate::config::host_name(),
+                data_addr.port()
+            )
+        } else {
+            config.instance_id.clone()
+        };
+        let version = if config.version.is_empty() {
+            descriptor.version.clone()
+        } else {
+            config.version.clone()
+        };
+        let auth = ModuleAuth::new(config.auth.tokens_file.as_deref(), &*self.env)
+            .map_err(|e| anyhow::anyhow!("auth: {e}"))?;
+        if auth.is_open() {
+            tracing::warn!(
+                "ModuleService is OPEN: no operator or nlb token is configured, so anyone who \
+                 reaches {grpc_addr} may reconfigure or shut down this module; set \
+                 MODULE_NLB_TOKEN / MODULE_OPERATOR_TOKEN or auth.tokens_file"
+            );
+        }
+        let ctx = Arc::new(
+            Context::new(instance_id, version.clone()).context("registering module metrics")?,
+        );
+        let (phase, _) = watch::channel(Phase::Starting);
+        let (stop, _) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            module: self.module,
+            descriptor,
+            ctx,
+            grpc_address: config.advertised(grpc_addr),
+            data_address: config.advertised(data_addr),
+            auth,
+            scaler: self.scaler,
+            conns: Arc::new(Connections::default()),
+            versions: Mutex::new(Versions::new(&version)),
+            link: Mutex::new(Link::new(config.advertised(admin_addr))),
+            started_at: SystemTime::now(),
+            phase,
+            stop,
+            reannounce: Notify::new(),
+            config_path: self.config_path,
+            env: self.env,
+            config,
+        });
+        tracing::info!(
+            instance = %shared.ctx.instance_id,
+            module = shared.descriptor.name,
+            version = %shared.ctx.version,
+            grpc = %grpc_addr,
+            data = %data_addr,
+            admin = %admin_addr,
+            nlb = %shared.config.nlb.addr,
+            "module starting"
+        );
+        let done = tokio::spawn(run(shared.clone(), grpc, data, admin));
+        Ok(Running {
+            shared,
+            grpc_addr,
+            data_addr,
+            admin_addr,
+            done,
+        })
+    }
+}
+
+async fn run(shared: Arc<Shared>, grpc: TcpListener, data: TcpListener, admin: TcpListener) {
+    let (stop_accept, accepting) = watch::channel(false);
+    let (stop_servers, servers_stop) = watch::channel(false);
+
+    let accept = tokio::spawn(data::accept_loop(
+        data,
+        shared.module.clone(),
+        shared.ctx.clone(),
+        shared.conns.clone(),
+        DataSettings {
+            proxy_protocol: shared.config.data.proxy_protocol,
+            proxy_header_timeout: Duration::from_millis(shared.config.data.proxy_header_timeout_ms),
+            max_connections: shared.config.max_connections as usize,
+        },
+        accepting,
+    ));
+
+    let service = Service::new(shared.clone());
+    let mut grpc_stop = servers_stop.clone();
+    let grpc_server = tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+        let r = tonic::transport::Server::builder()
+            .add_service(ModuleServiceServer::new(service))
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = grpc_stop.wait_for(|s| *s).await;
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "ModuleService server failed");
+        }
+    });
+    let admin_server = tokio::spawn(crate::admin::serve(
+        admin,
+        shared.clone(),
+        servers_stop.clone(),
+    ));
+
+    let (agent_stop_tx, agent_stop) = watch::channel(false);
+    let agent = tokio::spawn(agent::run(shared.clone(), agent_stop));
+
+    // Wait for a reason to stop.
+    let mut stop_rx = shared.stop.subscribe();
+    let reason = match stop_rx.wait_for(Option::is_some).await {
+        Ok(r) => r.expect("waited for Some"),
+        Err(_) => StopReason::Signal,
+    };
+    let timeout = match reason {
+        StopReason::Signal => Duration::from_secs(shared.config.shutdown.drain_timeout_seconds),
+        StopReason::Shutdown {
+            graceful: false, ..
+        } => Duration::ZERO,
+        StopReason::Shutdown { timeout, .. } | StopReason::NlbDrain { timeout } => timeout,
+    };
+    let deadline = Instant::now() + timeout;
+    shared.set_phase(Phase::Draining { deadline });
+    tracing::info!(
+        ?reason,
+        connections = shared.conns.len(),
+        drain_seconds = timeout.as_secs(),
+        "module stopping"
+    );
+    // 1. Tell the NLB (unless it told us): it stops sending new connections.
+    if !matches!(reason, StopReason::NlbDrain { .. }) {
+        agent::unregister(&shared, timeout).await;
+    }
+    let _ = agent_stop_tx.send(true);
+    // 2. Stop accepting, 3. drain until the deadline.
+    let _ = stop_accept.send(true);
+    let _ = accept.await;
+    let left = shared.conns.drain(deadline).await;
+    if left > 0 {
+        tracing::warn!(
+            closed = left,
+            "drain deadline passed: closed the connections still open"
+        );
+    }
+    shared.set_phase(Phase::Stopped);
+    let _ = agent.await;
+    let _ = stop_servers.send(true);
+    let _ = grpc_server.await;
+    let _ = admin_server.await;
+    tracing::info!("module stopped");
+}

@@ -1,0 +1,248 @@
+//! Running a real module binary (the SDK's `echo-module`) next to a real
+//! NLB: spawn it on free loopback ports, read its admin port, call its
+//! ModuleService, talk to its data port.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use shared_types::pb::module_service_client::ModuleServiceClient;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tonic::transport::Channel;
+
+use crate::{binary, free_addr, http_get, HttpResponse, CALL_DEADLINE, CHANGE_DEADLINE};
+
+const POLL: Duration = Duration::from_millis(100);
+/// How long a module may take to exit after SIGTERM or a drain (its drain
+/// deadline in these tests is well below this).
+pub const MODULE_EXIT_DEADLINE: Duration = Duration::from_secs(60);
+
+/// How to start a module.
+#[derive(Debug, Clone, Default)]
+pub struct ModuleLaunch {
+    /// `MODULE_INSTANCE_ID` (default: the SDK's own).
+    pub instance_id: Option<String>,
+    /// A config file body (YAML), written to the sandbox and passed with
+    /// `--config`.
+    pub config: Option<String>,
+    /// More environment variables.
+    pub env: Vec<(String, String)>,
+}
+
+/// A running module process; killed on drop if still running.
+pub struct ModuleProcess {
+    child: Child,
+    pub grpc_addr: String,
+    pub data_addr: String,
+    pub admin_addr: String,
+    pub config_path: Option<PathBuf>,
+    stderr_path: PathBuf,
+    exited: Option<ExitStatus>,
+}
+
+/// Starts `echo-module` against the NLB at `nlb_addr`, without waiting.
+pub fn spawn_echo(dir: &Path, nlb_addr: &str, launch: &ModuleLaunch) -> ModuleProcess {
+    let (grpc_addr, data_addr, admin_addr) = (free_addr(), free_addr(), free_addr());
+    let mut cmd = Command::new(binary("echo-module"));
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy().into_owned();
+        if k.starts_with("MODULE_") || k == "RUST_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+    let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+    let config_path = launch.config.as_ref().map(|body| {
+        let p = dir.join(format!("module-{n}.yaml"));
+        std::fs::write(&p, body).expect("write the module config");
+        p
+    });
+    if let Some(p) = &config_path {
+        cmd.arg("--config").arg(p);
+    }
+    cmd.env("MODULE_NLB_ADDR", nlb_addr)
+        .env("MODULE_GRPC_LISTEN", &grpc_addr)
+        .env("MODULE_DATA_LISTEN", &data_addr)
+        .env("MODULE_ADMIN_LISTEN", &admin_addr)
+        .env("MODULE_LOG", "info,switchyard_sdk=debug")
+        .stdin(Stdio::null());
+    if let Some(id) = &launch.instance_id {
+        cmd.env("MODULE_INSTANCE_ID", id);
+    }
+    for (k, v) in &launch.env {
+        cmd.env(k, v);
+    }
+    let stderr_path = dir.join(format!("module-{n}.stderr"));
+    cmd.stdout(File::create(dir.join(format!("module-{n}.stdout"))).expect("stdout file"));
+    cmd.stderr(File::create(&stderr_path).expect("stderr file"));
+    let child = cmd.spawn().expect("spawn echo-module");
+    ModuleProcess {
+        child,
+        grpc_addr,
+        data_addr,
+        admin_addr,
+        config_path,
+        stderr_path,
+        exited: None,
+    }
+}
+
+impl ModuleProcess {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().expect("try_wait");
+        }
+        self.exited
+    }
+
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill -{name} {} failed", self.pid());
+    }
+
+    /// Waits (bounded) for the process to exit.
+    pub async fn wait_exit(&mut self) -> ExitStatus {
+        let until = Instant::now() + MODULE_EXIT_DEADLINE;
+        loop {
+            if let Some(s) = self.try_exit() {
+                return s;
+            }
+            assert!(
+                Instant::now() < until,
+                "the module did not exit within {MODULE_EXIT_DEADLINE:?}; stderr:\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> HttpResponse {
+        http_get(&self.admin_addr, path)
+            .await
+            .unwrap_or_else(|e| panic!("GET {path} on the module: {e}; stderr:\n{}", self.stderr()))
+    }
+
+    /// GET on the admin port; `None` while it does not answer (starting).
+    pub async fn try_get(&self, path: &str) -> Option<HttpResponse> {
+        http_get(&self.admin_addr, path).await.ok()
+    }
+
+    /// `/status` as JSON.
+    pub async fn status(&self) -> serde_json::Value {
+        let r = self.get("/status").await;
+        serde_json::from_str(&r.body).expect("/status is JSON")
+    }
+
+    /// Polls until `check` returns `Some`; panics at the deadline.
+    pub async fn eventually<T, F, Fut>(&self, what: &str, mut check: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let until = Instant::now() + CHANGE_DEADLINE;
+        loop {
+            if let Some(v) = check().await {
+                return v;
+            }
+            assert!(
+                Instant::now() < until,
+                "{what}: not seen within {CHANGE_DEADLINE:?}; module stderr:\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Waits until `/readyz` answers 200 (registered and serving).
+    pub async fn wait_registered(&self) {
+        self.eventually("the module registered (/readyz 200)", || async {
+            http_get(&self.admin_addr, "/readyz")
+                .await
+                .ok()
+                .filter(|r| r.status == 200)
+        })
+        .await;
+    }
+
+    /// A ModuleService client.
+    pub async fn client(&self) -> ModuleServiceClient<Channel> {
+        let channel = Channel::from_shared(format!("http://{}", self.grpc_addr))
+            .expect("a valid URI")
+            .connect_timeout(CALL_DEADLINE)
+            .timeout(CALL_DEADLINE)
+            .connect()
+            .await
+            .unwrap_or_else(|e| {
+                panic!("connect to ModuleService: {e}; stderr:\n{}", self.stderr())
+            });
+        ModuleServiceClient::new(channel)
+    }
+
+    /// Opens a data connection and reads the greeting line.
+    pub async fn connect(&self) -> EchoConn {
+        let s = TcpStream::connect(&self.data_addr)
+            .await
+            .unwrap_or_else(|e| panic!("connect to the data port: {e}"));
+        let (r, w) = s.into_split();
+        let mut c = EchoConn {
+            lines: BufReader::new(r),
+            w,
+            greeting: String::new(),
+        };
+        c.greeting = c.line().await.expect("a greeting line");
+        c
+    }
+}
+
+impl Drop for ModuleProcess {
+    fn drop(&mut self) {
+        if self.try_exit().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A line-oriented connection to `echo-module`.
+pub struct EchoConn {
+    lines: BufReader<OwnedReadHalf>,
+    w: OwnedWriteHalf,
+    /// The first line the module sent.
+    pub greeting: String,
+}
+
+impl EchoConn {
+    /// The next line (without the newline); `None` at end of stream.
+    pub async fn line(&mut self) -> Option<String> {
+        let mut s = String::new();
+        let n = tokio::time::timeout(CALL_DEADLINE, self.lines.read_line(&mut s))
+            .await
+            .expect("a line within the call deadline")
+            .ok()?;
+        (n > 0).then(|| s.trim_end_matches('\n').to_string())
+    }
+
+    /// Sends a line and returns the answer.
+    pub async fn ask(&mut self, text: &str) -> Option<String> {
+        self.w
+            .write_all(format!("{text}\n").as_bytes())
+            .await
+            .ok()?;
+        self.line().await
+    }
+}
