@@ -118,3 +118,28 @@ impl Context {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_documented_in_docs_modules_md() {
+        let ctx = Context::new("i".into(), "1".into()).unwrap();
+        let doc = include_str!("../../../docs/modules.md");
+        let names: Vec<String> = ctx
+            .registry
+            .gather()
+            .iter()
+            .map(|f| f.name().to_string())
+            .collect();
+        assert!(names.len() >= 14, "{names:?}");
+        for name in names {
+            assert!(name.starts_with("module_"), "{name}");
+            assert!(
+                doc.contains(&format!("| `{name}` |")),
+                "{name} is not in docs/modules.md"
+            );
+        }
+    }
+}
