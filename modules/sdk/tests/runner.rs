@@ -1,0 +1,291 @@
+//! The SDK in process, through `Runner`: a module with a scaler against a
+//! real NLB (in process too), and a module against an NLB that has no
+//! `HeartbeatStream` (a MarchProxy-only NLB), which must fall back to unary
+//! heartbeats.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use shared_types::pb::module_service_client::ModuleServiceClient;
+use shared_types::pb::nlb_service_server::{NlbService, NlbServiceServer};
+use shared_types::pb::{
+    GetInstancesRequest, HeartbeatRequest, HeartbeatResponse, ModuleInstance, ModuleType, Protocol,
+    RegisterModuleRequest, RegisterModuleResponse, ScaleRequest, ScalingConfig,
+    TriggerScalingRequest,
+};
+use switchyard_sdk::config::{HeartbeatConfig, Listen, NlbLink};
+use switchyard_sdk::{
+    Connection, Descriptor, Module, ModuleError, Runner, Running, ScaleOutcome, Scaler, SdkConfig,
+    StopReason,
+};
+use tokio::net::TcpListener;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Response, Status};
+
+const SOON: Duration = Duration::from_secs(20);
+
+struct Quiet;
+
+#[switchyard_sdk::async_trait]
+impl Module for Quiet {
+    fn descriptor(&self) -> Descriptor {
+        Descriptor {
+            module_type: ModuleType::Alb,
+            name: "quiet",
+            version: "1.0.0".into(),
+            protocols: vec![Protocol::Http],
+            capabilities: Default::default(),
+        }
+    }
+
+    async fn serve(&self, _conn: Connection) {}
+}
+
+/// Records what it is asked.
+#[derive(Default, Clone)]
+struct RecordingScaler {
+    configs: Arc<Mutex<Vec<(ScalingConfig, bool)>>>,
+    desired: Arc<Mutex<Vec<i32>>>,
+}
+
+#[switchyard_sdk::async_trait]
+impl Scaler for RecordingScaler {
+    async fn scale(
+        &self,
+        config: &ScalingConfig,
+        immediate: bool,
+    ) -> Result<ScaleOutcome, ModuleError> {
+        self.configs.lock().push((*config, immediate));
+        Ok(ScaleOutcome {
+            current_instances: 1,
+            desired_instances: config.min_instances,
+        })
+    }
+
+    async fn instances(&self) -> Vec<ModuleInstance> {
+        vec![ModuleInstance {
+            instance_id: "quiet-sibling".into(),
+            module_type: ModuleType::Alb as i32,
+            ..ModuleInstance::default()
+        }]
+    }
+
+    async fn desired(&self, n: i32) {
+        self.desired.lock().push(n);
+    }
+}
+
+fn config(nlb_addr: &str, id: &str) -> SdkConfig {
+    SdkConfig {
+        nlb: NlbLink {
+            addr: nlb_addr.into(),
+            ..NlbLink::default()
+        },
+        listen: Listen {
+            grpc: "127.0.0.1:0".into(),
+            data: "127.0.0.1:0".into(),
+            admin: "127.0.0.1:0".into(),
+        },
+        instance_id: id.into(),
+        heartbeat: HeartbeatConfig {
+            interval_seconds: 1,
+            ..HeartbeatConfig::default()
+        },
+        ..SdkConfig::default()
+    }
+}
+
+async fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + SOON;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {SOON:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn module_client(r: &Running) -> ModuleServiceClient<Channel> {
+    ModuleServiceClient::connect(format!("http://{}", r.grpc_addr))
+        .await
+        .expect("connect to ModuleService")
+}
+
+/// An in-process NLB on loopback with `env`.
+async fn nlb(env: &[(&str, &str)]) -> (nlb::Running, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("nlb.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "grpc: {{listen: '127.0.0.1:0'}}\nadmin: {{listen: '127.0.0.1:0'}}\nstate_file: {:?}\nhealth: {{active_checks: false}}\n",
+            dir.path().join("state.json").display().to_string()
+        ),
+    )
+    .unwrap();
+    let env: std::collections::HashMap<String, String> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let store = nlb::config::ConfigStore::load(Some(file), Box::new(move |k| env.get(k).cloned()))
+        .expect("config");
+    let running = nlb::start(nlb::Nlb::new(store)).await.expect("NLB starts");
+    (running, dir)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scale_goes_to_the_scaler_and_the_nlb_target_reaches_it() {
+    let (nlb, _dir) = nlb(&[("NLB_MODULE_CALL_TOKEN", "nlb-calls-modules-0001")]).await;
+    let scaler = RecordingScaler::default();
+    let running = Runner::new(Quiet, config(&nlb.grpc_addr.to_string(), "quiet-1"))
+        .scaler(scaler.clone())
+        .env(|k| (k == "MODULE_NLB_TOKEN").then(|| "nlb-calls-modules-0001".to_string()))
+        .start()
+        .await
+        .unwrap();
+    let shared = running.shared.clone();
+    until("registered", || shared.link.lock().registration_id.clone()).await;
+
+    // The operator asks the NLB; the NLB asks the module (with its token);
+    // the module asks its scaler.
+    let mut c = shared_types::pb::nlb_service_client::NlbServiceClient::connect(format!(
+        "http://{}",
+        nlb.grpc_addr
+    ))
+    .await
+    .unwrap();
+    let r = c
+        .trigger_scaling(TriggerScalingRequest {
+            module_type: ModuleType::Alb as i32,
+            scaling_action: "scale_to".into(),
+            target_instances: 3,
+            ..TriggerScalingRequest::default()
+        })
+        .await
+        .expect("TriggerScaling")
+        .into_inner();
+    assert!(r.success, "{}", r.message);
+    assert_eq!(r.target_instances, 3);
+    assert!(r.message.contains("scaling from 1 to 3"), "{}", r.message);
+    {
+        let configs = scaler.configs.lock();
+        assert_eq!(configs.len(), 1);
+        assert_eq!(configs[0].0.min_instances, 3);
+        assert!(configs[0].1, "immediate");
+    }
+    // The target rides on the heartbeats until met: the scaler hears it.
+    let desired = until("the scaler heard should_scale", || {
+        scaler.desired.lock().first().copied()
+    })
+    .await;
+    assert_eq!(desired, 3);
+
+    // GetInstances lists the scaler's other instances too.
+    let mut m = module_client(&running).await;
+    let ids: Vec<String> = m
+        .get_instances(GetInstancesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .instances
+        .into_iter()
+        .map(|i| i.instance_id)
+        .collect();
+    assert_eq!(ids, ["quiet-1", "quiet-sibling"]);
+
+    // A bad config never reaches the scaler.
+    let mut req = Request::new(ScaleRequest {
+        instance_id: String::new(),
+        config: Some(ScalingConfig {
+            min_instances: 5,
+            max_instances: 2,
+            ..ScalingConfig::default()
+        }),
+        immediate: false,
+    });
+    req.metadata_mut()
+        .insert("x-api-key", "nlb-calls-modules-0001".parse().unwrap());
+    let e = m.scale(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("above max_instances"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(scaler.configs.lock().len(), 1);
+
+    running.stop(StopReason::Shutdown {
+        graceful: false,
+        timeout: Duration::ZERO,
+    });
+    running.wait().await;
+}
+
+/// An NLB that knows only the reference RPCs: no `HeartbeatStream`.
+#[derive(Default, Clone)]
+struct ReferenceNlb {
+    registrations: Arc<AtomicUsize>,
+    beats: Arc<Mutex<Vec<HeartbeatRequest>>>,
+}
+
+#[tonic::async_trait]
+impl NlbService for ReferenceNlb {
+    async fn register_module(
+        &self,
+        _req: Request<RegisterModuleRequest>,
+    ) -> Result<Response<RegisterModuleResponse>, Status> {
+        self.registrations.fetch_add(1, Ordering::SeqCst);
+        Ok(Response::new(RegisterModuleResponse {
+            success: true,
+            registration_id: "reg-1".into(),
+            ..RegisterModuleResponse::default()
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        self.beats.lock().push(req.into_inner());
+        Ok(Response::new(HeartbeatResponse {
+            acknowledged: true,
+            ..HeartbeatResponse::default()
+        }))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn heartbeats_fall_back_to_unary_against_an_nlb_without_the_stream() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let fake = ReferenceNlb::default();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(NlbServiceServer::new(fake.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let running = Runner::new(Quiet, config(&addr.to_string(), "quiet-ref"))
+        .env(|_| None)
+        .start()
+        .await
+        .unwrap();
+    until("two unary heartbeats", || {
+        (fake.beats.lock().len() >= 2).then_some(())
+    })
+    .await;
+    let beats = fake.beats.lock().clone();
+    assert!(beats
+        .iter()
+        .all(|b| b.registration_id == "reg-1" && b.instance_id == "quiet-ref"));
+    assert!(beats.iter().all(|b| b.current_stats.is_some()));
+    assert_eq!(fake.registrations.load(Ordering::SeqCst), 1);
+    assert_eq!(running.shared.link.lock().heartbeat_mode, "Heartbeat");
+    running.stop(StopReason::Signal);
+    running.wait().await;
+}
