@@ -363,16 +363,15 @@ async fn beat(shared: &Arc<Shared>, conn: &NlbConn, stop: &mut watch::Receiver<b
             return BeatEnd::Reregister;
         };
         let req = heartbeat_request(shared, &registration_id);
+        let unary = |req: HeartbeatRequest| {
+            let mut r = Request::new(req);
+            r.set_timeout(call_timeout);
+            let mut client = conn.client.clone();
+            async move { client.heartbeat(r).await.map(|r| r.into_inner()) }
+        };
         let sent = async {
             if unary_only {
-                let mut r = Request::new(req);
-                r.set_timeout(call_timeout);
-                return conn
-                    .client
-                    .clone()
-                    .heartbeat(r)
-                    .await
-                    .map(|r| r.into_inner());
+                return unary(req).await;
             }
             if stream.is_none() {
                 match BeatStream::open(&conn.client).await {
@@ -380,14 +379,7 @@ async fn beat(shared: &Arc<Shared>, conn: &NlbConn, stop: &mut watch::Receiver<b
                     Err(s) if s.code() == Code::Unimplemented => {
                         tracing::info!("the NLB has no HeartbeatStream: using unary Heartbeat");
                         unary_only = true;
-                        let mut r = Request::new(req);
-                        r.set_timeout(call_timeout);
-                        return conn
-                            .client
-                            .clone()
-                            .heartbeat(r)
-                            .await
-                            .map(|r| r.into_inner());
+                        return unary(req).await;
                     }
                     Err(s) => return Err(s),
                 }
