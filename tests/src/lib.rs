@@ -381,23 +381,33 @@ impl NlbProcess {
 
     /// Polls until `check` returns `Some`, or panics at the deadline with
     /// `what` and the logs.
-    pub async fn eventually<T, F, Fut>(&self, what: &str, mut check: F) -> T
+    pub async fn eventually<T, F, Fut>(&self, what: &str, check: F) -> T
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Option<T>>,
     {
-        let until = Instant::now() + CHANGE_DEADLINE;
-        loop {
-            if let Some(v) = check().await {
-                return v;
-            }
-            assert!(
-                Instant::now() < until,
-                "{what}: not seen within {CHANGE_DEADLINE:?}; stderr:\n{}",
-                self.stderr()
-            );
-            tokio::time::sleep(POLL).await;
+        poll_until(what, || self.stderr(), check).await
+    }
+}
+
+/// Polls `check` until it returns `Some`, for up to [`CHANGE_DEADLINE`];
+/// at the deadline, panics with `what` and `logs()` (the process's stderr).
+pub async fn poll_until<T, F, Fut>(what: &str, logs: impl Fn() -> String, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let until = Instant::now() + CHANGE_DEADLINE;
+    loop {
+        if let Some(v) = check().await {
+            return v;
         }
+        assert!(
+            Instant::now() < until,
+            "{what}: not seen within {CHANGE_DEADLINE:?}; stderr:\n{}",
+            logs()
+        );
+        tokio::time::sleep(POLL).await;
     }
 }
 

@@ -13,7 +13,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tonic::transport::Channel;
 
-use crate::{binary, free_addr, http_get, HttpResponse, CALL_DEADLINE, CHANGE_DEADLINE};
+use crate::{binary, free_addr, http_get, HttpResponse, CALL_DEADLINE};
 
 const POLL: Duration = Duration::from_millis(100);
 /// How long a module may take to exit after SIGTERM or a drain (its drain
@@ -149,23 +149,12 @@ impl ModuleProcess {
     }
 
     /// Polls until `check` returns `Some`; panics at the deadline.
-    pub async fn eventually<T, F, Fut>(&self, what: &str, mut check: F) -> T
+    pub async fn eventually<T, F, Fut>(&self, what: &str, check: F) -> T
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Option<T>>,
     {
-        let until = Instant::now() + CHANGE_DEADLINE;
-        loop {
-            if let Some(v) = check().await {
-                return v;
-            }
-            assert!(
-                Instant::now() < until,
-                "{what}: not seen within {CHANGE_DEADLINE:?}; module stderr:\n{}",
-                self.stderr()
-            );
-            tokio::time::sleep(POLL).await;
-        }
+        crate::poll_until(what, || self.stderr(), check).await
     }
 
     /// Waits until `/readyz` answers 200 (registered and serving).
@@ -245,4 +234,75 @@ impl EchoConn {
             .ok()?;
         self.line().await
     }
+}
+
+/// Starts `echo-module` as [`spawn_echo`] does and waits until it listens;
+/// when another process took one of its ports first (a free port is only
+/// free for a moment), starts it again on new ones.
+pub async fn start_echo(dir: &Path, nlb_addr: &str, launch: &ModuleLaunch) -> ModuleProcess {
+    let mut last = String::new();
+    for _ in 0..5 {
+        let mut m = spawn_echo(dir, nlb_addr, launch);
+        match m.wait_listening().await {
+            Ok(()) => return m,
+            Err(e) if e.contains("cannot listen on") && e.contains("in use") => last = e,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    panic!("could not start echo-module on free ports: {last}");
+}
+
+impl ModuleProcess {
+    /// Waits until the module's admin port answers `/status` with this
+    /// process's addresses (so all three ports are bound); errs with the
+    /// logs if the process exits first.
+    pub async fn wait_listening(&mut self) -> Result<(), String> {
+        let until = Instant::now() + crate::START_DEADLINE;
+        loop {
+            if let Some(status) = self.try_exit() {
+                return Err(format!(
+                    "echo-module exited with {status} before it listened; stderr:\n{}",
+                    self.stderr()
+                ));
+            }
+            if let Some(r) = self.try_get("/status").await {
+                let ours = serde_json::from_str::<serde_json::Value>(&r.body).is_ok_and(|v| {
+                    v["grpc_address"] == *self.grpc_addr && v["data_address"] == *self.data_addr
+                });
+                if ours {
+                    return Ok(());
+                }
+            }
+            if Instant::now() >= until {
+                return Err(format!(
+                    "echo-module did not listen within {:?}; stderr:\n{}",
+                    crate::START_DEADLINE,
+                    self.stderr()
+                ));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+/// `msg` as a request carrying the metadata header `name: value` (for
+/// tokens: `authorization` with `Bearer <token>`, or `x-api-key`).
+pub fn with_header<T>(msg: T, name: &'static str, value: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut().insert(
+        name,
+        value.parse().expect("a header value a request can carry"),
+    );
+    r
+}
+
+/// `msg` with `authorization: Bearer <token>`.
+pub fn bearer<T>(msg: T, token: &str) -> tonic::Request<T> {
+    with_header(msg, "authorization", &format!("Bearer {token}"))
+}
+
+/// The lowercase hex SHA-256 of `data` (the checksum `GetConfig` sends).
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
 }

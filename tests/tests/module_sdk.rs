@@ -3,7 +3,7 @@
 //! restart, follows `drain` and `shed`, stops cleanly on SIGTERM, and
 //! announces route changes.
 
-use e2e::module::{spawn_echo, ModuleLaunch, ModuleProcess};
+use e2e::module::{start_echo, ModuleLaunch, ModuleProcess};
 use e2e::{free_addr, metric_value, Launch, NlbProcess, Sandbox};
 use shared_types::pb::{
     GetModuleInfoRequest, HealthStatus, ListModulesRequest, RebalanceLoadRequest,
@@ -19,18 +19,27 @@ async fn nlb_at(sb: &Sandbox, addr: &str) -> NlbProcess {
     .await
 }
 
+/// An NLB on ports the harness picks (retried if taken).
+async fn nlb(sb: &Sandbox) -> NlbProcess {
+    sb.start_with(Launch {
+        use_config_file: false,
+        ..Launch::default()
+    })
+    .await
+}
+
 /// An NLB and one registered echo module.
 async fn stack(sb: &Sandbox, id: &str) -> (NlbProcess, ModuleProcess) {
-    let addr = free_addr();
-    let nlb = nlb_at(sb, &addr).await;
-    let m = spawn_echo(
+    let nlb = nlb(sb).await;
+    let m = start_echo(
         sb.path(),
-        &addr,
+        &nlb.grpc_addr,
         &ModuleLaunch {
             instance_id: Some(id.into()),
             ..ModuleLaunch::default()
         },
-    );
+    )
+    .await;
     m.wait_registered().await;
     (nlb, m)
 }
@@ -50,14 +59,15 @@ async fn info(nlb: &NlbProcess, id: &str) -> Option<shared_types::pb::GetModuleI
 async fn a_module_started_before_the_nlb_waits_then_registers() {
     let sb = Sandbox::new();
     let nlb_addr = free_addr();
-    let m = spawn_echo(
+    let m = start_echo(
         sb.path(),
         &nlb_addr,
         &ModuleLaunch {
             instance_id: Some("echo-early".into()),
             ..ModuleLaunch::default()
         },
-    );
+    )
+    .await;
     // No NLB yet: the module keeps trying, and says why it is not ready.
     m.eventually("two failed registration attempts", || async {
         let text = m.try_get("/metrics").await?.body;
@@ -139,14 +149,15 @@ async fn the_module_registers_again_after_the_nlb_restarts() {
     let sb = Sandbox::new();
     let addr = free_addr();
     let mut nlb = nlb_at(&sb, &addr).await;
-    let m = spawn_echo(
+    let m = start_echo(
         sb.path(),
         &addr,
         &ModuleLaunch {
             instance_id: Some("echo-restart".into()),
             ..ModuleLaunch::default()
         },
-    );
+    )
+    .await;
     m.wait_registered().await;
     let first = m.status().await["nlb"]["registration_id"].clone();
     nlb.signal("KILL");
@@ -219,19 +230,13 @@ async fn the_drain_instruction_finishes_connections_then_stops() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_shed_instruction_asks_the_oldest_connections_to_finish() {
     let sb = Sandbox::new();
-    let addr = free_addr();
-    let nlb = nlb_at(&sb, &addr).await;
-    let spawn = |id: &str| {
-        spawn_echo(
-            sb.path(),
-            &addr,
-            &ModuleLaunch {
-                instance_id: Some(id.into()),
-                ..ModuleLaunch::default()
-            },
-        )
+    let nlb = nlb(&sb).await;
+    let launch = |id: &str| ModuleLaunch {
+        instance_id: Some(id.into()),
+        ..ModuleLaunch::default()
     };
-    let (hot, cold) = (spawn("echo-hot"), spawn("echo-cold"));
+    let hot = start_echo(sb.path(), &nlb.grpc_addr, &launch("echo-hot")).await;
+    let cold = start_echo(sb.path(), &nlb.grpc_addr, &launch("echo-cold")).await;
     hot.wait_registered().await;
     cold.wait_registered().await;
     let mut conns = Vec::new();

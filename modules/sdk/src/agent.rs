@@ -171,16 +171,18 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             }
         }
     };
+    let _ = shared.nlb.set(conn);
+    let conn = shared.nlb.get().expect("set just above");
     let reporter = tokio::spawn(report_loop(
         shared.clone(),
         conn.client.clone(),
         stop.clone(),
     ));
     loop {
-        if !register(&shared, &conn, &mut stop).await {
+        if !register(&shared, conn, &mut stop).await {
             break;
         }
-        match beat(&shared, &conn, &mut stop).await {
+        match beat(&shared, conn, &mut stop).await {
             BeatEnd::Reregister => continue,
             BeatEnd::Stopped => break,
         }
@@ -254,6 +256,21 @@ async fn register(shared: &Shared, conn: &NlbConn, stop: &mut watch::Receiver<bo
                 return true;
             }
             Ok(resp) => resp.error.map_or(resp.message, |e| e.message),
+            Err(status) if refused(&status) && shared.link.lock().registration_id.is_some() => {
+                // A re-announcement the NLB refuses (a route it cannot
+                // carry): it keeps the registration it has, so keep beating
+                // on it rather than lose the instance's lease retrying.
+                let err = describe(&status);
+                tracing::error!(error = %err, "the NLB refused the announced routes; it keeps the ones it had");
+                shared
+                    .ctx
+                    .counters
+                    .registrations
+                    .with_label_values(&["error"])
+                    .inc();
+                shared.link.lock().last_error = Some(format!("announcement refused: {err}"));
+                return true;
+            }
             Err(status) => describe(&status),
         };
         shared
@@ -278,6 +295,61 @@ async fn register(shared: &Shared, conn: &NlbConn, stop: &mut watch::Receiver<bo
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return false,
             _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// An answer about the request itself, not about reaching the NLB: trying
+/// again unchanged will not help.
+fn refused(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::InvalidArgument
+            | Code::FailedPrecondition
+            | Code::AlreadyExists
+            | Code::OutOfRange
+            | Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::NotFound
+    )
+}
+
+/// What announcing the module's routes to the NLB came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Announce {
+    /// The NLB routes by them now.
+    Done,
+    /// Not registered yet: the registration will carry them.
+    NotRegistered,
+    /// The NLB refused them (the message says why); it keeps the ones it had.
+    Refused(String),
+    /// The NLB did not answer; the agent announces them when it does.
+    Unreachable(String),
+}
+
+/// Announces the module's current routes (a `RegisterModule` of the same
+/// instance, which the NLB treats as an update), now.
+pub async fn announce(shared: &Shared) -> Announce {
+    let (Some(conn), true) = (
+        shared.nlb.get(),
+        shared.link.lock().registration_id.is_some(),
+    ) else {
+        return Announce::NotRegistered;
+    };
+    let mut req = Request::new(registration(shared));
+    req.set_timeout(Duration::from_secs(
+        shared.config.registration.call_timeout_seconds,
+    ));
+    match conn.client.clone().register_module(req).await {
+        Ok(r) if r.get_ref().success => Announce::Done,
+        Ok(r) => {
+            let r = r.into_inner();
+            Announce::Refused(r.error.map_or(r.message, |e| e.message))
+        }
+        Err(s) if refused(&s) => Announce::Refused(s.message().to_string()),
+        Err(s) => {
+            shared.reannounce.notify_one();
+            Announce::Unreachable(describe(&s))
         }
     }
 }

@@ -60,7 +60,8 @@ struct FileEntry {
     sha256: Option<String>,
 }
 
-type Tokens = HashMap<[u8; 32], (String, Role)>;
+/// Tokens by SHA-256, with their name and role.
+pub type Tokens = HashMap<[u8; 32], (String, Role)>;
 
 /// The tokens in force.
 pub struct ModuleAuth {
@@ -152,6 +153,11 @@ impl ModuleAuth {
         let n = tokens.len();
         self.tokens.store(tokens.into());
         Ok(n)
+    }
+
+    /// Puts loaded tokens in force.
+    pub fn replace(&self, tokens: Tokens) {
+        self.tokens.store(tokens.into());
     }
 
     /// No tokens: everything is open.

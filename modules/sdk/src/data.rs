@@ -369,7 +369,6 @@ async fn serve_one(
     ctx: Arc<Context>,
     settings: &DataSettings,
 ) {
-    let guard = ctx.stats.connection();
     let local = local
         .or_else(|| stream.local_addr().ok())
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
@@ -398,6 +397,9 @@ async fn serve_one(
             }
         }
     }
+    // Counted once it is the module's: a connection refused for its header
+    // is counted as refused only.
+    let guard = ctx.stats.connection();
     let conn = Connection {
         stream: Metered::new(stream, ctx.stats.clone()),
         client,

@@ -16,7 +16,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::agent::{self, Link};
+use crate::agent::{self, Link, NlbConn};
 use crate::auth::ModuleAuth;
 use crate::config::SdkConfig;
 use crate::context::Context;
@@ -92,8 +92,11 @@ pub struct Shared {
     pub started_at: SystemTime,
     phase: watch::Sender<Phase>,
     stop: watch::Sender<Option<StopReason>>,
-    /// Routes or weights changed: announce them to the NLB again.
+    /// Routes changed outside a call that announces them itself (a
+    /// reload): the agent announces them at its next turn.
     pub reannounce: Notify,
+    /// The client of the NLB's control API, once the agent has set it up.
+    pub(crate) nlb: std::sync::OnceLock<NlbConn>,
     pub(crate) env: Env,
 }
 
@@ -200,8 +203,9 @@ impl Shared {
     }
 
     /// Reads the config file again (for `Reload`): the module section, and
-    /// the tokens. The SDK's own settings (ports, NLB address) apply at the
-    /// next start.
+    /// the tokens. All or nothing: if the module refuses its section, the
+    /// tokens in force stay too. The SDK's own settings (ports, NLB address)
+    /// apply at the next start. Changed routes are announced to the NLB.
     pub async fn reload(&self) -> Result<String, String> {
         let fresh = match &self.config_path {
             Some(p) => SdkConfig::load(Some(p), &*self.env).map_err(|errs| {
@@ -212,16 +216,20 @@ impl Shared {
             })?,
             None => self.config.clone(),
         };
-        let tokens = self
-            .auth
-            .reload(fresh.auth.tokens_file.as_deref(), &*self.env)
+        let tokens = crate::auth::load_tokens(fresh.auth.tokens_file.as_deref(), &*self.env)
             .map_err(|e| format!("tokens: {e}"))?;
+        let routes_before = self.module.routes();
         let said = self
             .module
             .reload(fresh.module.clone())
             .await
             .map_err(|e| e.to_string())?;
-        Ok(format!("{said}; {tokens} token(s) in force"))
+        let n = tokens.len();
+        self.auth.replace(tokens);
+        if self.module.routes() != routes_before {
+            self.reannounce.notify_one();
+        }
+        Ok(format!("{said}; {n} token(s) in force"))
     }
 }
 
@@ -345,6 +353,7 @@ impl Runner {
             phase,
             stop,
             reannounce: Notify::new(),
+            nlb: std::sync::OnceLock::new(),
             config_path: self.config_path,
             env: self.env,
             config,

@@ -15,8 +15,9 @@ pub struct ScaleOutcome {
 
 #[tonic::async_trait]
 pub trait Scaler: Send + Sync + 'static {
-    /// Applies a scaling config (validated by the SDK: min ≤ max, percents
-    /// within 0-100). `immediate` skips any cooldown.
+    /// Applies a scaling config (validated by the SDK: 0 ≤ min ≤ max,
+    /// percents within 0-100; min = max = 0 is scaling to zero). `immediate`
+    /// skips any cooldown.
     async fn scale(
         &self,
         config: &ScalingConfig,
@@ -42,9 +43,9 @@ pub fn validate(c: &ScalingConfig) -> Result<(), ModuleError> {
             c.min_instances
         ));
     }
-    if c.max_instances < 1 {
+    if c.max_instances < 0 {
         return bad(format!(
-            "config.max_instances {} must be at least 1",
+            "config.max_instances {} is negative",
             c.max_instances
         ));
     }
@@ -93,7 +94,7 @@ mod tests {
             ),
             (
                 ScalingConfig {
-                    max_instances: 0,
+                    max_instances: -1,
                     ..ok
                 },
                 "max_instances",

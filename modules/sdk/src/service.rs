@@ -13,6 +13,7 @@ use shared_types::pb::*;
 use shared_types::query::{self, Fields, Queryable, Value};
 use tonic::{Request, Response, Status};
 
+use crate::agent::{self, Announce};
 use crate::module::ModuleError;
 use crate::runtime::{Phase, Shared, StopReason};
 use crate::scale;
@@ -39,6 +40,28 @@ impl Service {
                 "this is module instance {}, not {instance_id:?}",
                 self.shared.ctx.instance_id
             )))
+        }
+    }
+
+    /// Announces the module's routes to the NLB after a change. If the NLB
+    /// refuses them, the module gets `before` back and the caller the NLB's
+    /// reason: module and NLB never disagree on the routes.
+    async fn announce_or_restore(&self, before: Vec<Route>) -> Result<&'static str, Status> {
+        match agent::announce(&self.shared).await {
+            Announce::Done => Ok("announced to the NLB"),
+            Announce::NotRegistered => Ok("announced when the module registers"),
+            Announce::Unreachable(e) => {
+                tracing::warn!(error = %e, "routes changed while the NLB is unreachable: announced when it answers");
+                Ok("the NLB is unreachable now: announced when it answers")
+            }
+            Announce::Refused(why) => {
+                if let Err(e) = self.shared.module.update_routes(before, true).await {
+                    tracing::error!(error = %e, "could not restore the routes the NLB refused to replace");
+                }
+                Err(Status::invalid_argument(format!(
+                    "the NLB refused the routes, so the module keeps the ones it had: {why}"
+                )))
+            }
         }
     }
 
@@ -332,17 +355,18 @@ impl ModuleService for Service {
         self.authorize(&req, "UpdateRoutes")?;
         let r = req.into_inner();
         self.this_instance(&r.instance_id)?;
+        let before = self.shared.module.routes();
         let n = self
             .shared
             .module
             .update_routes(r.routes, r.replace_all)
             .await
             .map_err(module_error)?;
-        self.shared.reannounce.notify_one();
+        let announced = self.announce_or_restore(before).await?;
         Ok(Response::new(UpdateRoutesResponse {
             success: true,
             message: format!(
-                "{n} route(s) {}; announced to the NLB",
+                "{n} route(s) {}; {announced}",
                 if r.replace_all {
                     "now in force"
                 } else {
@@ -361,15 +385,16 @@ impl ModuleService for Service {
         self.authorize(&req, "DeleteRoute")?;
         let r = req.into_inner();
         self.this_instance(&r.instance_id)?;
+        let before = self.shared.module.routes();
         self.shared
             .module
             .delete_route(&r.route_id)
             .await
             .map_err(module_error)?;
-        self.shared.reannounce.notify_one();
+        let announced = self.announce_or_restore(before).await?;
         Ok(Response::new(DeleteRouteResponse {
             success: true,
-            message: format!("route {} deleted; announced to the NLB", r.route_id),
+            message: format!("route {} deleted; {announced}", r.route_id),
             error: None,
         }))
     }
@@ -520,7 +545,6 @@ impl ModuleService for Service {
             v.set_weight(&r.version, r.weight).map_err(version_error)?;
             v.blue_green()
         };
-        self.shared.reannounce.notify_one();
         Ok(Response::new(SetTrafficWeightResponse {
             success: true,
             message: format!(
@@ -567,7 +591,6 @@ impl ModuleService for Service {
             .lock()
             .rollback(&r.target_version)
             .map_err(version_error)?;
-        self.shared.reannounce.notify_one();
         Ok(Response::new(RollbackResponse {
             success: true,
             message: format!("rolled back from {previous} to {current}: {current} takes 100%"),
@@ -590,7 +613,6 @@ impl ModuleService for Service {
             .lock()
             .promote(&r.version, r.immediate, r.promotion_rate)
             .map_err(version_error)?;
-        self.shared.reannounce.notify_one();
         Ok(Response::new(PromoteVersionResponse {
             success: true,
             message: if p.completed {
