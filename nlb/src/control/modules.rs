@@ -139,17 +139,15 @@ impl ControlService {
         &self,
         req: pb::HeartbeatRequest,
     ) -> Result<pb::HeartbeatResponse, Status> {
-        let out = self.nlb.registry.heartbeat(&req)?;
+        let mut out = self.nlb.registry.heartbeat(req)?;
         let result = if out.acknowledged { "ok" } else { "reregister" };
         self.nlb
             .metrics
             .heartbeats
             .with_label_values(&[result])
             .inc();
-        if out.record_stats {
-            if let Some(stats) = &req.current_stats {
-                self.nlb.record_heartbeat_stats(&req.instance_id, stats);
-            }
+        if let Some((instance_id, stats)) = out.stats_to_record.take() {
+            self.nlb.record_heartbeat_stats(&instance_id, &stats);
         }
         Ok(pb::HeartbeatResponse {
             acknowledged: out.acknowledged,

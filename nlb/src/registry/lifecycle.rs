@@ -46,9 +46,9 @@ pub struct HeartbeatOutcome {
     pub should_reload: bool,
     pub should_scale: bool,
     pub instructions: HashMap<String, String>,
-    /// The beat's stats are due in the instance's time series (at most one
-    /// sample per `metrics.sample_interval_seconds`).
-    pub record_stats: bool,
+    /// The instance id and the beat's stats when they are due in its time
+    /// series (at most one sample per `metrics.sample_interval_seconds`).
+    pub stats_to_record: Option<(String, pb::ModuleStats)>,
 }
 
 /// An active health check to run.
@@ -426,7 +426,10 @@ impl Registry {
 
     /// Renews a lease. An unknown or mismatched registration is answered
     /// `acknowledged = false` with `action = reregister`.
-    pub fn heartbeat(&self, req: &pb::HeartbeatRequest) -> Result<HeartbeatOutcome, RegistryError> {
+    pub fn heartbeat(
+        &self,
+        mut req: pb::HeartbeatRequest,
+    ) -> Result<HeartbeatOutcome, RegistryError> {
         if req.instance_id.is_empty() {
             return Err(RegistryError::InvalidArgument(
                 "instance_id: is empty".into(),
@@ -460,17 +463,20 @@ impl Registry {
                     inst.reported = status;
                 }
             }
-            let mut record_stats = false;
-            if let Some(stats) = &req.current_stats {
-                inst.stats = Some(stats.clone());
+            // The stats move into the instance (no copy per beat); a copy
+            // is made only when they are due in the series.
+            let mut stats_to_record = None;
+            if let Some(stats) = req.current_stats.take() {
                 inst.stats_at = Some(SystemTime::now());
                 let interval = inner.settings.series_interval;
-                record_stats = inst
+                if inst
                     .series_at
-                    .is_none_or(|at| now.duration_since(at) >= interval);
-                if record_stats {
+                    .is_none_or(|at| now.duration_since(at) >= interval)
+                {
                     inst.series_at = Some(now);
+                    stats_to_record = Some((req.instance_id.clone(), stats.clone()));
                 }
+                inst.stats = Some(stats);
             }
             if !inst.lease_ok {
                 inst.recovering_beats += 1;
@@ -482,7 +488,7 @@ impl Registry {
             let mut out = HeartbeatOutcome {
                 acknowledged: true,
                 message: format!("lease renewed for {}s", inst.timings.lease().as_secs()),
-                record_stats,
+                stats_to_record,
                 ..HeartbeatOutcome::default()
             };
             if let Some(drain) = inst.draining {

@@ -178,13 +178,13 @@ fn heartbeat_stats_are_sampled_into_series_at_most_once_per_interval() {
         ..beat("alb-1", &reg.registration_id, HealthStatus::Healthy)
     };
     let sampled: Vec<bool> = (0..3)
-        .map(|_| r.heartbeat(&with_stats()).unwrap().record_stats)
+        .map(|_| r.heartbeat(with_stats()).unwrap().stats_to_record.is_some())
         .collect();
     // The first beat is sampled; the next ones, within the 10 s interval, not.
     assert_eq!(sampled, [true, false, false]);
     // A beat without stats is never sampled.
     let plain = beat("alb-1", &reg.registration_id, HealthStatus::Healthy);
-    assert!(!r.heartbeat(&plain).unwrap().record_stats);
+    assert!(!r.heartbeat(plain).unwrap().stats_to_record.is_some());
     // The latest stats are kept whether sampled or not.
     assert!(r.get("alb-1").unwrap().stats.is_some());
 }
@@ -198,7 +198,7 @@ fn heartbeats_that_change_nothing_rebuild_nothing() {
     let generation = r.generation();
     for _ in 0..5 {
         let out = r
-            .heartbeat(&beat("alb-1", &reg.registration_id, HealthStatus::Healthy))
+            .heartbeat(beat("alb-1", &reg.registration_id, HealthStatus::Healthy))
             .unwrap();
         assert!(out.acknowledged);
     }
@@ -208,12 +208,8 @@ fn heartbeats_that_change_nothing_rebuild_nothing() {
         "plain heartbeats must not rebuild"
     );
     // A health change does.
-    r.heartbeat(&beat(
-        "alb-1",
-        &reg.registration_id,
-        HealthStatus::Unhealthy,
-    ))
-    .unwrap();
+    r.heartbeat(beat("alb-1", &reg.registration_id, HealthStatus::Unhealthy))
+        .unwrap();
     assert_eq!(r.generation(), generation + 1);
     assert!(!routable(&r, "alb-1"));
     assert_eq!(
@@ -227,12 +223,12 @@ fn unknown_registrations_are_told_to_reregister() {
     let r = registry();
     let reg = r.register(&req("alb-1", "10.0.0.1:9000", None)).unwrap();
     for (id, rid) in [("alb-1", "nope"), ("alb-2", reg.registration_id.as_str())] {
-        let out = r.heartbeat(&beat(id, rid, HealthStatus::Healthy)).unwrap();
+        let out = r.heartbeat(beat(id, rid, HealthStatus::Healthy)).unwrap();
         assert!(!out.acknowledged);
         assert_eq!(out.instructions["action"], "reregister");
     }
     assert!(matches!(
-        r.heartbeat(&beat("", "x", HealthStatus::Healthy)),
+        r.heartbeat(beat("", "x", HealthStatus::Healthy)),
         Err(RegistryError::InvalidArgument(_))
     ));
 }
@@ -255,10 +251,10 @@ fn a_lapsed_lease_stops_traffic_and_heartbeats_restore_it() {
         "missed heartbeats"
     );
     // healthy_threshold 2: one beat is not enough, two are.
-    r.heartbeat(&beat("alb-1", &reg.registration_id, HealthStatus::Healthy))
+    r.heartbeat(beat("alb-1", &reg.registration_id, HealthStatus::Healthy))
         .unwrap();
     assert!(!routable(&r, "alb-1"));
-    r.heartbeat(&beat("alb-1", &reg.registration_id, HealthStatus::Healthy))
+    r.heartbeat(beat("alb-1", &reg.registration_id, HealthStatus::Healthy))
         .unwrap();
     assert!(routable(&r, "alb-1"));
 }
@@ -302,7 +298,7 @@ fn graceful_unregister_drains_until_the_deadline() {
     assert_eq!(view.instance.current_connections, 2);
     // Heartbeats now carry the drain instruction.
     let hb = r
-        .heartbeat(&beat("alb-1", &reg.registration_id, HealthStatus::Healthy))
+        .heartbeat(beat("alb-1", &reg.registration_id, HealthStatus::Healthy))
         .unwrap();
     assert_eq!(hb.instructions["action"], "drain");
     assert!(r
@@ -357,14 +353,14 @@ fn reported_connections_count_when_the_nlb_forwarded_none() {
         active_connections: 8,
         ..Default::default()
     });
-    r.heartbeat(&hb).unwrap();
+    r.heartbeat(hb).unwrap();
     assert_eq!(r.get("alb-0").unwrap().instance.current_connections, 8);
     let out = r.rebalance(Strategy::Even, true, &[]);
     assert_eq!(out.previous["alb-0"], 8);
     assert_eq!(out.target["alb-0"], 4);
     assert_eq!(out.shed, vec![("alb-0".to_string(), 4)]);
     let hb = r
-        .heartbeat(&beat(
+        .heartbeat(beat(
             "alb-0",
             &regs[0].registration_id,
             HealthStatus::Healthy,
@@ -380,17 +376,17 @@ fn instructions_are_delivered_once() {
     let reg = r.register(&req("alb-1", "10.0.0.1:9000", None)).unwrap();
     assert!(r.instruct("alb-1", Instruction::Shed(7)));
     let hb = r
-        .heartbeat(&beat("alb-1", &reg.registration_id, HealthStatus::Healthy))
+        .heartbeat(beat("alb-1", &reg.registration_id, HealthStatus::Healthy))
         .unwrap();
     assert_eq!(hb.instructions["action"], "shed");
     assert_eq!(hb.instructions["shed_connections"], "7");
     let hb = r
-        .heartbeat(&beat("alb-1", &reg.registration_id, HealthStatus::Healthy))
+        .heartbeat(beat("alb-1", &reg.registration_id, HealthStatus::Healthy))
         .unwrap();
     assert!(hb.instructions.is_empty());
     r.set_instance_routes("alb-1", Vec::new(), true).unwrap();
     let hb = r
-        .heartbeat(&beat("alb-1", &reg.registration_id, HealthStatus::Healthy))
+        .heartbeat(beat("alb-1", &reg.registration_id, HealthStatus::Healthy))
         .unwrap();
     assert_eq!(hb.instructions["action"], "reload");
     assert!(hb.should_reload);
@@ -626,14 +622,14 @@ fn a_scaling_target_is_announced_until_the_reaper_sees_it_met() {
     let reg = r.register(&req("alb-1", "10.0.0.1:9000", None)).unwrap();
     r.set_scaling_target(ModuleType::Alb, 2);
     let hb = r
-        .heartbeat(&beat("alb-1", &reg.registration_id, HealthStatus::Healthy))
+        .heartbeat(beat("alb-1", &reg.registration_id, HealthStatus::Healthy))
         .unwrap();
     assert!(hb.should_scale);
     assert_eq!(hb.instructions["desired_instances"], "2");
     r.register(&req("alb-2", "10.0.0.2:9000", None)).unwrap();
     r.tick(Instant::now());
     let hb = r
-        .heartbeat(&beat("alb-1", &reg.registration_id, HealthStatus::Healthy))
+        .heartbeat(beat("alb-1", &reg.registration_id, HealthStatus::Healthy))
         .unwrap();
     assert!(!hb.should_scale, "2 live alb instances: the target is met");
     assert!(!hb.instructions.contains_key("desired_instances"));
@@ -705,7 +701,7 @@ fn rebuilds_reuse_endpoints_of_unchanged_instances_only() {
     // A change of b's health: a's endpoint is carried over, b's is new.
     let b = r.get("alb-b").unwrap();
     let b_reg = r.read(|inner| inner.instances["alb-b"].registration_id.clone());
-    r.heartbeat(&beat(
+    r.heartbeat(beat(
         &b.instance.instance_id,
         &b_reg,
         HealthStatus::Unhealthy,
@@ -718,7 +714,7 @@ fn rebuilds_reuse_endpoints_of_unchanged_instances_only() {
     assert!(Arc::ptr_eq(&b1.counters, &b2.counters), "counters live on");
     // A capacity change gives a new endpoint too.
     r.rebalance(Strategy::LeastConnections, false, &[]);
-    r.heartbeat(&pb::HeartbeatRequest {
+    r.heartbeat(pb::HeartbeatRequest {
         current_stats: Some(pb::ModuleStats {
             cpu_usage_percent: 50.0,
             ..Default::default()
@@ -768,7 +764,7 @@ fn summaries_match_the_views() {
     r.register(&req("alb-b", "10.0.0.2:9000", None)).unwrap();
     r.register(&req("alb-c", "10.0.0.3:9000", Some("10.0.0.3:8080")))
         .unwrap();
-    r.heartbeat(&beat("alb-a", &a.registration_id, HealthStatus::Unhealthy))
+    r.heartbeat(beat("alb-a", &a.registration_id, HealthStatus::Unhealthy))
         .unwrap();
     r.unregister("alb-c", "", true, 30).unwrap();
     let from_views: Vec<Summary> = r.list().iter().map(InstanceView::summary).collect();
