@@ -430,3 +430,49 @@ async fn trigger_scaling_reports_modules_that_cannot_scale_and_bad_requests() {
         .await;
     assert_status(r, Code::FailedPrecondition, &["no live rtmp instance"]);
 }
+
+#[tokio::test]
+async fn the_module_call_token_goes_only_with_calls_that_change_a_module() {
+    let t = TestNlb::start_with_env(
+        "routing: {validate_timeout_ms: 5000}",
+        &[("NLB_MODULE_CALL_TOKEN", "nlb-calls-modules-0001")],
+    )
+    .await;
+    let fake = FakeModule::start().await;
+    t.register(register_req(
+        instance(
+            "alb-1",
+            ModuleType::Alb,
+            &fake.address(),
+            Some("127.0.0.1:8081"),
+        ),
+        vec![],
+    ))
+    .await;
+    // A read: ValidateRoute asks the module's CanHandle.
+    t.client
+        .clone()
+        .validate_route(pb::ValidateRouteRequest {
+            route: Some(route("api", Protocol::Http, 80)),
+        })
+        .await
+        .unwrap();
+    // A change: TriggerScaling asks the module's Scale.
+    t.client
+        .clone()
+        .trigger_scaling(pb::TriggerScalingRequest {
+            module_type: ModuleType::Alb as i32,
+            scaling_action: "scale_up".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let seen = fake.state.authorizations.lock().clone();
+    assert_eq!(
+        seen,
+        [
+            ("CanHandle", None),
+            ("Scale", Some("Bearer nlb-calls-modules-0001".to_string())),
+        ]
+    );
+}

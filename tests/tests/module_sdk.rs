@@ -7,7 +7,7 @@ use e2e::module::{start_echo, ModuleLaunch, ModuleProcess};
 use e2e::{free_addr, metric_value, Launch, NlbProcess, Sandbox};
 use shared_types::pb::{
     GetModuleInfoRequest, HealthStatus, ListModulesRequest, RebalanceLoadRequest,
-    UnregisterModuleRequest,
+    StreamMetricsRequest, UnregisterModuleRequest,
 };
 
 async fn nlb_at(sb: &Sandbox, addr: &str) -> NlbProcess {
@@ -329,4 +329,63 @@ async fn sigterm_unregisters_drains_and_exits_0() {
         "{}",
         m.stderr()
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_open_metrics_stream_does_not_hold_up_the_exit() {
+    let sb = Sandbox::new();
+    let (_nlb, mut m) = stack(&sb, "echo-stream").await;
+    let mut c = m.client().await;
+    let mut stream = c
+        .stream_metrics(StreamMetricsRequest {
+            instance_id: String::new(),
+            interval_seconds: 86_400,
+            metric_names: vec!["module_connections_total".into()],
+        })
+        .await
+        .expect("StreamMetrics")
+        .into_inner();
+    // The first message comes at once; the next would be a day later.
+    let first = stream
+        .message()
+        .await
+        .expect("a message")
+        .expect("not ended");
+    assert_eq!(first.metrics.unwrap().metrics.len(), 1);
+    m.signal("TERM");
+    // The stream ends with the drain, and the module exits 0.
+    let end = tokio::time::timeout(e2e::CALL_DEADLINE, stream.message())
+        .await
+        .expect("the stream ends when the module stops");
+    assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
+    let status = m.wait_exit().await;
+    assert!(
+        status.success(),
+        "exit status {status}; stderr:\n{}",
+        m.stderr()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_example_module_refuses_a_line_without_end() {
+    let sb = Sandbox::new();
+    let (_nlb, m) = stack(&sb, "echo-long").await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(&m.data_addr).await.unwrap();
+    // One byte over the limit and no newline: the module reads exactly
+    // this much, answers, and closes (nothing is left unread, so the close
+    // is a clean one).
+    s.write_all(&vec![b'x'; 64 * 1024 + 1]).await.unwrap();
+    let mut got = String::new();
+    tokio::time::timeout(e2e::CALL_DEADLINE, s.read_to_string(&mut got))
+        .await
+        .expect("the module answers and closes")
+        .unwrap();
+    let lines: Vec<&str> = got.lines().collect();
+    assert_eq!(lines.len(), 2, "{got:?}");
+    assert!(lines[0].starts_with("hello from echo"), "{got:?}");
+    assert_eq!(lines[1], "error: line longer than 65536 bytes");
+    // The module is unharmed.
+    let mut again = m.connect().await;
+    assert_eq!(again.ask("ok").await.as_deref(), Some("ok"));
 }

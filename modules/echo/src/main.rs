@@ -19,7 +19,7 @@ use parking_lot::RwLock;
 use serde::Deserialize;
 use switchyard_sdk::pb::{ModuleType, Protocol, Route};
 use switchyard_sdk::{ConfigSection, Connection, Descriptor, Module, ModuleError, RouteStore};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 /// The `module:` section.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -128,16 +128,23 @@ impl Module for Echo {
         {
             return;
         }
-        let mut lines = BufReader::new(r).lines();
+        let mut r = BufReader::new(r);
         loop {
             let line = tokio::select! {
-                l = lines.next_line() => l,
+                l = next_line(&mut r) => l,
                 _ = conn.closing.wait() => {
                     let _ = w.write_all(b"bye: the module is closing this connection\n").await;
                     return;
                 }
             };
-            let Ok(Some(line)) = line else { return };
+            let line = match line {
+                Ok(Some(line)) => line,
+                Ok(None) => return,
+                Err(e) => {
+                    let _ = w.write_all(format!("error: {e}\n").as_bytes()).await;
+                    return;
+                }
+            };
             let started = Instant::now();
             let reply = match ctx.limits.check(&["*", "route:echo"], Some(client.ip())) {
                 Ok(()) => format!("{line}\n"),
@@ -211,6 +218,32 @@ impl Module for Echo {
             self.greeting.read().len().to_string(),
         )])
     }
+}
+
+/// The longest line echo reads: a client cannot make it buffer without end.
+const MAX_LINE: usize = 64 * 1024;
+
+/// The next line without its newline; `None` at the end of the stream.
+async fn next_line<R: AsyncBufRead + Unpin>(r: &mut R) -> std::io::Result<Option<String>> {
+    let mut buf = Vec::new();
+    let n = r
+        .take(MAX_LINE as u64 + 1)
+        .read_until(b'\n', &mut buf)
+        .await?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+    } else if buf.len() > MAX_LINE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("line longer than {MAX_LINE} bytes"),
+        ));
+    }
+    String::from_utf8(buf)
+        .map(Some)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "line is not UTF-8"))
 }
 
 fn main() -> ExitCode {

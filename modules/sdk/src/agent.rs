@@ -321,8 +321,12 @@ pub enum Announce {
     Done,
     /// Not registered yet: the registration will carry them.
     NotRegistered,
-    /// The NLB refused them (the message says why); it keeps the ones it had.
-    Refused(String),
+    /// The NLB refused them (the code and message say why); it keeps the
+    /// ones it had.
+    Refused(Code, String),
+    /// The module is stopping: it announces nothing more (a registration
+    /// now would cancel the NLB's drain of it).
+    Stopping,
     /// The NLB did not answer; the agent announces them when it does.
     Unreachable(String),
 }
@@ -330,6 +334,9 @@ pub enum Announce {
 /// Announces the module's current routes (a `RegisterModule` of the same
 /// instance, which the NLB treats as an update), now.
 pub async fn announce(shared: &Shared) -> Announce {
+    if shared.stopping() {
+        return Announce::Stopping;
+    }
     let (Some(conn), true) = (
         shared.nlb.get(),
         shared.link.lock().registration_id.is_some(),
@@ -344,9 +351,12 @@ pub async fn announce(shared: &Shared) -> Announce {
         Ok(r) if r.get_ref().success => Announce::Done,
         Ok(r) => {
             let r = r.into_inner();
-            Announce::Refused(r.error.map_or(r.message, |e| e.message))
+            Announce::Refused(
+                Code::InvalidArgument,
+                r.error.map_or(r.message, |e| e.message),
+            )
         }
-        Err(s) if refused(&s) => Announce::Refused(s.message().to_string()),
+        Err(s) if refused(&s) => Announce::Refused(s.code(), s.message().to_string()),
         Err(s) => {
             shared.reannounce.notify_one();
             Announce::Unreachable(describe(&s))
@@ -426,6 +436,9 @@ async fn beat(shared: &Arc<Shared>, conn: &NlbConn, stop: &mut watch::Receiver<b
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return BeatEnd::Stopped,
             _ = shared.reannounce.notified() => {
+                if shared.stopping() {
+                    continue;
+                }
                 tracing::info!("routes changed: announcing them to the NLB");
                 return BeatEnd::Reregister;
             }
@@ -533,7 +546,8 @@ fn follow(shared: &Arc<Shared>, resp: &HeartbeatResponse) -> Option<BeatEnd> {
                 .instructions
                 .get("drain_deadline_seconds")
                 .and_then(|s| s.parse::<u64>().ok())
-                .unwrap_or(shared.config.shutdown.drain_timeout_seconds);
+                .unwrap_or(shared.config.shutdown.drain_timeout_seconds)
+                .min(crate::runtime::MAX_DRAIN.as_secs());
             if !shared.stopping() {
                 counters.instructions.with_label_values(&["drain"]).inc();
                 tracing::info!(
@@ -576,7 +590,11 @@ fn follow(shared: &Arc<Shared>, resp: &HeartbeatResponse) -> Option<BeatEnd> {
                 .get("desired_instances")
                 .and_then(|s| s.parse::<i32>().ok()),
         ) {
-            tokio::spawn(async move { scaler.desired(n).await });
+            // The NLB repeats the target on every beat until it is met: the
+            // scaler hears each target once.
+            if shared.last_desired.lock().replace(n) != Some(n) {
+                tokio::spawn(async move { scaler.desired(n).await });
+            }
         }
     }
     None
@@ -585,7 +603,7 @@ fn follow(shared: &Arc<Shared>, resp: &HeartbeatResponse) -> Option<BeatEnd> {
 /// Reloads on a task of its own: the beat loop must keep beating.
 fn spawn_reload(shared: Arc<Shared>) {
     tokio::spawn(async move {
-        match shared.reload().await {
+        match shared.reload_detached().await {
             Ok(msg) => tracing::info!(result = %msg, "reloaded as the NLB asked"),
             Err(e) => {
                 tracing::error!(error = %e, "reload asked by the NLB failed; the config in force stays")
@@ -637,22 +655,19 @@ async fn report_loop(shared: Arc<Shared>, client: NlbClient, mut stop: watch::Re
     }
 }
 
-/// Tells the NLB this instance leaves: graceful, with `drain` to finish.
-pub async fn unregister(shared: &Shared, drain: Duration) {
+/// Tells the NLB this instance leaves: `graceful` with `drain` to finish,
+/// or at once.
+pub async fn unregister(shared: &Shared, drain: Duration, graceful: bool) {
     let Some(registration_id) = shared.link.lock().registration_id.clone() else {
         return;
     };
-    let conn = match NlbConn::new(shared) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot unregister from the NLB");
-            return;
-        }
+    let Some(conn) = shared.nlb.get() else {
+        return;
     };
     let mut req = Request::new(UnregisterModuleRequest {
         instance_id: shared.ctx.instance_id.clone(),
         registration_id,
-        graceful: true,
+        graceful,
         drain_timeout_seconds: i32::try_from(drain.as_secs()).unwrap_or(i32::MAX),
     });
     req.set_timeout(Duration::from_secs(5));

@@ -143,18 +143,6 @@ impl ModuleAuth {
         })
     }
 
-    /// Re-reads the tokens; on failure the tokens in force stay.
-    pub fn reload(
-        &self,
-        file: Option<&Path>,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<usize, String> {
-        let tokens = load_tokens(file, env)?;
-        let n = tokens.len();
-        self.tokens.store(tokens.into());
-        Ok(n)
-    }
-
     /// Puts loaded tokens in force.
     pub fn replace(&self, tokens: Tokens) {
         self.tokens.store(tokens.into());
@@ -289,7 +277,8 @@ mod tests {
             ("tokens:\n  - {name: x, role: nlb}\n", "exactly one"),
         ] {
             std::fs::write(&f, body).unwrap();
-            let e = a.reload(Some(&f), &env_of(&[])).unwrap_err();
+            // Loading fails, so nothing replaces the tokens in force.
+            let e = load_tokens(Some(&f), &env_of(&[])).unwrap_err();
             assert!(e.contains(want) && e.contains("tokens.yaml"), "{e}");
         }
         assert!(a

@@ -434,6 +434,24 @@ impl SdkConfig {
                 "must be at least 1".to_string(),
             );
         }
+        if self.shutdown.drain_timeout_seconds > 86_400 {
+            err(
+                "shutdown.drain_timeout_seconds",
+                format!(
+                    "{} is more than a day (86400), the longest drain the NLB accepts",
+                    self.shutdown.drain_timeout_seconds
+                ),
+            );
+        }
+        if self.shutdown.shed_grace_seconds > 3_600 {
+            err(
+                "shutdown.shed_grace_seconds",
+                format!(
+                    "{} is more than an hour (3600)",
+                    self.shutdown.shed_grace_seconds
+                ),
+            );
+        }
         if self.data.proxy_header_timeout_ms == 0 {
             err(
                 "data.proxy_header_timeout_ms",

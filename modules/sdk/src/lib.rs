@@ -79,6 +79,11 @@ pub use scale::{ScaleOutcome, Scaler};
 pub use shared_types::pb;
 pub use tonic::async_trait;
 
+/// `docs/modules.md`: its Rust examples compile as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/modules.md")]
+pub struct ModulesGuide;
+
 /// The flags every module binary takes.
 #[derive(Parser, Debug)]
 struct Args {
@@ -205,14 +210,25 @@ where
                         tracing::info!("SIGINT: stopping gracefully");
                         shared.request_stop(StopReason::Signal);
                     }
-                    _ = hup.recv() => match shared.reload().await {
-                        Ok(m) => tracing::info!(result = %m, "SIGHUP: reloaded"),
-                        Err(e) => tracing::error!(error = %e, "SIGHUP: reload failed; the config in force stays"),
-                    },
+                    _ = hup.recv() => {
+                        // On its own task: a slow reload must not hold up SIGTERM.
+                        let shared = shared.clone();
+                        tokio::spawn(async move {
+                            match shared.reload_detached().await {
+                                Ok(m) => tracing::info!(result = %m, "SIGHUP: reloaded"),
+                                Err(e) => tracing::error!(error = %e, "SIGHUP: reload failed; the config in force stays"),
+                            }
+                        });
+                    }
                 }
             }
         });
-        running.wait().await;
-        ExitCode::SUCCESS
+        match running.wait().await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e}");
+                ExitCode::FAILURE
+            }
+        }
     })
 }

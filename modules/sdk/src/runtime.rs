@@ -26,6 +26,12 @@ use crate::scale::Scaler;
 use crate::service::Service;
 use crate::versions::Versions;
 
+/// The longest drain a module waits (what the NLB accepts too).
+pub const MAX_DRAIN: Duration = Duration::from_secs(86_400);
+/// How long calls still open on the ModuleService and admin ports may take
+/// to finish once the drain is over.
+pub const SERVER_GRACE: Duration = Duration::from_secs(5);
+
 /// Looks up an environment variable (the process's, or a test's).
 pub type Env = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
@@ -97,12 +103,22 @@ pub struct Shared {
     pub reannounce: Notify,
     /// The client of the NLB's control API, once the agent has set it up.
     pub(crate) nlb: std::sync::OnceLock<NlbConn>,
+    /// Held across a route change and its announcement (and a reload), so
+    /// two changes cannot interleave and leave module and NLB apart.
+    pub(crate) routes_lock: tokio::sync::Mutex<()>,
+    /// The last `desired_instances` handed to the scaler.
+    pub(crate) last_desired: Mutex<Option<i32>>,
     pub(crate) env: Env,
 }
 
 impl Shared {
     pub fn phase(&self) -> Phase {
         *self.phase.borrow()
+    }
+
+    /// Follows the phase (for streams that end when the module stops).
+    pub fn phase_changes(&self) -> watch::Receiver<Phase> {
+        self.phase.subscribe()
     }
 
     pub(crate) fn set_phase(&self, p: Phase) {
@@ -202,11 +218,21 @@ impl Shared {
         caps
     }
 
+    /// [`Shared::reload`] on a task of its own: a caller that stops waiting
+    /// (a `Reload` deadline) does not cut the reload short halfway.
+    pub async fn reload_detached(self: &Arc<Self>) -> Result<String, String> {
+        let shared = self.clone();
+        tokio::spawn(async move { shared.reload().await })
+            .await
+            .map_err(|e| format!("the reload failed: {e}"))?
+    }
+
     /// Reads the config file again (for `Reload`): the module section, and
     /// the tokens. All or nothing: if the module refuses its section, the
     /// tokens in force stay too. The SDK's own settings (ports, NLB address)
     /// apply at the next start. Changed routes are announced to the NLB.
     pub async fn reload(&self) -> Result<String, String> {
+        let _one_at_a_time = self.routes_lock.lock().await;
         let fresh = match &self.config_path {
             Some(p) => SdkConfig::load(Some(p), &*self.env).map_err(|errs| {
                 errs.iter()
@@ -227,7 +253,13 @@ impl Shared {
         let n = tokens.len();
         self.auth.replace(tokens);
         if self.module.routes() != routes_before {
-            self.reannounce.notify_one();
+            if let agent::Announce::Refused(_, why) = agent::announce(self).await {
+                let restored = self.module.update_routes(routes_before, true).await;
+                return Err(format!(
+                    "{said}, but the NLB refused the new routes, so the routes in force stay{}: {why}",
+                    if restored.is_ok() { "" } else { " in the NLB (the module could not take its old ones back)" }
+                ));
+            }
         }
         Ok(format!("{said}; {n} token(s) in force"))
     }
@@ -257,9 +289,12 @@ impl Running {
         self.shared.request_stop(reason);
     }
 
-    /// Waits until the module has stopped.
-    pub async fn wait(self) {
-        let _ = self.done.await;
+    /// Waits until the module has stopped; an error if it stopped by a
+    /// panic rather than its shutdown sequence.
+    pub async fn wait(self) -> Result<(), String> {
+        self.done
+            .await
+            .map_err(|e| format!("the module's run task failed: {e}"))
     }
 }
 
@@ -354,6 +389,8 @@ impl Runner {
             stop,
             reannounce: Notify::new(),
             nlb: std::sync::OnceLock::new(),
+            routes_lock: tokio::sync::Mutex::new(()),
+            last_desired: Mutex::new(None),
             config_path: self.config_path,
             env: self.env,
             config,
@@ -425,13 +462,17 @@ async fn run(shared: Arc<Shared>, grpc: TcpListener, data: TcpListener, admin: T
         Ok(r) => r.expect("waited for Some"),
         Err(_) => StopReason::Signal,
     };
-    let timeout = match reason {
-        StopReason::Signal => Duration::from_secs(shared.config.shutdown.drain_timeout_seconds),
+    let (timeout, graceful) = match reason {
+        StopReason::Signal => (
+            Duration::from_secs(shared.config.shutdown.drain_timeout_seconds),
+            true,
+        ),
         StopReason::Shutdown {
             graceful: false, ..
-        } => Duration::ZERO,
-        StopReason::Shutdown { timeout, .. } | StopReason::NlbDrain { timeout } => timeout,
+        } => (Duration::ZERO, false),
+        StopReason::Shutdown { timeout, .. } | StopReason::NlbDrain { timeout } => (timeout, true),
     };
+    let timeout = timeout.min(MAX_DRAIN);
     let deadline = Instant::now() + timeout;
     shared.set_phase(Phase::Draining { deadline });
     tracing::info!(
@@ -442,7 +483,7 @@ async fn run(shared: Arc<Shared>, grpc: TcpListener, data: TcpListener, admin: T
     );
     // 1. Tell the NLB (unless it told us): it stops sending new connections.
     if !matches!(reason, StopReason::NlbDrain { .. }) {
-        agent::unregister(&shared, timeout).await;
+        agent::unregister(&shared, timeout, graceful).await;
     }
     let _ = agent_stop_tx.send(true);
     // 2. Stop accepting, 3. drain until the deadline.
@@ -457,8 +498,18 @@ async fn run(shared: Arc<Shared>, grpc: TcpListener, data: TcpListener, admin: T
     }
     shared.set_phase(Phase::Stopped);
     let _ = agent.await;
+    // Streams end when the module stops; a client that holds a call open
+    // anyway does not hold the exit up for long.
     let _ = stop_servers.send(true);
-    let _ = grpc_server.await;
-    let _ = admin_server.await;
+    for (what, server) in [("ModuleService", grpc_server), ("admin", admin_server)] {
+        let abort = server.abort_handle();
+        if tokio::time::timeout(SERVER_GRACE, server).await.is_err() {
+            tracing::warn!(
+                server = what,
+                "calls still open {SERVER_GRACE:?} after the drain: closed"
+            );
+            abort.abort();
+        }
+    }
     tracing::info!("module stopped");
 }

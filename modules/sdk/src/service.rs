@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 use shared_types::pb::module_service_server::ModuleService;
 use shared_types::pb::*;
 use shared_types::query::{self, Fields, Queryable, Value};
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 use crate::agent::{self, Announce};
 use crate::module::ModuleError;
@@ -19,7 +19,7 @@ use crate::runtime::{Phase, Shared, StopReason};
 use crate::scale;
 use crate::versions::VersionError;
 
-/// Default and least `StreamMetrics` interval.
+/// `StreamMetrics` interval when the request gives none.
 pub const DEFAULT_STREAM_INTERVAL: Duration = Duration::from_secs(5);
 
 pub struct Service {
@@ -54,13 +54,23 @@ impl Service {
                 tracing::warn!(error = %e, "routes changed while the NLB is unreachable: announced when it answers");
                 Ok("the NLB is unreachable now: announced when it answers")
             }
-            Announce::Refused(why) => {
+            Announce::Stopping => Ok("not announced: the module is stopping"),
+            Announce::Refused(code, why) => {
                 if let Err(e) = self.shared.module.update_routes(before, true).await {
                     tracing::error!(error = %e, "could not restore the routes the NLB refused to replace");
                 }
-                Err(Status::invalid_argument(format!(
+                let message = format!(
                     "the NLB refused the routes, so the module keeps the ones it had: {why}"
-                )))
+                );
+                Err(if code == Code::InvalidArgument {
+                    Status::invalid_argument(message)
+                } else {
+                    // Not about the routes themselves (the module's token, say).
+                    Status::failed_precondition(format!(
+                        "{message} ({})",
+                        shared_types::error::code_name(code)
+                    ))
+                })
             }
         }
     }
@@ -254,7 +264,7 @@ impl ModuleService for Service {
             t if t > 0 => Duration::from_secs(t as u64),
             _ => Duration::from_secs(30),
         };
-        let reply = match tokio::time::timeout(timeout, self.shared.reload()).await {
+        let reply = match tokio::time::timeout(timeout, self.shared.reload_detached()).await {
             Ok(Ok(message)) => ReloadResponse {
                 success: true,
                 message,
@@ -267,7 +277,10 @@ impl ModuleService for Service {
             },
             Err(_) => ReloadResponse {
                 success: false,
-                message: format!("reload did not finish within {}s", timeout.as_secs()),
+                message: format!(
+                    "reload did not finish within {}s; it goes on, and its result is logged",
+                    timeout.as_secs()
+                ),
                 error: error(StatusCode::Unavailable, "reload timed out"),
             },
         };
@@ -355,6 +368,7 @@ impl ModuleService for Service {
         self.authorize(&req, "UpdateRoutes")?;
         let r = req.into_inner();
         self.this_instance(&r.instance_id)?;
+        let _one_at_a_time = self.shared.routes_lock.lock().await;
         let before = self.shared.module.routes();
         let n = self
             .shared
@@ -385,6 +399,7 @@ impl ModuleService for Service {
         self.authorize(&req, "DeleteRoute")?;
         let r = req.into_inner();
         self.this_instance(&r.instance_id)?;
+        let _one_at_a_time = self.shared.routes_lock.lock().await;
         let before = self.shared.module.routes();
         self.shared
             .module
@@ -683,13 +698,18 @@ impl ModuleService for Service {
         let shared = self.shared.clone();
         let names = r.metric_names;
         let ticker = tokio::time::interval(every);
+        // The stream ends when the module starts to stop, so it never holds
+        // the shutdown up.
+        let mut phase = self.shared.phase_changes();
+        let stopping = async move {
+            let _ = phase
+                .wait_for(|p| matches!(p, Phase::Draining { .. } | Phase::Stopped))
+                .await;
+        };
         let stream = futures::stream::unfold(
             (ticker, shared, names),
             |(mut ticker, shared, names)| async move {
                 ticker.tick().await;
-                if matches!(shared.phase(), Phase::Stopped) {
-                    return None;
-                }
                 let metrics = crate::telemetry::module_metrics(&shared, &names);
                 let item = StreamMetricsResponse {
                     timestamp: metrics.collected_at,
@@ -698,7 +718,9 @@ impl ModuleService for Service {
                 Some((Ok(item), (ticker, shared, names)))
             },
         );
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(futures::StreamExt::take_until(
+            stream, stopping,
+        ))))
     }
 
     async fn get_config(

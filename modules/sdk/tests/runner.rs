@@ -224,7 +224,10 @@ async fn scale_goes_to_the_scaler_and_the_nlb_target_reaches_it() {
         graceful: false,
         timeout: Duration::ZERO,
     });
-    running.wait().await;
+    running
+        .wait()
+        .await
+        .expect("the module stops by its shutdown sequence");
 }
 
 /// An NLB that knows only the reference RPCs: no `HeartbeatStream`.
@@ -287,5 +290,8 @@ async fn heartbeats_fall_back_to_unary_against_an_nlb_without_the_stream() {
     assert_eq!(fake.registrations.load(Ordering::SeqCst), 1);
     assert_eq!(running.shared.link.lock().heartbeat_mode, "Heartbeat");
     running.stop(StopReason::Signal);
-    running.wait().await;
+    running
+        .wait()
+        .await
+        .expect("the module stops by its shutdown sequence");
 }

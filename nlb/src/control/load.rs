@@ -7,7 +7,6 @@ use shared_types::pb::{self, ModuleType};
 use shared_types::time::now;
 use tonic::{Code, Status};
 
-use super::module_client::request;
 use super::ControlService;
 use crate::registry::{Registry, Strategy};
 
@@ -189,12 +188,16 @@ impl ControlService {
             config: Some(config),
             immediate: true,
         };
+        let msg = self.nlb.modules.changing(msg, deadline);
         let answer = self
             .nlb
             .modules
-            .call(&id, &addr, deadline, |mut c| async move {
-                c.scale(request(msg, deadline)).await
-            })
+            .call(
+                &id,
+                &addr,
+                deadline,
+                |mut c| async move { c.scale(msg).await },
+            )
             .await;
         let answer = match answer {
             Ok(a) if a.success => a,

@@ -1,6 +1,8 @@
 //! Clients of the modules' `ModuleService`, one lazily connected channel per
-//! address, every call under a deadline and with the NLB's module call token
-//! (the `nlb` token modules accept for their changing RPCs).
+//! address, every call under a deadline. Calls that change a module carry
+//! the NLB's module call token (the `nlb` token modules accept for their
+//! changing RPCs); reads (health checks, `CanHandle`) never do, so a
+//! registered address receives the token only when the NLB changes it.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -8,27 +10,13 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use shared_types::pb::module_service_client::ModuleServiceClient;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use crate::security::CallToken;
 
-/// Adds the module call token (when one is set) to every call.
-#[derive(Clone)]
-pub struct WithToken(CallToken);
-
-impl tonic::service::Interceptor for WithToken {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        if let Some(v) = self.0.load_full() {
-            req.metadata_mut().insert("authorization", (*v).clone());
-        }
-        Ok(req)
-    }
-}
-
 /// A client of one module's ModuleService.
-pub type ModuleClient = ModuleServiceClient<InterceptedService<Channel, WithToken>>;
+pub type ModuleClient = ModuleServiceClient<Channel>;
 
 /// Channels to module instances, keyed by their ModuleService address.
 #[derive(Default)]
@@ -46,7 +34,17 @@ impl ModuleClients {
     }
 
     fn wrap(&self, ch: Channel) -> ModuleClient {
-        ModuleServiceClient::with_interceptor(ch, WithToken(self.token.clone()))
+        ModuleServiceClient::new(ch)
+    }
+
+    /// A request that changes a module: the grpc-timeout header and the
+    /// module call token (when one is configured).
+    pub fn changing<T>(&self, msg: T, deadline: Duration) -> tonic::Request<T> {
+        let mut r = request(msg, deadline);
+        if let Some(v) = self.token.load_full() {
+            r.metadata_mut().insert("authorization", (*v).clone());
+        }
+        r
     }
 
     /// A client for the module at `address` (`host:port`).

@@ -129,7 +129,12 @@ impl Instance {
     /// connections that reached it another way, and the report is all there
     /// is before the data plane forwards any).
     pub fn active_connections(&self) -> i64 {
-        let reported = self.stats.as_ref().map_or(0, |s| s.active_connections);
+        // A report is the module's word: bounded, so no sum over instances
+        // can overflow.
+        let reported = self
+            .stats
+            .as_ref()
+            .map_or(0, |s| s.active_connections.clamp(0, i64::from(i32::MAX)));
         self.counters.active().max(reported)
     }
 

@@ -311,17 +311,19 @@ impl Registry {
                 for inst in group {
                     let active = inst.active_connections();
                     let id = inst.info.instance_id.clone();
-                    out.previous.insert(id.clone(), active as i32);
+                    out.previous
+                        .insert(id.clone(), i32::try_from(active).unwrap_or(i32::MAX));
                     let is_live = live.iter().any(|l| l.info.instance_id == id);
                     let target = if is_live && cap > 0.0 {
                         (total as f64 * capacity(inst) / cap).round() as i64
                     } else {
                         0
                     };
-                    out.target.insert(id.clone(), target as i32);
+                    out.target
+                        .insert(id.clone(), i32::try_from(target).unwrap_or(i32::MAX));
                     let bound = (target as f64 * (1.0 + OVERLOAD_TOLERANCE)).floor() as i64 + 1;
                     if force && is_live && active > bound {
-                        shed.push((id, (active - target) as u32));
+                        shed.push((id, u32::try_from(active - target).unwrap_or(u32::MAX)));
                     }
                 }
             }

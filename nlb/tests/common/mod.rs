@@ -567,6 +567,19 @@ pub struct FakeState {
     pub last_can_handle: Mutex<Option<pb::CanHandleRequest>>,
     pub last_health: Mutex<Option<pb::HealthCheckRequest>>,
     pub last_scale: Mutex<Option<pb::ScaleRequest>>,
+    /// Each call's method and `authorization` header, in order.
+    pub authorizations: Mutex<Vec<(&'static str, Option<String>)>>,
+}
+
+impl FakeState {
+    fn saw<T>(&self, method: &'static str, r: &Request<T>) {
+        let auth = r
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        self.authorizations.lock().push((method, auth));
+    }
 }
 
 impl Default for FakeState {
@@ -588,6 +601,7 @@ impl Default for FakeState {
             last_can_handle: Mutex::new(None),
             last_health: Mutex::new(None),
             last_scale: Mutex::new(None),
+            authorizations: Mutex::new(Vec::new()),
         }
     }
 }
@@ -602,6 +616,7 @@ impl ModuleService for FakeService {
         r: Request<pb::CanHandleRequest>,
     ) -> Result<Response<pb::CanHandleResponse>, Status> {
         self.0.can_handle_calls.fetch_add(1, Ordering::SeqCst);
+        self.0.saw("CanHandle", &r);
         *self.0.last_can_handle.lock() = Some(r.into_inner());
         let a = self.0.can_handle.lock().clone();
         if !a.delay.is_zero() {
@@ -620,6 +635,7 @@ impl ModuleService for FakeService {
         r: Request<pb::HealthCheckRequest>,
     ) -> Result<Response<pb::HealthCheckResponse>, Status> {
         self.0.health_calls.fetch_add(1, Ordering::SeqCst);
+        self.0.saw("HealthCheck", &r);
         *self.0.last_health.lock() = Some(r.into_inner());
         let (status, message) = self.0.health.lock().clone();
         Ok(Response::new(pb::HealthCheckResponse {
@@ -635,6 +651,7 @@ impl ModuleService for FakeService {
         r: Request<pb::ScaleRequest>,
     ) -> Result<Response<pb::ScaleResponse>, Status> {
         self.0.scale_calls.fetch_add(1, Ordering::SeqCst);
+        self.0.saw("Scale", &r);
         let req = r.into_inner();
         let desired = req.config.as_ref().map_or(0, |c| c.min_instances);
         *self.0.last_scale.lock() = Some(req);
