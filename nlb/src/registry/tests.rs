@@ -184,7 +184,7 @@ fn heartbeat_stats_are_sampled_into_series_at_most_once_per_interval() {
     assert_eq!(sampled, [true, false, false]);
     // A beat without stats is never sampled.
     let plain = beat("alb-1", &reg.registration_id, HealthStatus::Healthy);
-    assert!(!r.heartbeat(plain).unwrap().stats_to_record.is_some());
+    assert!(r.heartbeat(plain).unwrap().stats_to_record.is_none());
     // The latest stats are kept whether sampled or not.
     assert!(r.get("alb-1").unwrap().stats.is_some());
 }
