@@ -228,7 +228,7 @@ async fn register(shared: &Shared, conn: &NlbConn, stop: &mut watch::Receiver<bo
                 }
             }
         };
-        let err = match result {
+        let (err, refused) = match result {
             Ok(resp) if resp.success => {
                 shared
                     .ctx
@@ -255,23 +255,8 @@ async fn register(shared: &Shared, conn: &NlbConn, stop: &mut watch::Receiver<bo
                 shared.set_phase(Phase::Serving);
                 return true;
             }
-            Ok(resp) => resp.error.map_or(resp.message, |e| e.message),
-            Err(status) if refused(&status) && shared.link.lock().registration_id.is_some() => {
-                // A re-announcement the NLB refuses (a route it cannot
-                // carry): it keeps the registration it has, so keep beating
-                // on it rather than lose the instance's lease retrying.
-                let err = describe(&status);
-                tracing::error!(error = %err, "the NLB refused the announced routes; it keeps the ones it had");
-                shared
-                    .ctx
-                    .counters
-                    .registrations
-                    .with_label_values(&["error"])
-                    .inc();
-                shared.link.lock().last_error = Some(format!("announcement refused: {err}"));
-                return true;
-            }
-            Err(status) => describe(&status),
+            Ok(resp) => (resp.error.map_or(resp.message, |e| e.message), true),
+            Err(status) => (describe(&status), refused(&status)),
         };
         shared
             .ctx
@@ -279,6 +264,14 @@ async fn register(shared: &Shared, conn: &NlbConn, stop: &mut watch::Receiver<bo
             .registrations
             .with_label_values(&["error"])
             .inc();
+        if refused && shared.link.lock().registration_id.is_some() {
+            // A re-announcement the NLB refuses (a route it cannot carry):
+            // it keeps the registration it has, so keep beating on it rather
+            // than lose the instance's lease retrying.
+            tracing::error!(error = %err, "the NLB refused the announced routes; it keeps the ones it had");
+            shared.link.lock().last_error = Some(format!("announcement refused: {err}"));
+            return true;
+        }
         let wait = backoff(initial, max, attempt);
         // Say it loudly at first, then only now and then.
         if attempt < 3 || attempt.is_power_of_two() {
