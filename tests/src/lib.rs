@@ -16,6 +16,7 @@
 pub mod control;
 pub mod module;
 pub mod nlbctl;
+pub mod origin;
 pub mod pki;
 
 use std::fs::File;

@@ -22,6 +22,7 @@ pub struct Context {
     /// own `module_*` metrics in it.
     pub registry: Registry,
     pub(crate) counters: Counters,
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// The SDK's own metrics.
@@ -104,6 +105,16 @@ impl Counters {
 }
 
 impl Context {
+    /// Turns true when the module starts to stop: background tasks a module
+    /// started end on it.
+    pub fn stopping(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.stopping.subscribe()
+    }
+
+    pub(crate) fn set_stopping(&self) {
+        self.stopping.send_replace(true);
+    }
+
     pub(crate) fn new(instance_id: String, version: String) -> prometheus::Result<Self> {
         let registry = Registry::new();
         let stats = Stats::new(&registry)?;
@@ -115,6 +126,7 @@ impl Context {
             limits: Arc::new(RateLimiter::new()),
             registry,
             counters,
+            stopping: tokio::sync::watch::Sender::new(false),
         })
     }
 }

@@ -8,6 +8,9 @@ use std::collections::HashMap;
 use serde_yaml_ng::Value;
 use shared_types::pb::{ModuleType, Protocol, Route};
 
+use std::sync::Arc;
+
+use crate::context::Context;
 use crate::data::Connection;
 
 /// Who a module is, as it registers with the NLB.
@@ -97,6 +100,13 @@ pub struct ConfigSection {
 pub trait Module: Send + Sync + 'static {
     /// Who this module is. Called once at start.
     fn descriptor(&self) -> Descriptor;
+
+    /// Called once at start, before the first connection: register the
+    /// module's own metrics in `ctx.registry`, start background tasks (they
+    /// may watch `ctx.stopping()` to end with the module).
+    async fn start(&self, _ctx: Arc<Context>) -> Result<(), String> {
+        Ok(())
+    }
 
     /// Serves one data connection until it ends. The SDK has counted it and
     /// read the PROXY v2 header (when asked for); `conn.closing()` resolves

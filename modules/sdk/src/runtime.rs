@@ -405,6 +405,11 @@ impl Runner {
             nlb = %shared.config.nlb.addr,
             "module starting"
         );
+        shared
+            .module
+            .start(shared.ctx.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("module {}: {e}", shared.descriptor.name))?;
         let done = tokio::spawn(run(shared.clone(), grpc, data, admin));
         Ok(Running {
             shared,
@@ -475,6 +480,7 @@ async fn run(shared: Arc<Shared>, grpc: TcpListener, data: TcpListener, admin: T
     let timeout = timeout.min(MAX_DRAIN);
     let deadline = Instant::now() + timeout;
     shared.set_phase(Phase::Draining { deadline });
+    shared.ctx.set_stopping();
     tracing::info!(
         ?reason,
         connections = shared.conns.len(),

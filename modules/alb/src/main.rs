@@ -1,0 +1,14 @@
+//! `alb --config FILE`: the ALB module (see `docs/alb.md`).
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use alb::alb::{Alb, AlbModule};
+use alb::config::AlbConfig;
+
+fn main() -> ExitCode {
+    switchyard_sdk::main("alb", |section| {
+        let config = AlbConfig::from_section(section)?;
+        Ok(AlbModule(Arc::new(Alb::new(config)?)))
+    })
+}

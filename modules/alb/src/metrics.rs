@@ -1,0 +1,90 @@
+//! The ALB's Prometheus metrics, served with the SDK's `module_*` ones on
+//! the admin port. Labels are route ids and cluster names from the config
+//! (bounded by it) and fixed sets; never a client address or a path.
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+
+pub struct AlbMetrics {
+    /// `route`, `class` (`1xx` .. `5xx`).
+    pub requests: IntCounterVec,
+    /// `route`.
+    pub duration: HistogramVec,
+    /// `cluster`, `kind` (`connect`, `timeout`, `protocol`).
+    pub upstream_errors: IntCounterVec,
+    /// `cluster`.
+    pub retries: IntCounterVec,
+    /// `reason` (`no_route`, `rate_limited`, `body_too_large`,
+    /// `no_cluster`, `no_endpoint`, `tls_handshake`, `header_timeout`).
+    pub refused: IntCounterVec,
+}
+
+impl AlbMetrics {
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let m = AlbMetrics {
+            requests: IntCounterVec::new(
+                Opts::new(
+                    "alb_requests_total",
+                    "Requests answered, by route and status class",
+                ),
+                &["route", "class"],
+            )?,
+            duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "alb_request_duration_seconds",
+                    "Time from a request's headers to its response's headers, by route",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0, 30.0,
+                ]),
+                &["route"],
+            )?,
+            upstream_errors: IntCounterVec::new(
+                Opts::new(
+                    "alb_upstream_errors_total",
+                    "Upstream attempts that failed, by cluster and kind",
+                ),
+                &["cluster", "kind"],
+            )?,
+            retries: IntCounterVec::new(
+                Opts::new("alb_retries_total", "Requests retried on another endpoint"),
+                &["cluster"],
+            )?,
+            refused: IntCounterVec::new(
+                Opts::new(
+                    "alb_refused_total",
+                    "Requests and connections the ALB answered itself, by reason",
+                ),
+                &["reason"],
+            )?,
+        };
+        registry.register(Box::new(m.requests.clone()))?;
+        registry.register(Box::new(m.duration.clone()))?;
+        registry.register(Box::new(m.upstream_errors.clone()))?;
+        registry.register(Box::new(m.retries.clone()))?;
+        registry.register(Box::new(m.refused.clone()))?;
+        for r in [
+            "no_route",
+            "rate_limited",
+            "body_too_large",
+            "no_cluster",
+            "no_endpoint",
+            "tls_handshake",
+            "header_timeout",
+        ] {
+            m.refused.with_label_values(&[r]);
+        }
+        Ok(m)
+    }
+}
+
+/// `2xx` for 200, and so on.
+pub fn class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}

@@ -1,0 +1,622 @@
+//! The data path: one connection from the NLB (TLS or plaintext, HTTP/1.1
+//! or HTTP/2), each request routed, limited, forwarded to an upstream
+//! endpoint with retries, and answered.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body as _, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use switchyard_sdk::data::Closing;
+use switchyard_sdk::{Connection, Context};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::alb::Alb;
+use crate::cluster::Outcome;
+use crate::headers::{self, X_REQUEST_ID};
+use crate::upstream::{BoxError, ProxyBody, Upstream};
+
+/// Serves one connection until it ends or the SDK asks it to finish.
+pub async fn serve(alb: Arc<Alb>, conn: Connection) {
+    let client = conn.client;
+    let ctx = conn.ctx.clone();
+    let closing = conn.closing.clone();
+    let header_timeout = Duration::from_millis(alb.limits().header_read_timeout_ms);
+    let tls = match alb.tls_config() {
+        Some(config) => {
+            let mut first = [0u8; 3];
+            let peeked =
+                tokio::time::timeout(header_timeout, conn.stream.get_ref().peek(&mut first)).await;
+            match peeked {
+                Ok(Ok(n)) if crate::tls::looks_like_tls(&first[..n]) => Some(config),
+                Ok(Ok(_)) => None,
+                _ => {
+                    alb.metrics()
+                        .refused
+                        .with_label_values(&["header_timeout"])
+                        .inc();
+                    return;
+                }
+            }
+        }
+        None => None,
+    };
+    match tls {
+        Some(config) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(config);
+            match tokio::time::timeout(header_timeout, acceptor.accept(conn.stream)).await {
+                Ok(Ok(stream)) => serve_http(alb, stream, client, true, closing, ctx).await,
+                Ok(Err(e)) => {
+                    alb.metrics()
+                        .refused
+                        .with_label_values(&["tls_handshake"])
+                        .inc();
+                    tracing::debug!(%client, error = %e, "TLS handshake failed");
+                }
+                Err(_) => {
+                    alb.metrics()
+                        .refused
+                        .with_label_values(&["tls_handshake"])
+                        .inc();
+                    tracing::debug!(%client, "TLS handshake did not finish in time");
+                }
+            }
+        }
+        None => serve_http(alb, conn.stream, client, false, closing, ctx).await,
+    }
+}
+
+async fn serve_http<S>(
+    alb: Arc<Alb>,
+    stream: S,
+    client: SocketAddr,
+    tls: bool,
+    mut closing: Closing,
+    ctx: Arc<Context>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = alb.limits().clone();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms))
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_headers(limits.max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let alb = alb.clone();
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(alb.handle(req, client, tls, &ctx).await) }
+    });
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(%client, error = %e, "connection ended with an error");
+            }
+        }
+        _ = closing.wait() => {
+            // Finish the requests in flight, tell the client to go (GOAWAY,
+            // Connection: close), then end.
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+/// A response the ALB makes itself: a one-line reason in plain text.
+pub fn local(status: StatusCode, reason: impl Into<String>) -> Response<ProxyBody> {
+    let mut body = reason.into();
+    body.push('\n');
+    let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// What the log and metrics need about one request.
+pub struct Exchange {
+    pub started: Instant,
+    pub client: SocketAddr,
+    pub method: Method,
+    pub host: String,
+    pub path: String,
+    pub route: Option<String>,
+    pub cluster: Option<String>,
+    pub endpoint: Option<String>,
+    pub attempts: u32,
+}
+
+/// Where one attempt goes, and what it carries along.
+#[derive(Clone, Copy)]
+struct Hop<'a> {
+    ex: &'a Exchange,
+    tls: bool,
+    upstream: &'a Upstream,
+    endpoint: &'a str,
+    rid: &'a HeaderValue,
+}
+
+/// Methods safe to send twice (RFC 9110 §9.2.2).
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// The host a request is for: HTTP/2's `:authority`, else `Host`.
+fn host_of<B>(req: &Request<B>) -> Option<String> {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+}
+
+impl Alb {
+    /// Handles one request end to end.
+    pub async fn handle(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        client: SocketAddr,
+        tls: bool,
+        ctx: &Context,
+    ) -> Response<ProxyBody> {
+        let rid = headers::request_id(req.headers());
+        let mut ex = Exchange {
+            started: Instant::now(),
+            client,
+            method: req.method().clone(),
+            host: host_of(&req).unwrap_or_default(),
+            path: req.uri().path().to_string(),
+            route: None,
+            cluster: None,
+            endpoint: None,
+            attempts: 0,
+        };
+        let mut resp = self.route_and_forward(req, &mut ex, tls, ctx, &rid).await;
+        resp.headers_mut().insert(X_REQUEST_ID, rid);
+        self.finish(&ex, resp.status(), ctx);
+        resp
+    }
+
+    async fn route_and_forward(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        ex: &mut Exchange,
+        tls: bool,
+        ctx: &Context,
+        rid: &HeaderValue,
+    ) -> Response<ProxyBody> {
+        let metrics = self.metrics();
+        let routes = self.routes();
+        let host = (!ex.host.is_empty()).then_some(ex.host.as_str());
+        let Some(route) = routes.find(host, req.uri().path(), req.headers()) else {
+            metrics.refused.with_label_values(&["no_route"]).inc();
+            return local(
+                StatusCode::NOT_FOUND,
+                format!("no route for host {:?} and path {:?}", ex.host, ex.path),
+            );
+        };
+        ex.route = Some(route.id().to_string());
+        ex.cluster = Some(route.cluster().to_string());
+        let route_key = format!("route:{}", route.id());
+        let host_key = format!("host:{}", ex.host.to_ascii_lowercase());
+        if let Err(refused) = ctx
+            .limits
+            .check(&["*", &route_key, &host_key], Some(ex.client.ip()))
+        {
+            metrics.refused.with_label_values(&["rate_limited"]).inc();
+            let mut r = local(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("rate limited by {} on {}", refused.limit_id, refused.target),
+            );
+            if let Ok(v) = HeaderValue::from_str(&refused.retry_after_secs().to_string()) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            return r;
+        }
+        let max_body = self.limits().max_body_bytes;
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > max_body) {
+            metrics.refused.with_label_values(&["body_too_large"]).inc();
+            return local(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the request body is larger than {max_body} bytes"),
+            );
+        }
+        let Some(upstream) = self.upstream(route.cluster()) else {
+            metrics.refused.with_label_values(&["no_cluster"]).inc();
+            return local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "route {} sends to cluster {:?}, which is not configured",
+                    route.id(),
+                    route.cluster()
+                ),
+            );
+        };
+        drop(routes);
+        if headers::is_websocket_upgrade(req.headers()) && req.version() == Version::HTTP_11 {
+            return self.upgrade(req, ex, tls, &upstream, rid).await;
+        }
+        self.forward(req, ex, tls, &upstream, rid, max_body).await
+    }
+
+    /// The upstream request for `endpoint`: the client's method, path,
+    /// headers (hop-by-hop removed, forwarding added) and `body`.
+    fn upstream_request(
+        &self,
+        parts: &http::request::Parts,
+        hop: &Hop<'_>,
+        body: ProxyBody,
+        keep_upgrade: bool,
+    ) -> Result<Request<ProxyBody>, http::Error> {
+        let Hop {
+            ex,
+            tls,
+            upstream,
+            endpoint,
+            rid,
+        } = *hop;
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut r = Request::builder()
+            .method(parts.method.clone())
+            .uri(format!("{}://{endpoint}{path}", upstream.scheme))
+            .version(match upstream.protocol {
+                crate::cluster::UpstreamProtocol::Http1 => Version::HTTP_11,
+                crate::cluster::UpstreamProtocol::Http2 => Version::HTTP_2,
+            })
+            .body(body)?;
+        let h = r.headers_mut();
+        *h = parts.headers.clone();
+        headers::strip_hop_by_hop(h, keep_upgrade);
+        let host = (!ex.host.is_empty()).then_some(ex.host.as_str());
+        headers::add_forwarding(h, ex.client, if tls { "https" } else { "http" }, host);
+        h.insert(X_REQUEST_ID, rid.clone());
+        if !h.contains_key(header::HOST) {
+            if let Some(v) = host.and_then(|v| HeaderValue::from_str(v).ok()) {
+                h.insert(header::HOST, v);
+            }
+        }
+        Ok(r)
+    }
+
+    async fn forward(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        ex: &mut Exchange,
+        tls: bool,
+        upstream: &Arc<Upstream>,
+        rid: &HeaderValue,
+        max_body: u64,
+    ) -> Response<ProxyBody> {
+        let metrics = self.metrics();
+        let cluster_name = ex.cluster.clone().unwrap_or_default();
+        let (parts, incoming) = req.into_parts();
+        let empty_body = incoming.is_end_stream();
+        let body: ProxyBody =
+            Limited::new(incoming, usize::try_from(max_body).unwrap_or(usize::MAX))
+                .map_err(BoxError::from)
+                .boxed();
+        // A request can go again only when nothing of it is lost by
+        // sending it: no body, and a method safe to repeat (a connect
+        // failure never sent anything, so it may go again with no body).
+        let mut body = Some(body);
+        let mut tried: Vec<usize> = Vec::new();
+        let attempts = upstream.cluster.spec().retry.attempts.max(1);
+        upstream.cluster.request_started();
+        loop {
+            let Some(pick) = upstream.cluster.pick(&tried) else {
+                metrics.refused.with_label_values(&["no_endpoint"]).inc();
+                return local(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("cluster {cluster_name} has no endpoint that can take the request"),
+                );
+            };
+            tried.push(pick.index);
+            ex.attempts += 1;
+            ex.endpoint = Some(pick.endpoint.address().to_string());
+            let this_body = match body.take() {
+                Some(b) => b,
+                None => Full::new(Bytes::new()).map_err(|e| match e {}).boxed(),
+            };
+            let upstream_req = match self.upstream_request(
+                &parts,
+                &Hop {
+                    ex,
+                    tls,
+                    upstream,
+                    endpoint: pick.endpoint.address(),
+                    rid,
+                },
+                this_body,
+                false,
+            ) {
+                Ok(r) => r,
+                Err(e) => {
+                    return local(
+                        StatusCode::BAD_REQUEST,
+                        format!("the request cannot be forwarded: {e}"),
+                    )
+                }
+            };
+            let _in_flight = pick.endpoint.start();
+            let sent = tokio::time::timeout(
+                upstream.request_timeout,
+                upstream.client.request(upstream_req),
+            )
+            .await;
+            // Only a request without a body can go again (its body is gone
+            // once sent): after a connect failure (nothing reached the
+            // endpoint) always, after a failed answer if the method is safe
+            // to repeat; and only within the cluster's retry budget.
+            let retry = |connect_failure: bool| {
+                ex.attempts < attempts
+                    && empty_body
+                    && (connect_failure || idempotent(&parts.method))
+                    && upstream.cluster.may_retry()
+            };
+            match sent {
+                Ok(Ok(resp)) => {
+                    let status = resp.status().as_u16();
+                    upstream.cluster.report(
+                        pick.index,
+                        if status >= 500 {
+                            Outcome::Status(status)
+                        } else {
+                            Outcome::Success
+                        },
+                    );
+                    if matches!(status, 502..=504) && retry(false) {
+                        metrics
+                            .retries
+                            .with_label_values(&[cluster_name.as_str()])
+                            .inc();
+                        continue;
+                    }
+                    return self.downstream_response(resp);
+                }
+                Ok(Err(e)) => {
+                    let connect = e.is_connect();
+                    upstream.cluster.report(
+                        pick.index,
+                        if connect {
+                            Outcome::ConnectFailure
+                        } else {
+                            Outcome::Status(502)
+                        },
+                    );
+                    metrics
+                        .upstream_errors
+                        .with_label_values(&[
+                            cluster_name.as_str(),
+                            if connect { "connect" } else { "protocol" },
+                        ])
+                        .inc();
+                    if body_too_large(&e) {
+                        metrics.refused.with_label_values(&["body_too_large"]).inc();
+                        return local(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            format!("the request body is larger than {max_body} bytes"),
+                        );
+                    }
+                    if retry(connect) {
+                        metrics
+                            .retries
+                            .with_label_values(&[cluster_name.as_str()])
+                            .inc();
+                        continue;
+                    }
+                    let what = if connect {
+                        format!(
+                            "could not connect to cluster {cluster_name} endpoint {}: {}",
+                            pick.endpoint.address(),
+                            root_cause(&e)
+                        )
+                    } else {
+                        format!(
+                            "cluster {cluster_name} endpoint {} failed: {}",
+                            pick.endpoint.address(),
+                            root_cause(&e)
+                        )
+                    };
+                    return local(StatusCode::BAD_GATEWAY, what);
+                }
+                Err(_) => {
+                    upstream.cluster.report(pick.index, Outcome::Timeout);
+                    metrics
+                        .upstream_errors
+                        .with_label_values(&[cluster_name.as_str(), "timeout"])
+                        .inc();
+                    if retry(false) {
+                        metrics
+                            .retries
+                            .with_label_values(&[cluster_name.as_str()])
+                            .inc();
+                        continue;
+                    }
+                    return local(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!(
+                            "cluster {cluster_name} endpoint {} did not answer within {} ms",
+                            pick.endpoint.address(),
+                            upstream.request_timeout.as_millis()
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    /// The upstream's response as the client gets it.
+    fn downstream_response(&self, resp: Response<Incoming>) -> Response<ProxyBody> {
+        let (mut parts, body) = resp.into_parts();
+        // The client's connection has its own version: an HTTP/1.0 origin
+        // does not make the answer HTTP/1.0.
+        parts.version = Version::HTTP_11;
+        let upgrade = parts.status == StatusCode::SWITCHING_PROTOCOLS;
+        headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+        Response::from_parts(parts, body.map_err(BoxError::from).boxed())
+    }
+
+    /// A WebSocket (HTTP/1.1 upgrade): forwarded with its upgrade headers;
+    /// on 101 both sides are joined and bytes copied until either closes.
+    async fn upgrade(
+        self: &Arc<Self>,
+        mut req: Request<Incoming>,
+        ex: &mut Exchange,
+        tls: bool,
+        upstream: &Arc<Upstream>,
+        rid: &HeaderValue,
+    ) -> Response<ProxyBody> {
+        let cluster_name = ex.cluster.clone().unwrap_or_default();
+        let Some(pick) = upstream.cluster.pick(&[]) else {
+            self.metrics()
+                .refused
+                .with_label_values(&["no_endpoint"])
+                .inc();
+            return local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cluster {cluster_name} has no endpoint that can take the request"),
+            );
+        };
+        ex.attempts = 1;
+        ex.endpoint = Some(pick.endpoint.address().to_string());
+        let downstream = hyper::upgrade::on(&mut req);
+        let (parts, _) = req.into_parts();
+        let empty = Full::new(Bytes::new()).map_err(|e| match e {}).boxed();
+        let up_req = match self.upstream_request(
+            &parts,
+            &Hop {
+                ex,
+                tls,
+                upstream,
+                endpoint: pick.endpoint.address(),
+                rid,
+            },
+            empty,
+            true,
+        ) {
+            Ok(r) => r,
+            Err(e) => return local(StatusCode::BAD_REQUEST, format!("bad upgrade request: {e}")),
+        };
+        let in_flight = pick.endpoint.start();
+        let sent =
+            tokio::time::timeout(upstream.request_timeout, upstream.client.request(up_req)).await;
+        let mut resp = match sent {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                upstream.cluster.report(pick.index, Outcome::ConnectFailure);
+                return local(
+                    StatusCode::BAD_GATEWAY,
+                    format!(
+                        "cluster {cluster_name} endpoint {} failed the upgrade: {}",
+                        pick.endpoint.address(),
+                        root_cause(&e)
+                    ),
+                );
+            }
+            Err(_) => {
+                upstream.cluster.report(pick.index, Outcome::Timeout);
+                return local(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "cluster {cluster_name} endpoint {} did not answer the upgrade in time",
+                        pick.endpoint.address()
+                    ),
+                );
+            }
+        };
+        upstream.cluster.report(pick.index, Outcome::Success);
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let upstream_io = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                let _in_flight = in_flight;
+                let (Ok(down), Ok(up)) = (downstream.await, upstream_io.await) else {
+                    return;
+                };
+                let mut down = TokioIo::new(down);
+                let mut up = TokioIo::new(up);
+                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+            });
+        }
+        self.downstream_response(resp)
+    }
+
+    /// Metrics, stats and the access log line.
+    fn finish(&self, ex: &Exchange, status: StatusCode, ctx: &Context) {
+        let elapsed = ex.started.elapsed();
+        let route = ex.route.as_deref().unwrap_or("-");
+        let m = self.metrics();
+        m.requests
+            .with_label_values(&[route, crate::metrics::class(status.as_u16())])
+            .inc();
+        m.duration
+            .with_label_values(&[route])
+            .observe(elapsed.as_secs_f64());
+        ctx.stats.record_request(elapsed, status.as_u16() < 500);
+        if self.access_log() {
+            tracing::info!(
+                target: "access",
+                client = %ex.client,
+                method = %ex.method,
+                host = %ex.host,
+                path = %ex.path,
+                status = status.as_u16(),
+                route,
+                cluster = ex.cluster.as_deref().unwrap_or("-"),
+                endpoint = ex.endpoint.as_deref().unwrap_or("-"),
+                attempts = ex.attempts,
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
+            );
+        }
+    }
+}
+
+/// The innermost error's text (hyper's outer ones say little).
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+/// Whether a client error came from the request body's size limit.
+fn body_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
