@@ -20,6 +20,24 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 cargo nextest --version | head -1
 
+# Real clients and origins the tests use, from Debian's packages: curl
+# (HTTP/1.1, HTTP/2, TLS) and nginx (an origin behind the ALB).
+missing=()
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # The package starts a default site on port 80; the tests run their own.
+    $SUDO systemctl disable --now nginx >/dev/null 2>&1 || $SUDO service nginx stop >/dev/null 2>&1 || true
+fi
+curl --version | head -1
+/usr/sbin/nginx -v 2>&1
+
 TARGET_DIR="$(target_dir)"
 # The Python suite's packages live in a venv beside the build, pinned by
 # tests/python/requirements.txt; pip runs only when that file changed.

@@ -14,7 +14,8 @@ pub struct AlbMetrics {
     /// `cluster`.
     pub retries: IntCounterVec,
     /// `reason` (`no_route`, `rate_limited`, `body_too_large`,
-    /// `no_cluster`, `no_endpoint`, `tls_handshake`, `header_timeout`).
+    /// `no_cluster`, `no_endpoint`, `tls_handshake`, `header_timeout`,
+    /// `header_too_large`).
     pub refused: IntCounterVec,
 }
 
@@ -71,6 +72,7 @@ impl AlbMetrics {
             "no_endpoint",
             "tls_handshake",
             "header_timeout",
+            "header_too_large",
         ] {
             m.refused.with_label_values(&[r]);
         }

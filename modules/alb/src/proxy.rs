@@ -21,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::alb::Alb;
 use crate::cluster::Outcome;
+use crate::deadline::{Arrived, FirstRequest};
 use crate::headers::{self, X_REQUEST_ID};
 use crate::upstream::{BoxError, ProxyBody, Upstream};
 
@@ -85,11 +86,18 @@ async fn serve_http<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = alb.limits().clone();
+    let header_timeout = Duration::from_millis(limits.header_read_timeout_ms);
+    // The first request's deadline answers 408; hyper's own (a second
+    // later, so it never wins the race) covers later requests.
+    let arrived = Arrived::default();
+    let mut stream = FirstRequest::new(stream, header_timeout, arrived.clone());
+    let refused = alb.metrics().refused.with_label_values(&["header_timeout"]);
+    stream.on_timeout = Some(Box::new(move || refused.inc()));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms))
+        .header_read_timeout(header_timeout + Duration::from_secs(1))
         .max_buf_size(limits.max_header_bytes.max(8192))
         .max_headers(limits.max_headers);
     builder
@@ -97,6 +105,7 @@ async fn serve_http<S>(
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let svc = service_fn(move |req: Request<Incoming>| {
+        arrived.mark();
         let alb = alb.clone();
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(alb.handle(req, client, tls, &ctx).await) }
@@ -211,6 +220,24 @@ impl Alb {
         rid: &HeaderValue,
     ) -> Response<ProxyBody> {
         let metrics = self.metrics();
+        // hyper reads at least 8 KiB of HTTP/1 head; a lower limit is kept here.
+        let max_head = self.limits().max_header_bytes;
+        let head: usize = req.uri().to_string().len()
+            + req
+                .headers()
+                .iter()
+                .map(|(k, v)| k.as_str().len() + v.len() + 4)
+                .sum::<usize>();
+        if head > max_head {
+            metrics
+                .refused
+                .with_label_values(&["header_too_large"])
+                .inc();
+            return local(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                format!("the request's headers are larger than {max_head} bytes"),
+            );
+        }
         let routes = self.routes();
         let host = (!ex.host.is_empty()).then_some(ex.host.as_str());
         let Some(route) = routes.find(host, req.uri().path(), req.headers()) else {
