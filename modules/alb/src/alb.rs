@@ -10,7 +10,7 @@ use shared_types::pb::{ModuleType, Protocol, Route};
 use switchyard_sdk::{ConfigSection, Connection, Context, Descriptor, Health, Module, ModuleError};
 
 use crate::config::{AlbConfig, Limits};
-use crate::metrics::AlbMetrics;
+use crate::metrics::{AlbMetrics, RouteMetrics};
 use crate::routes::{RouteSpec, RouteTable};
 use crate::tls::CertStore;
 use crate::upstream::{Upstream, Upstreams};
@@ -22,6 +22,8 @@ pub struct Alb {
     upstreams: ArcSwap<Upstreams>,
     tls: OnceLock<(Arc<CertStore>, Arc<rustls::ServerConfig>)>,
     metrics: OnceLock<AlbMetrics>,
+    /// Each route's metric series, rebuilt with the route table.
+    route_metrics: ArcSwap<HashMap<String, Arc<RouteMetrics>>>,
     /// Serializes changes (UpdateRoutes, UpdateConfig, reload).
     change: Mutex<()>,
 }
@@ -45,6 +47,7 @@ impl Alb {
             upstreams: ArcSwap::from_pointee(upstreams),
             tls,
             metrics: OnceLock::new(),
+            route_metrics: ArcSwap::from_pointee(HashMap::new()),
             change: Mutex::new(()),
         })
     }
@@ -75,6 +78,27 @@ impl Alb {
             .expect("metrics are registered in Module::start, before any connection")
     }
 
+    /// The metric series of `route` (`-` for requests no route matched).
+    pub fn route_metrics(&self, route: &str) -> Arc<RouteMetrics> {
+        if let Some(m) = self.route_metrics.load().get(route) {
+            return m.clone();
+        }
+        Arc::new(RouteMetrics::new(self.metrics(), route))
+    }
+
+    fn refresh_route_metrics(&self) {
+        let Some(m) = self.metrics.get() else { return };
+        let mut map: HashMap<String, Arc<RouteMetrics>> = self
+            .routes
+            .load()
+            .routes()
+            .iter()
+            .map(|r| (r.id().to_string(), Arc::new(RouteMetrics::new(m, r.id()))))
+            .collect();
+        map.insert("-".into(), Arc::new(RouteMetrics::new(m, "-")));
+        self.route_metrics.store(Arc::new(map));
+    }
+
     /// Puts a new config in force: routes and clusters swap atomically;
     /// requests in flight finish on what they started with.
     fn apply(&self, config: AlbConfig) -> Result<(), Vec<String>> {
@@ -87,6 +111,7 @@ impl Alb {
         }
         self.routes.store(Arc::new(routes));
         self.config.store(Arc::new(config));
+        self.refresh_route_metrics();
         Ok(())
     }
 }
@@ -125,6 +150,7 @@ impl Module for AlbModule {
     async fn start(&self, ctx: Arc<Context>) -> Result<(), String> {
         let metrics = AlbMetrics::new(&ctx.registry).map_err(|e| format!("metrics: {e}"))?;
         let _ = self.0.metrics.set(metrics);
+        self.0.refresh_route_metrics();
         // The clusters built at load had no runtime for their health
         // checks: build them again with the checks running.
         let clusters = self.0.config.load().clusters.clone();

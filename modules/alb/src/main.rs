@@ -6,6 +6,9 @@ use std::sync::Arc;
 use alb::alb::{Alb, AlbModule};
 use alb::config::AlbConfig;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     switchyard_sdk::main("alb", |section| {
         let config = AlbConfig::from_section(section)?;

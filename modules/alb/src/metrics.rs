@@ -80,6 +80,35 @@ impl AlbMetrics {
     }
 }
 
+/// One route's series, resolved once per route table rather than per
+/// request (a label lookup hashes and locks).
+pub struct RouteMetrics {
+    by_class: [prometheus::IntCounter; 5],
+    duration: prometheus::Histogram,
+}
+
+impl RouteMetrics {
+    pub fn new(m: &AlbMetrics, route: &str) -> Self {
+        let c = |class| m.requests.with_label_values(&[route, class]);
+        RouteMetrics {
+            by_class: [c("1xx"), c("2xx"), c("3xx"), c("4xx"), c("5xx")],
+            duration: m.duration.with_label_values(&[route]),
+        }
+    }
+
+    pub fn record(&self, status: u16, seconds: f64) {
+        let i = match status {
+            100..=199 => 0,
+            200..=299 => 1,
+            300..=399 => 2,
+            400..=499 => 3,
+            _ => 4,
+        };
+        self.by_class[i].inc();
+        self.duration.observe(seconds);
+    }
+}
+
 /// `2xx` for 200, and so on.
 pub fn class(status: u16) -> &'static str {
     match status {

@@ -159,7 +159,7 @@ struct Hop<'a> {
     ex: &'a Exchange,
     tls: bool,
     upstream: &'a Upstream,
-    endpoint: &'a str,
+    endpoint: &'a http::uri::Authority,
     rid: &'a HeaderValue,
 }
 
@@ -249,12 +249,17 @@ impl Alb {
         };
         ex.route = Some(route.id().to_string());
         ex.cluster = Some(route.cluster().to_string());
-        let route_key = format!("route:{}", route.id());
-        let host_key = format!("host:{}", ex.host.to_ascii_lowercase());
-        if let Err(refused) = ctx
-            .limits
-            .check(&["*", &route_key, &host_key], Some(ex.client.ip()))
-        {
+        // Keys are built only when limits exist: the common case pays
+        // nothing for rate limiting.
+        let limited = if ctx.limits.is_empty() {
+            Ok(())
+        } else {
+            let route_key = format!("route:{}", route.id());
+            let host_key = format!("host:{}", ex.host.to_ascii_lowercase());
+            ctx.limits
+                .check(&["*", &route_key, &host_key], Some(ex.client.ip()))
+        };
+        if let Err(refused) = limited {
             metrics.refused.with_label_values(&["rate_limited"]).inc();
             let mut r = local(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -312,10 +317,23 @@ impl Alb {
             endpoint,
             rid,
         } = *hop;
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(if upstream.scheme == "https" {
+            http::uri::Scheme::HTTPS
+        } else {
+            http::uri::Scheme::HTTP
+        });
+        uri.authority = Some(endpoint.clone());
+        uri.path_and_query = Some(
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+        );
         let mut r = Request::builder()
             .method(parts.method.clone())
-            .uri(format!("{}://{endpoint}{path}", upstream.scheme))
+            .uri(http::Uri::from_parts(uri)?)
             .version(match upstream.protocol {
                 crate::cluster::UpstreamProtocol::Http1 => Version::HTTP_11,
                 crate::cluster::UpstreamProtocol::Http2 => Version::HTTP_2,
@@ -380,7 +398,7 @@ impl Alb {
                     ex,
                     tls,
                     upstream,
-                    endpoint: pick.endpoint.address(),
+                    endpoint: &upstream.authorities[pick.index],
                     rid,
                 },
                 this_body,
@@ -545,7 +563,7 @@ impl Alb {
                 ex,
                 tls,
                 upstream,
-                endpoint: pick.endpoint.address(),
+                endpoint: &upstream.authorities[pick.index],
                 rid,
             },
             empty,
@@ -601,13 +619,8 @@ impl Alb {
     fn finish(&self, ex: &Exchange, status: StatusCode, ctx: &Context) {
         let elapsed = ex.started.elapsed();
         let route = ex.route.as_deref().unwrap_or("-");
-        let m = self.metrics();
-        m.requests
-            .with_label_values(&[route, crate::metrics::class(status.as_u16())])
-            .inc();
-        m.duration
-            .with_label_values(&[route])
-            .observe(elapsed.as_secs_f64());
+        self.route_metrics(route)
+            .record(status.as_u16(), elapsed.as_secs_f64());
         ctx.stats.record_request(elapsed, status.as_u16() < 500);
         if self.access_log() {
             tracing::info!(

@@ -29,6 +29,8 @@ pub struct Upstream {
     pub scheme: &'static str,
     pub protocol: UpstreamProtocol,
     pub request_timeout: Duration,
+    /// Each endpoint's address as a URI authority, by endpoint index.
+    pub authorities: Vec<http::uri::Authority>,
 }
 
 /// Every cluster by name, with the signal that stops their health checks
@@ -128,7 +130,17 @@ impl Upstream {
         if spec.protocol == UpstreamProtocol::Http2 {
             builder.http2_only(true);
         }
+        let authorities = cluster
+            .endpoints()
+            .iter()
+            .map(|e| {
+                e.address().parse::<http::uri::Authority>().map_err(|err| {
+                    format!("cluster {}: endpoint {:?}: {err}", spec.name, e.address())
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Upstream {
+            authorities,
             cluster,
             client: builder.build(connector),
             scheme,
