@@ -119,3 +119,46 @@ pub fn class(status: u16) -> &'static str {
         _ => "5xx",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_documented_in_docs_alb_md() {
+        let registry = Registry::new();
+        let m = AlbMetrics::new(&registry).unwrap();
+        RouteMetrics::new(&m, "r").record(200, 0.1);
+        m.upstream_errors.with_label_values(&["c", "connect"]).inc();
+        m.retries.with_label_values(&["c"]).inc();
+        let doc = include_str!("../../../docs/alb.md");
+        let names: Vec<String> = registry
+            .gather()
+            .iter()
+            .map(|f| f.name().to_string())
+            .collect();
+        assert_eq!(names.len(), 5, "{names:?}");
+        for name in names {
+            assert!(
+                doc.contains(&format!("| `{name}` |")),
+                "{name} is not in docs/alb.md"
+            );
+        }
+    }
+
+    #[test]
+    fn route_series_count_by_class() {
+        let registry = Registry::new();
+        let m = AlbMetrics::new(&registry).unwrap();
+        let r = RouteMetrics::new(&m, "api");
+        for s in [200, 204, 404, 503, 101] {
+            r.record(s, 0.001);
+        }
+        let get = |class| m.requests.with_label_values(&["api", class]).get();
+        assert_eq!(
+            (get("1xx"), get("2xx"), get("4xx"), get("5xx")),
+            (1, 2, 1, 1)
+        );
+        assert_eq!(class(302), "3xx");
+    }
+}
