@@ -73,4 +73,5 @@ cargo nextest run --workspace --no-fail-fast
 say "tests (Python interop, tests/python)"
 # A grpcio client against the debug nlb built above. Its summary line is the
 # last thing printed.
-SWITCHYARD_NLB_BIN="$TARGET_DIR/debug/nlb" "$VENV/bin/python" -m pytest tests/python
+SWITCHYARD_NLB_BIN="$TARGET_DIR/debug/nlb" SWITCHYARD_ALB_BIN="$TARGET_DIR/debug/alb" \
+    "$VENV/bin/python" -m pytest tests/python
