@@ -21,9 +21,11 @@ fi
 cargo nextest --version | head -1
 
 # Real clients and origins the tests use, from Debian's packages: curl
-# (HTTP/1.1, HTTP/2, TLS) and nginx (an origin behind the ALB).
+# (HTTP/1.1, HTTP/2, TLS), nghttp (HTTP/2 frames) and nginx (an origin
+# behind the ALB).
 missing=()
 command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v nghttp >/dev/null 2>&1 || missing+=(nghttp2-client)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]}"

@@ -13,6 +13,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod alb;
 pub mod control;
 pub mod module;
 pub mod nlbctl;

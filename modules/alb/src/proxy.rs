@@ -140,6 +140,49 @@ pub fn local(status: StatusCode, reason: impl Into<String>) -> Response<ProxyBod
     r
 }
 
+/// An answer the ALB gives before reading the request's body. The body is
+/// kept until the answer is out: dropping it first makes HTTP/2 reset the
+/// stream (CANCEL), and the client would never see the answer.
+fn hold_request(req: Request<Incoming>, resp: Response<ProxyBody>) -> Response<ProxyBody> {
+    let body = req.into_body();
+    if body.is_end_stream() {
+        return resp;
+    }
+    resp.map(|answer| {
+        Holding {
+            answer,
+            _request_body: body,
+        }
+        .boxed()
+    })
+}
+
+/// A response body that keeps the request's body alive with it.
+struct Holding {
+    answer: ProxyBody,
+    _request_body: Incoming,
+}
+
+impl http_body::Body for Holding {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        std::pin::Pin::new(&mut self.answer).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.answer.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.answer.size_hint()
+    }
+}
+
 /// What the log and metrics need about one request.
 pub struct Exchange {
     pub started: Instant,
@@ -205,20 +248,32 @@ impl Alb {
             endpoint: None,
             attempts: 0,
         };
-        let mut resp = self.route_and_forward(req, &mut ex, tls, ctx, &rid).await;
+        let max_body = self.limits().max_body_bytes;
+        let mut resp = match self.admit(&req, &mut ex, ctx) {
+            Err(early) => hold_request(req, *early),
+            Ok(upstream) => {
+                if headers::is_websocket_upgrade(req.headers()) && req.version() == Version::HTTP_11
+                {
+                    self.upgrade(req, &mut ex, tls, &upstream, &rid).await
+                } else {
+                    self.forward(req, &mut ex, tls, &upstream, &rid, max_body)
+                        .await
+                }
+            }
+        };
         resp.headers_mut().insert(X_REQUEST_ID, rid);
         self.finish(&ex, resp.status(), ctx);
         resp
     }
 
-    async fn route_and_forward(
-        self: &Arc<Self>,
-        req: Request<Incoming>,
+    /// Limits, route, rate limits and the cluster: the upstream to send
+    /// the request to, or the answer the ALB gives itself.
+    fn admit(
+        &self,
+        req: &Request<Incoming>,
         ex: &mut Exchange,
-        tls: bool,
         ctx: &Context,
-        rid: &HeaderValue,
-    ) -> Response<ProxyBody> {
+    ) -> Result<Arc<Upstream>, Box<Response<ProxyBody>>> {
         let metrics = self.metrics();
         // hyper reads at least 8 KiB of HTTP/1 head; a lower limit is kept here.
         let max_head = self.limits().max_header_bytes;
@@ -233,19 +288,19 @@ impl Alb {
                 .refused
                 .with_label_values(&["header_too_large"])
                 .inc();
-            return local(
+            return Err(Box::new(local(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 format!("the request's headers are larger than {max_head} bytes"),
-            );
+            )));
         }
         let routes = self.routes();
         let host = (!ex.host.is_empty()).then_some(ex.host.as_str());
         let Some(route) = routes.find(host, req.uri().path(), req.headers()) else {
             metrics.refused.with_label_values(&["no_route"]).inc();
-            return local(
+            return Err(Box::new(local(
                 StatusCode::NOT_FOUND,
                 format!("no route for host {:?} and path {:?}", ex.host, ex.path),
-            );
+            )));
         };
         ex.route = Some(route.id().to_string());
         ex.cluster = Some(route.cluster().to_string());
@@ -268,7 +323,7 @@ impl Alb {
             if let Ok(v) = HeaderValue::from_str(&refused.retry_after_secs().to_string()) {
                 r.headers_mut().insert(header::RETRY_AFTER, v);
             }
-            return r;
+            return Err(Box::new(r));
         }
         let max_body = self.limits().max_body_bytes;
         let declared = req
@@ -278,27 +333,23 @@ impl Alb {
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > max_body) {
             metrics.refused.with_label_values(&["body_too_large"]).inc();
-            return local(
+            return Err(Box::new(local(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("the request body is larger than {max_body} bytes"),
-            );
+            )));
         }
         let Some(upstream) = self.upstream(route.cluster()) else {
             metrics.refused.with_label_values(&["no_cluster"]).inc();
-            return local(
+            return Err(Box::new(local(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!(
                     "route {} sends to cluster {:?}, which is not configured",
                     route.id(),
                     route.cluster()
                 ),
-            );
+            )));
         };
-        drop(routes);
-        if headers::is_websocket_upgrade(req.headers()) && req.version() == Version::HTTP_11 {
-            return self.upgrade(req, ex, tls, &upstream, rid).await;
-        }
-        self.forward(req, ex, tls, &upstream, rid, max_body).await
+        Ok(upstream)
     }
 
     /// The upstream request for `endpoint`: the client's method, path,
@@ -377,14 +428,26 @@ impl Alb {
         let mut tried: Vec<usize> = Vec::new();
         let attempts = upstream.cluster.spec().retry.attempts.max(1);
         upstream.cluster.request_started();
+        // The answer of the last failed attempt: what the client gets if no
+        // untried endpoint is left for a retry.
+        let mut last_failure: Option<Response<ProxyBody>> = None;
         loop {
             let Some(pick) = upstream.cluster.pick(&tried) else {
+                if let Some(failure) = last_failure {
+                    return failure;
+                }
                 metrics.refused.with_label_values(&["no_endpoint"]).inc();
                 return local(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!("cluster {cluster_name} has no endpoint that can take the request"),
                 );
             };
+            if ex.attempts > 0 {
+                metrics
+                    .retries
+                    .with_label_values(&[cluster_name.as_str()])
+                    .inc();
+            }
             tried.push(pick.index);
             ex.attempts += 1;
             ex.endpoint = Some(pick.endpoint.address().to_string());
@@ -428,7 +491,7 @@ impl Alb {
                     && (connect_failure || idempotent(&parts.method))
                     && upstream.cluster.may_retry()
             };
-            match sent {
+            let (failure, may_go_again) = match sent {
                 Ok(Ok(resp)) => {
                     let status = resp.status().as_u16();
                     upstream.cluster.report(
@@ -439,16 +502,23 @@ impl Alb {
                             Outcome::Success
                         },
                     );
-                    if matches!(status, 502..=504) && retry(false) {
-                        metrics
-                            .retries
-                            .with_label_values(&[cluster_name.as_str()])
-                            .inc();
-                        continue;
+                    let again = matches!(status, 502..=504) && retry(false);
+                    let resp = self.downstream_response(resp);
+                    if !again {
+                        return resp;
                     }
-                    return self.downstream_response(resp);
+                    (resp, true)
                 }
                 Ok(Err(e)) => {
+                    // The client's body over the limit is the client's
+                    // doing, not the endpoint's: no outcome reported.
+                    if body_too_large(&e) {
+                        metrics.refused.with_label_values(&["body_too_large"]).inc();
+                        return local(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            format!("the request body is larger than {max_body} bytes"),
+                        );
+                    }
                     let connect = e.is_connect();
                     upstream.cluster.report(
                         pick.index,
@@ -465,20 +535,6 @@ impl Alb {
                             if connect { "connect" } else { "protocol" },
                         ])
                         .inc();
-                    if body_too_large(&e) {
-                        metrics.refused.with_label_values(&["body_too_large"]).inc();
-                        return local(
-                            StatusCode::PAYLOAD_TOO_LARGE,
-                            format!("the request body is larger than {max_body} bytes"),
-                        );
-                    }
-                    if retry(connect) {
-                        metrics
-                            .retries
-                            .with_label_values(&[cluster_name.as_str()])
-                            .inc();
-                        continue;
-                    }
                     let what = if connect {
                         format!(
                             "could not connect to cluster {cluster_name} endpoint {}: {}",
@@ -492,7 +548,7 @@ impl Alb {
                             root_cause(&e)
                         )
                     };
-                    return local(StatusCode::BAD_GATEWAY, what);
+                    (local(StatusCode::BAD_GATEWAY, what), retry(connect))
                 }
                 Err(_) => {
                     upstream.cluster.report(pick.index, Outcome::Timeout);
@@ -500,14 +556,7 @@ impl Alb {
                         .upstream_errors
                         .with_label_values(&[cluster_name.as_str(), "timeout"])
                         .inc();
-                    if retry(false) {
-                        metrics
-                            .retries
-                            .with_label_values(&[cluster_name.as_str()])
-                            .inc();
-                        continue;
-                    }
-                    return local(
+                    let failure = local(
                         StatusCode::GATEWAY_TIMEOUT,
                         format!(
                             "cluster {cluster_name} endpoint {} did not answer within {} ms",
@@ -515,8 +564,13 @@ impl Alb {
                             upstream.request_timeout.as_millis()
                         ),
                     );
+                    (failure, retry(false))
                 }
+            };
+            if !may_go_again {
+                return failure;
             }
+            last_failure = Some(failure);
         }
     }
 

@@ -72,6 +72,8 @@ pub const MAX_HOST_LEN: usize = 253;
 pub const REGEX_SIZE_LIMIT: usize = 256 * 1024;
 /// The contract's `metadata` key that names a route's upstream cluster.
 pub const UPSTREAM_KEY: &str = "upstream";
+/// Where a route's hosts travel in the contract when there are several.
+pub const HOSTS_KEY: &str = "hosts";
 
 /// A route as configured: in the ALB's YAML `routes:` list, or converted from
 /// the contract's `Route` message.
@@ -304,7 +306,12 @@ impl RouteSpec {
                 ))
             }
         };
-        let dest = route.destination_pattern.trim();
+        // Several hosts travel in metadata["hosts"] (comma-separated): the
+        // NLB takes one name pattern per route in destination_pattern.
+        let dest = match route.metadata.get(HOSTS_KEY) {
+            Some(list) => list.trim(),
+            None => route.destination_pattern.trim(),
+        };
         let hosts = if dest.is_empty() {
             Vec::new()
         } else {
@@ -324,15 +331,31 @@ impl RouteSpec {
         })
     }
 
-    /// The route as the contract shows it (`GetRoutes`): protocol HTTP, hosts
-    /// in `destination_pattern` (comma-separated if several), the path in
-    /// `path_pattern` syntax, the cluster in `metadata["upstream"]`.
+    /// The route as the contract shows it (`GetRoutes`, and the routes the
+    /// module announces to the NLB): protocol HTTP, one host in
+    /// `destination_pattern`; several in `metadata["hosts"]` (comma-separated)
+    /// with `destination_pattern` empty, since the NLB takes one name
+    /// pattern per route (it then sends every host's traffic to the ALB,
+    /// which routes it); the path in `path_pattern` syntax, the cluster in
+    /// `metadata["upstream"]`.
     /// [`RouteSpec::from_contract`] gives back an equal spec.
     pub fn to_contract(&self) -> pb::Route {
+        let mut metadata: std::collections::HashMap<String, String> =
+            [(UPSTREAM_KEY.to_string(), self.cluster.clone())]
+                .into_iter()
+                .collect();
+        let destination_pattern = match self.hosts.as_slice() {
+            [one] => one.clone(),
+            [] => String::new(),
+            many => {
+                metadata.insert(HOSTS_KEY.to_string(), many.join(","));
+                String::new()
+            }
+        };
         pb::Route {
             route_id: self.id.clone(),
             protocol: pb::Protocol::Http as i32,
-            destination_pattern: self.hosts.join(","),
+            destination_pattern,
             headers: self
                 .headers
                 .iter()
@@ -340,9 +363,7 @@ impl RouteSpec {
                 .collect(),
             path_pattern: self.path.to_pattern(),
             priority: self.priority,
-            metadata: [(UPSTREAM_KEY.to_string(), self.cluster.clone())]
-                .into_iter()
-                .collect(),
+            metadata,
             ..Default::default()
         }
     }
