@@ -525,3 +525,85 @@ pub async fn start_nginx(dir: &Path, root: &Path) -> Nginx {
     }
     panic!("could not start nginx on a free port: {last}");
 }
+
+// ---------------------------------------------------------------------------
+// More SDK sections
+
+/// Starts `alb` as [`spawn_alb`] does, with more top-level sections of the
+/// SDK's config file next to `module:` (`data: {proxy_protocol: true}`,
+/// `shutdown: ...`): each key of the JSON object `sdk` is added to the
+/// generated config, replacing one the harness wrote.
+pub fn spawn_alb_with_sdk(
+    dir: &Path,
+    nlb_addr: &str,
+    launch: &AlbLaunch,
+    sdk: &serde_json::Value,
+) -> AlbProcess {
+    let (grpc_addr, data_addr, admin_addr) = (free_addr(), free_addr(), free_addr());
+    let mut config = serde_json::json!({
+        "nlb": {"addr": nlb_addr},
+        "instance_id": launch.instance_id,
+        "listen": {"grpc": grpc_addr, "data": data_addr, "admin": admin_addr},
+        "module": launch.module,
+    });
+    for (k, v) in sdk.as_object().expect("the SDK sections as a JSON object") {
+        config[k.as_str()] = v.clone();
+    }
+    let n = next_id();
+    let config_path = dir.join(format!("alb-sdk-{n}.yaml"));
+    let yaml = serde_yaml_ng::to_string(&config).expect("the ALB config as YAML");
+    std::fs::write(&config_path, yaml).expect("write the ALB config");
+    let mut cmd = Command::new(binary("alb"));
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy().into_owned();
+        if k.starts_with("MODULE_") || k == "RUST_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.arg("--config")
+        .arg(&config_path)
+        .env("MODULE_LOG", "info")
+        .current_dir(dir)
+        .stdin(Stdio::null());
+    for (k, v) in &launch.env {
+        cmd.env(k, v);
+    }
+    let stderr_path = dir.join(format!("alb-sdk-{n}.stderr"));
+    cmd.stdout(File::create(dir.join(format!("alb-sdk-{n}.stdout"))).expect("stdout file"));
+    cmd.stderr(File::create(&stderr_path).expect("stderr file"));
+    let child = cmd.spawn().expect("spawn alb");
+    AlbProcess {
+        child,
+        instance_id: launch.instance_id.clone(),
+        grpc_addr,
+        data_addr,
+        admin_addr,
+        config_path,
+        stderr_path,
+        exited: None,
+    }
+}
+
+/// [`start_alb`] with more SDK sections, as [`spawn_alb_with_sdk`] takes
+/// them: waits until the ports listen and the ALB registered, and starts
+/// it again on new ports when another process took one first.
+pub async fn start_alb_with_sdk(
+    dir: &Path,
+    nlb_addr: &str,
+    launch: &AlbLaunch,
+    sdk: &serde_json::Value,
+) -> AlbProcess {
+    let mut last = String::new();
+    for _ in 0..5 {
+        let mut alb = spawn_alb_with_sdk(dir, nlb_addr, launch, sdk);
+        match alb.wait_listening().await {
+            Ok(()) => {
+                alb.wait_registered().await;
+                return alb;
+            }
+            Err(e) if e.contains("in use") => last = e,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    panic!("could not start alb on free ports: {last}");
+}

@@ -95,6 +95,20 @@ impl AlbConfig {
             if let Err(e) = c.validate() {
                 errors.push(format!("clusters[{i}]: {e}"));
             }
+            if let Some(tls) = &c.tls {
+                let wanted = match c.protocol {
+                    crate::cluster::UpstreamProtocol::Http1 => "http/1.1",
+                    crate::cluster::UpstreamProtocol::Http2 => "h2",
+                };
+                // The default (`http/1.1`) stands for "not given".
+                let given = tls.alpn != ["http/1.1"];
+                if given && tls.alpn.iter().any(|p| p != wanted) {
+                    errors.push(format!(
+                        "clusters[{i}] ({}): tls.alpn {:?}: the ALB offers ALPN from protocol ({wanted} here); leave alpn out",
+                        c.name, tls.alpn
+                    ));
+                }
+            }
         }
         if let Err(e) = RouteTable::build(self.routes.clone()) {
             errors.push(format!("routes: {e}"));

@@ -5,9 +5,10 @@
 //! connection, and if no request has arrived when the deadline passes, it
 //! writes `408 Request Timeout` itself and ends the connection. No response
 //! can be under way then (there was no request to answer), so the 408
-//! cannot interleave with one. Once a request has arrived, or the client
-//! speaks HTTP/2 (its preface), the deadline is dropped; later requests on
-//! the connection fall under hyper's own header timeout.
+//! cannot interleave with one. Once a request has arrived the deadline is
+//! dropped; later HTTP/1 requests on the connection fall under hyper's own
+//! header timeout. An HTTP/2 client (its preface) that opens no stream in
+//! time is closed without a 408, which it would not understand.
 
 use std::future::Future;
 use std::io;
@@ -58,6 +59,8 @@ pub struct FirstRequest<S> {
     first_len: usize,
     /// The first bytes are not the HTTP/2 preface.
     http1: bool,
+    /// The first bytes are the HTTP/2 preface.
+    http2: bool,
     /// Fired: counted by the caller.
     pub on_timeout: Option<Box<dyn FnOnce() + Send>>,
 }
@@ -71,6 +74,7 @@ impl<S> FirstRequest<S> {
             first: [0; 14],
             first_len: 0,
             http1: false,
+            http2: false,
             on_timeout: None,
         }
     }
@@ -105,7 +109,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for FirstRequest<S> {
                             if !H2_PREFACE_START.starts_with(first) {
                                 this.http1 = true;
                             } else if first.len() == H2_PREFACE_START.len() {
-                                this.state = State::Off;
+                                // Decided: HTTP/2.
+                                this.http2 = true;
+                                this.http1 = true;
                             }
                         }
                         return Poll::Ready(r);
@@ -118,7 +124,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for FirstRequest<S> {
                     if let Some(f) = this.on_timeout.take() {
                         f();
                     }
-                    this.state = State::Answering(0);
+                    this.state = if this.http2 {
+                        State::Done
+                    } else {
+                        State::Answering(0)
+                    };
                 }
                 State::Answering(done) => {
                     while *done < RESPONSE.len() {
@@ -240,15 +250,38 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn http2_clients_are_not_answered_in_http1() {
+    async fn an_http2_client_that_opens_no_stream_is_closed_without_a_408() {
         let (client, server) = tokio::io::duplex(4096);
         let mut s = FirstRequest::new(server, Duration::from_secs(10), Arrived::default());
+        let (mut cr, mut cw) = tokio::io::split(client);
+        cw.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(s.read(&mut buf).await.unwrap(), 24);
+        // Silence past the deadline: the connection reads as ended.
+        assert_eq!(s.read(&mut buf).await.unwrap(), 0);
+        drop(s);
+        let mut got = Vec::new();
+        cr.read_to_end(&mut got).await.unwrap();
+        assert!(
+            got.is_empty(),
+            "no HTTP/1 answer to an HTTP/2 client: {got:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_http2_client_with_a_stream_keeps_its_connection() {
+        let (client, server) = tokio::io::duplex(4096);
+        let arrived = Arrived::default();
+        let mut s = FirstRequest::new(server, Duration::from_secs(10), arrived.clone());
         let (_cr, mut cw) = tokio::io::split(client);
         cw.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
             .await
             .unwrap();
         let mut buf = [0u8; 64];
         assert_eq!(s.read(&mut buf).await.unwrap(), 24);
+        arrived.mark();
         tokio::time::sleep(Duration::from_secs(60)).await;
         cw.write_all(b"x").await.unwrap();
         assert_eq!(s.read(&mut buf).await.unwrap(), 1);

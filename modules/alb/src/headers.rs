@@ -7,15 +7,15 @@ use std::net::{IpAddr, SocketAddr};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-/// Headers that describe one hop, never forwarded.
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// Headers that describe one hop, never forwarded. (`Trailer` is not one:
+/// it announces the trailers that follow, end to end.)
+const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
 ];
 

@@ -33,12 +33,25 @@ pub async fn serve(alb: Arc<Alb>, conn: Connection) {
     let header_timeout = Duration::from_millis(alb.limits().header_read_timeout_ms);
     let tls = match alb.tls_config() {
         Some(config) => {
-            let mut first = [0u8; 3];
-            let peeked =
-                tokio::time::timeout(header_timeout, conn.stream.get_ref().peek(&mut first)).await;
-            match peeked {
-                Ok(Ok(n)) if crate::tls::looks_like_tls(&first[..n]) => Some(config),
-                Ok(Ok(_)) => None,
+            // Peek until the first bytes say TLS or not (a ClientHello may
+            // arrive a byte at a time).
+            let sniff = async {
+                let mut first = [0u8; crate::tls::TLS_SNIFF_BYTES];
+                loop {
+                    let n = conn.stream.get_ref().peek(&mut first).await?;
+                    match crate::tls::sniff_tls(&first[..n]) {
+                        crate::tls::TlsSniff::Tls => return Ok::<_, std::io::Error>(true),
+                        crate::tls::TlsSniff::NotTls => return Ok(false),
+                        crate::tls::TlsSniff::NeedMore if n == 0 => return Ok(false),
+                        crate::tls::TlsSniff::NeedMore => {
+                            tokio::time::sleep(Duration::from_millis(5)).await
+                        }
+                    }
+                }
+            };
+            match tokio::time::timeout(header_timeout, sniff).await {
+                Ok(Ok(true)) => Some(config),
+                Ok(Ok(false)) => None,
                 _ => {
                     alb.metrics()
                         .refused
@@ -218,7 +231,14 @@ fn idempotent(m: &Method) -> bool {
 fn host_of<B>(req: &Request<B>) -> Option<String> {
     req.uri()
         .authority()
-        .map(|a| a.as_str().to_string())
+        // Never a `user@` part: it names no host.
+        .map(|a| {
+            a.as_str()
+                .rsplit('@')
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        })
         .or_else(|| {
             req.headers()
                 .get(header::HOST)
@@ -293,6 +313,30 @@ impl Alb {
                 format!("the request's headers are larger than {max_head} bytes"),
             )));
         }
+        // One host per request: the request target's authority and `Host`
+        // must agree, or the ALB would route on one and the origin serve
+        // the other.
+        let mut hosts = req.headers().get_all(header::HOST).iter();
+        if let (Some(_), Some(_)) = (hosts.next(), hosts.next()) {
+            return Err(Box::new(local(
+                StatusCode::BAD_REQUEST,
+                "the request has more than one Host header",
+            )));
+        }
+        if let (Some(authority), Some(h)) = (
+            req.uri().authority(),
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok()),
+        ) {
+            let a = authority.as_str().rsplit('@').next().unwrap_or_default();
+            if !a.eq_ignore_ascii_case(h.trim()) {
+                return Err(Box::new(local(
+                    StatusCode::BAD_REQUEST,
+                    format!("Host {h:?} differs from the request's authority {a:?}"),
+                )));
+            }
+        }
         let routes = self.routes();
         let host = (!ex.host.is_empty()).then_some(ex.host.as_str());
         let Some(route) = routes.find(host, req.uri().path(), req.headers()) else {
@@ -310,7 +354,11 @@ impl Alb {
             Ok(())
         } else {
             let route_key = format!("route:{}", route.id());
-            let host_key = format!("host:{}", ex.host.to_ascii_lowercase());
+            // The host as routing sees it (no port, no trailing dot), so a
+            // port or a dot cannot slip past a host's limit.
+            let mut buf = [0u8; crate::routes::MAX_HOST_LEN];
+            let host = crate::routes::normalize_host(&ex.host, &mut buf).unwrap_or("");
+            let host_key = format!("host:{host}");
             ctx.limits
                 .check(&["*", &route_key, &host_key], Some(ex.client.ip()))
         };
@@ -396,10 +444,9 @@ impl Alb {
         let host = (!ex.host.is_empty()).then_some(ex.host.as_str());
         headers::add_forwarding(h, ex.client, if tls { "https" } else { "http" }, host);
         h.insert(X_REQUEST_ID, rid.clone());
-        if !h.contains_key(header::HOST) {
-            if let Some(v) = host.and_then(|v| HeaderValue::from_str(v).ok()) {
-                h.insert(header::HOST, v);
-            }
+        // The origin gets the host the request was routed on.
+        if let Some(v) = host.and_then(|v| HeaderValue::from_str(v).ok()) {
+            h.insert(header::HOST, v);
         }
         Ok(r)
     }

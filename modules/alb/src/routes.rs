@@ -409,7 +409,7 @@ fn strip_host(name: &str) -> &str {
 
 /// Normalizes a request host into `buf` without allocating: lowercase, no
 /// port, no trailing dot. `None` for an empty or over-long name.
-fn normalize_host<'b>(host: &str, buf: &'b mut [u8; MAX_HOST_LEN]) -> Option<&'b str> {
+pub fn normalize_host<'b>(host: &str, buf: &'b mut [u8; MAX_HOST_LEN]) -> Option<&'b str> {
     let name = strip_host(host).as_bytes();
     if name.is_empty() || name.len() > MAX_HOST_LEN {
         return None;

@@ -82,10 +82,14 @@ impl Upstream {
         http.set_keepalive(Some(Duration::from_secs(60)));
         let (connector, scheme) = match &spec.tls {
             Some(tls) => {
-                let config = crate::tls::upstream_client_config(tls)
-                    .map_err(|e| format!("cluster {}: {e}", spec.name))?;
+                let mut config = (*crate::tls::upstream_client_config(tls)
+                    .map_err(|e| format!("cluster {}: {e}", spec.name))?)
+                .clone();
+                // ALPN follows the cluster's `protocol` (hyper-rustls sets it
+                // and refuses a config that already has it).
+                config.alpn_protocols.clear();
                 let builder = hyper_rustls::HttpsConnectorBuilder::new()
-                    .with_tls_config((*config).clone())
+                    .with_tls_config(config)
                     .https_only();
                 let builder = match &tls.server_name {
                     Some(name) => {

@@ -386,7 +386,8 @@ async fn serve_one(
         match read {
             Ok(h) => {
                 if let Some(src) = h.source() {
-                    client = src;
+                    // An IPv4 client relayed as IPv4-mapped IPv6 is IPv4.
+                    client = SocketAddr::new(src.ip().to_canonical(), src.port());
                 }
                 proxy_header = Some(h);
             }
