@@ -15,7 +15,7 @@ pub struct AlbMetrics {
     pub retries: IntCounterVec,
     /// `reason` (`no_route`, `rate_limited`, `body_too_large`,
     /// `no_cluster`, `no_endpoint`, `tls_handshake`, `header_timeout`,
-    /// `header_too_large`).
+    /// `header_too_large`, `client_body`).
     pub refused: IntCounterVec,
 }
 
@@ -73,6 +73,7 @@ impl AlbMetrics {
             "tls_handshake",
             "header_timeout",
             "header_too_large",
+            "client_body",
         ] {
             m.refused.with_label_values(&[r]);
         }

@@ -117,11 +117,14 @@ async fn serve_http<S>(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    let tunnels: Tunnels = Arc::default();
+    let conn_tunnels = tunnels.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
         arrived.mark();
         let alb = alb.clone();
         let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(alb.handle(req, client, tls, &ctx).await) }
+        let tunnels = conn_tunnels.clone();
+        async move { Ok::<_, Infallible>(alb.handle(req, (client, tls), &ctx, &tunnels).await) }
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
     tokio::pin!(conn);
@@ -138,7 +141,20 @@ async fn serve_http<S>(
             let _ = conn.await;
         }
     }
+    // A WebSocket outlives hyper's connection: the connection is done when
+    // its tunnels are, or when the SDK wants it closed.
+    let pending: Vec<_> = std::mem::take(&mut *tunnels.lock());
+    for tunnel in pending {
+        let abort = tunnel.abort_handle();
+        tokio::select! {
+            _ = tunnel => {}
+            _ = closing.wait() => abort.abort(),
+        }
+    }
 }
+
+/// The WebSocket tunnels a connection has become.
+type Tunnels = Arc<parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>>;
 
 /// A response the ALB makes itself: a one-line reason in plain text.
 pub fn local(status: StatusCode, reason: impl Into<String>) -> Response<ProxyBody> {
@@ -252,9 +268,9 @@ impl Alb {
     pub async fn handle(
         self: &Arc<Self>,
         req: Request<Incoming>,
-        client: SocketAddr,
-        tls: bool,
+        (client, tls): (SocketAddr, bool),
         ctx: &Context,
+        tunnels: &Tunnels,
     ) -> Response<ProxyBody> {
         let rid = headers::request_id(req.headers());
         let mut ex = Exchange {
@@ -274,7 +290,8 @@ impl Alb {
             Ok(upstream) => {
                 if headers::is_websocket_upgrade(req.headers()) && req.version() == Version::HTTP_11
                 {
-                    self.upgrade(req, &mut ex, tls, &upstream, &rid).await
+                    self.upgrade(req, &mut ex, (tls, tunnels), &upstream, &rid)
+                        .await
                 } else {
                     self.forward(req, &mut ex, tls, &upstream, &rid, max_body)
                         .await
@@ -464,9 +481,16 @@ impl Alb {
         let cluster_name = ex.cluster.clone().unwrap_or_default();
         let (parts, incoming) = req.into_parts();
         let empty_body = incoming.is_end_stream();
+        // Whether reading the client's body failed: then the failure is the
+        // client's, not the endpoint's.
+        let client_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = client_failed.clone();
         let body: ProxyBody =
             Limited::new(incoming, usize::try_from(max_body).unwrap_or(usize::MAX))
-                .map_err(BoxError::from)
+                .map_err(move |e| {
+                    flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                    BoxError::from(e)
+                })
                 .boxed();
         // A request can go again only when nothing of it is lost by
         // sending it: no body, and a method safe to repeat (a connect
@@ -566,6 +590,13 @@ impl Alb {
                             format!("the request body is larger than {max_body} bytes"),
                         );
                     }
+                    if client_failed.load(std::sync::atomic::Ordering::Relaxed) {
+                        metrics.refused.with_label_values(&["client_body"]).inc();
+                        return local(
+                            StatusCode::BAD_REQUEST,
+                            format!("the request body did not arrive whole: {}", root_cause(&e)),
+                        );
+                    }
                     let connect = e.is_connect();
                     upstream.cluster.report(
                         pick.index,
@@ -638,7 +669,7 @@ impl Alb {
         self: &Arc<Self>,
         mut req: Request<Incoming>,
         ex: &mut Exchange,
-        tls: bool,
+        (tls, tunnels): (bool, &Tunnels),
         upstream: &Arc<Upstream>,
         rid: &HeaderValue,
     ) -> Response<ProxyBody> {
@@ -703,7 +734,7 @@ impl Alb {
         upstream.cluster.report(pick.index, Outcome::Success);
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let upstream_io = hyper::upgrade::on(&mut resp);
-            tokio::spawn(async move {
+            let tunnel = tokio::spawn(async move {
                 let _in_flight = in_flight;
                 let (Ok(down), Ok(up)) = (downstream.await, upstream_io.await) else {
                     return;
@@ -712,6 +743,9 @@ impl Alb {
                 let mut up = TokioIo::new(up);
                 let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
             });
+            // The connection lives on as this tunnel: it stays tracked
+            // (drain, shed, counts) until the tunnel ends.
+            tunnels.lock().push(tunnel);
         }
         self.downstream_response(resp)
     }
