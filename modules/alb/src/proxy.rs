@@ -186,6 +186,33 @@ fn hold_request(req: Request<Incoming>, resp: Response<ProxyBody>) -> Response<P
     })
 }
 
+/// A response body that keeps its endpoint's in-flight count up until it
+/// is done.
+struct InFlightBody {
+    answer: ProxyBody,
+    _in_flight: crate::cluster::InFlight,
+}
+
+impl http_body::Body for InFlightBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        std::pin::Pin::new(&mut self.answer).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.answer.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.answer.size_hint()
+    }
+}
+
 /// A response body that keeps the request's body alive with it.
 struct Holding {
     answer: ProxyBody,
@@ -328,6 +355,18 @@ impl Alb {
             return Err(Box::new(local(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 format!("the request's headers are larger than {max_head} bytes"),
+            )));
+        }
+        // HTTP/2 has no head size hyper counts headers by: count them here.
+        let max_headers = self.limits().max_headers;
+        if req.headers().len() > max_headers {
+            metrics
+                .refused
+                .with_label_values(&["header_too_large"])
+                .inc();
+            return Err(Box::new(local(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                format!("the request has more than {max_headers} headers"),
             )));
         }
         // One host per request: the request target's authority and `Host`
@@ -546,7 +585,7 @@ impl Alb {
                     )
                 }
             };
-            let _in_flight = pick.endpoint.start();
+            let in_flight = pick.endpoint.start();
             let sent = tokio::time::timeout(
                 upstream.request_timeout,
                 upstream.client.request(upstream_req),
@@ -576,7 +615,16 @@ impl Alb {
                     let again = matches!(status, 502..=504) && retry(false);
                     let resp = self.downstream_response(resp);
                     if !again {
-                        return resp;
+                        // In flight until the last byte of the answer: a
+                        // long download or a gRPC stream counts for
+                        // least_request as long as it lasts.
+                        return resp.map(|answer| {
+                            InFlightBody {
+                                answer,
+                                _in_flight: in_flight,
+                            }
+                            .boxed()
+                        });
                     }
                     (resp, true)
                 }
