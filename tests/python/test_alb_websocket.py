@@ -35,10 +35,17 @@ def alb_binary() -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """`n` distinct loopback ports that were free a moment ago (held open
+    together while picked, so the kernel cannot hand out one twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def wait_listening(port: int, proc: subprocess.Popen, log: Path) -> None:
@@ -68,7 +75,7 @@ async def run(tmp_path: Path) -> None:
 
     async with serve(echo, "127.0.0.1", 0) as server:
         origin_port = server.sockets[0].getsockname()[1]
-        data, grpc, admin = free_port(), free_port(), free_port()
+        data, grpc, admin = free_ports(3)
         config = tmp_path / "alb.yaml"
         config.write_text(
             f"""listen: {{grpc: "127.0.0.1:{grpc}", data: "127.0.0.1:{data}", admin: "127.0.0.1:{admin}"}}
