@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use shared_types::pb::module_service_client::ModuleServiceClient;
 use tonic::transport::Channel;
 
-use crate::{binary, free_addr, free_port, http_get, metric_value, HttpResponse, CALL_DEADLINE};
+use crate::{binary, free_port, http_get, metric_value, HttpResponse, CALL_DEADLINE};
 
 const POLL: Duration = Duration::from_millis(100);
 /// Deadline for one `curl` run (its own `--max-time` is shorter).
@@ -64,7 +64,7 @@ pub struct AlbProcess {
 
 /// Starts `alb --config FILE` against the NLB at `nlb_addr`, without waiting.
 pub fn spawn_alb(dir: &Path, nlb_addr: &str, launch: &AlbLaunch) -> AlbProcess {
-    let (grpc_addr, data_addr, admin_addr) = (free_addr(), free_addr(), free_addr());
+    let (grpc_addr, data_addr, admin_addr) = crate::free_addr3();
     let config = serde_json::json!({
         "nlb": {"addr": nlb_addr},
         "instance_id": launch.instance_id,
@@ -539,7 +539,7 @@ pub fn spawn_alb_with_sdk(
     launch: &AlbLaunch,
     sdk: &serde_json::Value,
 ) -> AlbProcess {
-    let (grpc_addr, data_addr, admin_addr) = (free_addr(), free_addr(), free_addr());
+    let (grpc_addr, data_addr, admin_addr) = crate::free_addr3();
     let mut config = serde_json::json!({
         "nlb": {"addr": nlb_addr},
         "instance_id": launch.instance_id,

@@ -74,6 +74,15 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Three distinct `127.0.0.1:<free port>` addresses: the listeners are held
+/// together while picked, so the kernel cannot hand out one port twice.
+pub fn free_addr3() -> (String, String, String) {
+    let bind = || StdListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    let (a, b, c) = (bind(), bind(), bind());
+    let addr = |l: &StdListener| l.local_addr().expect("local addr").to_string();
+    (addr(&a), addr(&b), addr(&c))
+}
+
 /// `127.0.0.1:<a free port>`.
 pub fn free_addr() -> String {
     format!("127.0.0.1:{}", free_port())

@@ -13,7 +13,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tonic::transport::Channel;
 
-use crate::{binary, free_addr, http_get, HttpResponse, CALL_DEADLINE};
+use crate::{binary, http_get, HttpResponse, CALL_DEADLINE};
 
 const POLL: Duration = Duration::from_millis(100);
 /// How long a module may take to exit after SIGTERM or a drain (its drain
@@ -45,7 +45,7 @@ pub struct ModuleProcess {
 
 /// Starts `echo-module` against the NLB at `nlb_addr`, without waiting.
 pub fn spawn_echo(dir: &Path, nlb_addr: &str, launch: &ModuleLaunch) -> ModuleProcess {
-    let (grpc_addr, data_addr, admin_addr) = (free_addr(), free_addr(), free_addr());
+    let (grpc_addr, data_addr, admin_addr) = crate::free_addr3();
     let mut cmd = Command::new(binary("echo-module"));
     for (k, _) in std::env::vars_os() {
         let k = k.to_string_lossy().into_owned();
