@@ -64,65 +64,14 @@ pub struct AlbProcess {
 
 /// Starts `alb --config FILE` against the NLB at `nlb_addr`, without waiting.
 pub fn spawn_alb(dir: &Path, nlb_addr: &str, launch: &AlbLaunch) -> AlbProcess {
-    let (grpc_addr, data_addr, admin_addr) = crate::free_addr3();
-    let config = serde_json::json!({
-        "nlb": {"addr": nlb_addr},
-        "instance_id": launch.instance_id,
-        "listen": {"grpc": grpc_addr, "data": data_addr, "admin": admin_addr},
-        "module": launch.module,
-    });
-    let n = next_id();
-    let config_path = dir.join(format!("alb-{n}.yaml"));
-    let yaml = serde_yaml_ng::to_string(&config).expect("the ALB config as YAML");
-    std::fs::write(&config_path, yaml).expect("write the ALB config");
-    let mut cmd = Command::new(binary("alb"));
-    for (k, _) in std::env::vars_os() {
-        let k = k.to_string_lossy().into_owned();
-        if k.starts_with("MODULE_") || k == "RUST_LOG" {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.arg("--config")
-        .arg(&config_path)
-        .env("MODULE_LOG", "info")
-        .current_dir(dir)
-        .stdin(Stdio::null());
-    for (k, v) in &launch.env {
-        cmd.env(k, v);
-    }
-    let stderr_path = dir.join(format!("alb-{n}.stderr"));
-    cmd.stdout(File::create(dir.join(format!("alb-{n}.stdout"))).expect("stdout file"));
-    cmd.stderr(File::create(&stderr_path).expect("stderr file"));
-    let child = cmd.spawn().expect("spawn alb");
-    AlbProcess {
-        child,
-        instance_id: launch.instance_id.clone(),
-        grpc_addr,
-        data_addr,
-        admin_addr,
-        config_path,
-        stderr_path,
-        exited: None,
-    }
+    spawn_alb_with_sdk(dir, nlb_addr, launch, &serde_json::json!({}))
 }
 
 /// Starts `alb` as [`spawn_alb`] does, waits until its ports listen and it
 /// registered with the NLB (`/readyz` 200); when another process took one
 /// of its ports first, starts it again on new ones.
 pub async fn start_alb(dir: &Path, nlb_addr: &str, launch: &AlbLaunch) -> AlbProcess {
-    let mut last = String::new();
-    for _ in 0..5 {
-        let mut alb = spawn_alb(dir, nlb_addr, launch);
-        match alb.wait_listening().await {
-            Ok(()) => {
-                alb.wait_registered().await;
-                return alb;
-            }
-            Err(e) if e.contains("in use") => last = e,
-            Err(e) => panic!("{e}"),
-        }
-    }
-    panic!("could not start alb on free ports: {last}");
+    start_alb_with_sdk(dir, nlb_addr, launch, &serde_json::json!({})).await
 }
 
 impl AlbProcess {
@@ -550,7 +499,7 @@ pub fn spawn_alb_with_sdk(
         config[k.as_str()] = v.clone();
     }
     let n = next_id();
-    let config_path = dir.join(format!("alb-sdk-{n}.yaml"));
+    let config_path = dir.join(format!("alb-{n}.yaml"));
     let yaml = serde_yaml_ng::to_string(&config).expect("the ALB config as YAML");
     std::fs::write(&config_path, yaml).expect("write the ALB config");
     let mut cmd = Command::new(binary("alb"));
@@ -568,8 +517,8 @@ pub fn spawn_alb_with_sdk(
     for (k, v) in &launch.env {
         cmd.env(k, v);
     }
-    let stderr_path = dir.join(format!("alb-sdk-{n}.stderr"));
-    cmd.stdout(File::create(dir.join(format!("alb-sdk-{n}.stdout"))).expect("stdout file"));
+    let stderr_path = dir.join(format!("alb-{n}.stderr"));
+    cmd.stdout(File::create(dir.join(format!("alb-{n}.stdout"))).expect("stdout file"));
     cmd.stderr(File::create(&stderr_path).expect("stderr file"));
     let child = cmd.spawn().expect("spawn alb");
     AlbProcess {
@@ -606,4 +555,41 @@ pub async fn start_alb_with_sdk(
         }
     }
     panic!("could not start alb on free ports: {last}");
+}
+
+// ---------------------------------------------------------------------------
+// Helpers the ALB test files share
+
+/// An NLB on ports the harness picks, without a config file.
+pub async fn start_nlb(sb: &crate::Sandbox) -> crate::NlbProcess {
+    sb.start_with(crate::Launch {
+        use_config_file: false,
+        ..crate::Launch::default()
+    })
+    .await
+}
+
+/// An NLB and an ALB registered with it, the ALB's `module:` section as given.
+pub async fn stack(
+    sb: &crate::Sandbox,
+    id: &str,
+    module: serde_json::Value,
+) -> (crate::NlbProcess, AlbProcess) {
+    let nlb = start_nlb(sb).await;
+    let alb = start_alb(sb.path(), &nlb.grpc_addr, &AlbLaunch::new(id, module)).await;
+    (nlb, alb)
+}
+
+/// A cluster of in-test origins, each with weight 1.
+pub fn cluster(name: &str, origins: &[&crate::origin::Origin]) -> serde_json::Value {
+    let endpoints: Vec<serde_json::Value> = origins
+        .iter()
+        .map(|o| serde_json::json!({"address": o.addr.to_string()}))
+        .collect();
+    serde_json::json!({"name": name, "endpoints": endpoints})
+}
+
+/// A header the origin received, from its JSON.
+pub fn seen<'a>(answer: &'a serde_json::Value, name: &str) -> Option<&'a str> {
+    answer["headers"][name].as_str()
 }

@@ -11,10 +11,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use e2e::alb::{curl, curl_stdout, start_alb, start_nginx, AlbLaunch, AlbProcess, CurlResponse};
-use e2e::origin::{self, Origin};
+use e2e::alb::{cluster, curl, curl_stdout, seen, stack, start_nginx, AlbProcess, CurlResponse};
+use e2e::origin;
 use e2e::pki::Pki;
-use e2e::{free_addr, Launch, NlbProcess, Sandbox, CALL_DEADLINE};
+use e2e::{free_addr, Sandbox, CALL_DEADLINE};
 use serde_json::{json, Value};
 use shared_types::pb::{
     DeleteRouteRequest, GetModuleInfoRequest, GetRoutesRequest, HealthCheckRequest, HealthStatus,
@@ -25,36 +25,6 @@ use tonic::Code;
 
 // ---------------------------------------------------------------------------
 // Helpers
-
-/// An NLB on ports the harness picks, without a config file.
-async fn nlb(sb: &Sandbox) -> NlbProcess {
-    sb.start_with(Launch {
-        use_config_file: false,
-        ..Launch::default()
-    })
-    .await
-}
-
-/// An NLB and an ALB registered with it, the ALB's `module:` section as given.
-async fn stack(sb: &Sandbox, id: &str, module: Value) -> (NlbProcess, AlbProcess) {
-    let nlb = nlb(sb).await;
-    let alb = start_alb(sb.path(), &nlb.grpc_addr, &AlbLaunch::new(id, module)).await;
-    (nlb, alb)
-}
-
-/// A cluster of in-test origins, each with weight 1.
-fn cluster(name: &str, origins: &[&Origin]) -> Value {
-    let endpoints: Vec<Value> = origins
-        .iter()
-        .map(|o| json!({"address": o.addr.to_string()}))
-        .collect();
-    json!({"name": name, "endpoints": endpoints})
-}
-
-/// A header the origin received, from its JSON.
-fn seen<'a>(answer: &'a Value, name: &str) -> Option<&'a str> {
-    answer["headers"][name].as_str()
-}
 
 /// The origin names of the answers `curl` printed, one JSON document per
 /// line (`-w '\n'` after each); panics on an answer that is not an origin's.

@@ -16,10 +16,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use e2e::alb::{curl, curl_stdout, start_alb, start_alb_with_sdk, AlbLaunch, AlbProcess};
+use e2e::alb::{
+    cluster, curl, curl_stdout, seen, stack, start_alb, start_alb_with_sdk, start_nlb, AlbLaunch,
+    AlbProcess,
+};
 use e2e::origin::{self, Origin};
 use e2e::pki::Pki;
-use e2e::{free_addr, Launch, NlbProcess, Sandbox, CALL_DEADLINE};
+use e2e::{free_addr, NlbProcess, Sandbox, CALL_DEADLINE};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -40,36 +43,6 @@ use tokio::task::JoinHandle;
 
 // ---------------------------------------------------------------------------
 // Helpers
-
-/// An NLB on ports the harness picks, without a config file.
-async fn nlb(sb: &Sandbox) -> NlbProcess {
-    sb.start_with(Launch {
-        use_config_file: false,
-        ..Launch::default()
-    })
-    .await
-}
-
-/// An NLB and an ALB registered with it, the ALB's `module:` section as given.
-async fn stack(sb: &Sandbox, id: &str, module: Value) -> (NlbProcess, AlbProcess) {
-    let nlb = nlb(sb).await;
-    let alb = start_alb(sb.path(), &nlb.grpc_addr, &AlbLaunch::new(id, module)).await;
-    (nlb, alb)
-}
-
-/// A cluster of in-test origins, each with weight 1.
-fn cluster(name: &str, origins: &[&Origin]) -> Value {
-    let endpoints: Vec<Value> = origins
-        .iter()
-        .map(|o| json!({"address": o.addr.to_string()}))
-        .collect();
-    json!({"name": name, "endpoints": endpoints})
-}
-
-/// A header the origin received, from its JSON.
-fn seen<'a>(answer: &'a Value, name: &str) -> Option<&'a str> {
-    answer["headers"][name].as_str()
-}
 
 /// The SHA-256 of the first certificate in a PEM text, hex.
 fn pem_fingerprint(pem: &str) -> String {
@@ -469,7 +442,7 @@ fn proxied_get(src: SocketAddr, dst: SocketAddr, host: &str, path: &str) -> Vec<
 }
 
 async fn proxy_protocol_stack(sb: &Sandbox, id: &str, web: &Origin) -> (NlbProcess, AlbProcess) {
-    let nlb = nlb(sb).await;
+    let nlb = start_nlb(sb).await;
     let alb = start_alb_with_sdk(
         sb.path(),
         &nlb.grpc_addr,
@@ -768,7 +741,7 @@ async fn the_access_log_has_one_line_per_request_with_its_fields() {
     let web = origin::start("web").await;
     let live = origin::start("live").await;
     let dead = free_addr();
-    let nlb = nlb(&sb).await;
+    let nlb = start_nlb(&sb).await;
     let module = json!({
         "routes": [
             {"id": "app", "hosts": ["app.example.test"], "cluster": "web"},
