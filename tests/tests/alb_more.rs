@@ -700,6 +700,12 @@ async fn certificates_are_reloaded_from_disk_and_a_broken_file_keeps_the_last_go
     }
     let r = https("b.example.test", ca_b.clone()).await;
     assert!(served_by(&r, "Reload CA b"), "{r:?}");
+    // Counted: at least the one good reload and the failed one.
+    let m = alb.metrics().await;
+    let count = |r: &str| {
+        e2e::metric_value(&m, &format!("alb_tls_reloads_total{{result=\"{r}\"}}")).unwrap_or(0.0)
+    };
+    assert!(count("ok") >= 1.0 && count("failed") >= 1.0, "{m}");
 
     // Fixed files are picked up again.
     let (ca3, cert3, key3) = issue("Reload CA 3", &["a.example.test"]);

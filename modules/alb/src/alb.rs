@@ -158,11 +158,15 @@ impl Module for AlbModule {
         self.0.upstreams.store(Arc::new(upstreams));
         if let (Some((store, _)), Some(spec)) = (self.0.tls.get(), self.0.config.load().tls.clone())
         {
+            let reloads = self.0.metrics().tls_reloads.clone();
             crate::tls::spawn_reloader(
                 store.clone(),
                 spec.reload_interval(),
                 ctx.stopping(),
-                |_| {},
+                move |r| {
+                    let result = if r.is_ok() { "ok" } else { "failed" };
+                    reloads.with_label_values(&[result]).inc();
+                },
             );
         }
         Ok(())

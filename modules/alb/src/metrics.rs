@@ -13,6 +13,8 @@ pub struct AlbMetrics {
     pub upstream_errors: IntCounterVec,
     /// `cluster`.
     pub retries: IntCounterVec,
+    /// `result` (`ok`, `failed`).
+    pub tls_reloads: IntCounterVec,
     /// `reason` (`no_route`, `rate_limited`, `body_too_large`,
     /// `no_cluster`, `no_endpoint`, `tls_handshake`, `header_timeout`,
     /// `header_too_large`, `client_body`).
@@ -51,6 +53,13 @@ impl AlbMetrics {
                 Opts::new("alb_retries_total", "Requests retried on another endpoint"),
                 &["cluster"],
             )?,
+            tls_reloads: IntCounterVec::new(
+                Opts::new(
+                    "alb_tls_reloads_total",
+                    "Certificate reloads after their files changed, by result",
+                ),
+                &["result"],
+            )?,
             refused: IntCounterVec::new(
                 Opts::new(
                     "alb_refused_total",
@@ -64,6 +73,10 @@ impl AlbMetrics {
         registry.register(Box::new(m.upstream_errors.clone()))?;
         registry.register(Box::new(m.retries.clone()))?;
         registry.register(Box::new(m.refused.clone()))?;
+        registry.register(Box::new(m.tls_reloads.clone()))?;
+        for r in ["ok", "failed"] {
+            m.tls_reloads.with_label_values(&[r]);
+        }
         for r in [
             "no_route",
             "rate_limited",
@@ -138,7 +151,7 @@ mod tests {
             .iter()
             .map(|f| f.name().to_string())
             .collect();
-        assert_eq!(names.len(), 5, "{names:?}");
+        assert_eq!(names.len(), 6, "{names:?}");
         for name in names {
             assert!(
                 doc.contains(&format!("| `{name}` |")),

@@ -111,7 +111,9 @@ async fn serve_http<S>(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout + Duration::from_secs(1))
-        .max_buf_size(limits.max_header_bytes.max(8192))
+        // Room above the limit, so a head just over it reaches the ALB's own
+        // 431 (with a body saying why) rather than hyper's bare one.
+        .max_buf_size(limits.max_header_bytes.saturating_mul(2).max(8192))
         .max_headers(limits.max_headers);
     builder
         .http2()
