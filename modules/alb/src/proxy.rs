@@ -179,49 +179,31 @@ fn hold_request(req: Request<Incoming>, resp: Response<ProxyBody>) -> Response<P
     if body.is_end_stream() {
         return resp;
     }
+    keeping(resp, body)
+}
+
+/// A response body that keeps something alive until it is done: the
+/// request's body (see [`hold_request`]), or the endpoint's in-flight count.
+struct Keeping<T> {
+    answer: ProxyBody,
+    _kept: T,
+}
+
+/// `resp` with `kept` dropped only after its body.
+fn keeping<T: Send + Sync + Unpin + 'static>(
+    resp: Response<ProxyBody>,
+    kept: T,
+) -> Response<ProxyBody> {
     resp.map(|answer| {
-        Holding {
+        Keeping {
             answer,
-            _request_body: body,
+            _kept: kept,
         }
         .boxed()
     })
 }
 
-/// A response body that keeps its endpoint's in-flight count up until it
-/// is done.
-struct InFlightBody {
-    answer: ProxyBody,
-    _in_flight: crate::cluster::InFlight,
-}
-
-impl http_body::Body for InFlightBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
-        std::pin::Pin::new(&mut self.answer).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.answer.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.answer.size_hint()
-    }
-}
-
-/// A response body that keeps the request's body alive with it.
-struct Holding {
-    answer: ProxyBody,
-    _request_body: Incoming,
-}
-
-impl http_body::Body for Holding {
+impl<T: Unpin> http_body::Body for Keeping<T> {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -620,13 +602,7 @@ impl Alb {
                         // In flight until the last byte of the answer: a
                         // long download or a gRPC stream counts for
                         // least_request as long as it lasts.
-                        return resp.map(|answer| {
-                            InFlightBody {
-                                answer,
-                                _in_flight: in_flight,
-                            }
-                            .boxed()
-                        });
+                        return keeping(resp, in_flight);
                     }
                     (resp, true)
                 }
