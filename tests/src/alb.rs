@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -52,14 +52,12 @@ impl AlbLaunch {
 
 /// A running `alb`; killed on drop if still running.
 pub struct AlbProcess {
-    child: Child,
+    process: crate::process::Spawned,
     pub instance_id: String,
     pub grpc_addr: String,
     pub data_addr: String,
     pub admin_addr: String,
     pub config_path: PathBuf,
-    stderr_path: PathBuf,
-    exited: Option<ExitStatus>,
 }
 
 /// Starts `alb --config FILE` against the NLB at `nlb_addr`, without waiting.
@@ -75,22 +73,6 @@ pub async fn start_alb(dir: &Path, nlb_addr: &str, launch: &AlbLaunch) -> AlbPro
 }
 
 impl AlbProcess {
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// What the process logged so far.
-    pub fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
-    }
-
-    pub fn try_exit(&mut self) -> Option<ExitStatus> {
-        if self.exited.is_none() {
-            self.exited = self.child.try_wait().expect("try_wait");
-        }
-        self.exited
-    }
-
     /// `http://<data port><path>`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.data_addr)
@@ -194,12 +176,16 @@ impl AlbProcess {
     }
 }
 
-impl Drop for AlbProcess {
-    fn drop(&mut self) {
-        if self.try_exit().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+impl std::ops::Deref for AlbProcess {
+    type Target = crate::process::Spawned;
+    fn deref(&self) -> &Self::Target {
+        &self.process
+    }
+}
+
+impl std::ops::DerefMut for AlbProcess {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.process
     }
 }
 
@@ -522,14 +508,12 @@ pub fn spawn_alb_with_sdk(
     cmd.stderr(File::create(&stderr_path).expect("stderr file"));
     let child = cmd.spawn().expect("spawn alb");
     AlbProcess {
-        child,
+        process: crate::process::Spawned::new(child, stderr_path, "alb"),
         instance_id: launch.instance_id.clone(),
         grpc_addr,
         data_addr,
         admin_addr,
         config_path,
-        stderr_path,
-        exited: None,
     }
 }
 

@@ -19,6 +19,7 @@ pub mod module;
 pub mod nlbctl;
 pub mod origin;
 pub mod pki;
+pub mod process;
 
 use std::fs::File;
 use std::net::TcpListener as StdListener;
@@ -243,11 +244,9 @@ impl Sandbox {
         cmd.stderr(File::create(&stderr_path).expect("create stderr file"));
         let child = cmd.spawn().expect("spawn nlb");
         NlbProcess {
-            child,
+            process: process::Spawned::new(child, stderr_path, "nlb"),
             grpc_addr,
             admin_addr,
-            stderr_path,
-            exited: None,
         }
     }
 }
@@ -278,11 +277,9 @@ impl Default for Launch {
 
 /// A running `nlb`; killed (SIGKILL) on drop if still running.
 pub struct NlbProcess {
-    child: Child,
+    process: process::Spawned,
     pub grpc_addr: String,
     pub admin_addr: String,
-    stderr_path: PathBuf,
-    exited: Option<ExitStatus>,
 }
 
 /// A response from the admin port.
@@ -293,23 +290,6 @@ pub struct HttpResponse {
 }
 
 impl NlbProcess {
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// What the process wrote to stderr so far (its logs).
-    pub fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
-    }
-
-    /// The exit status, if the process has exited.
-    pub fn try_exit(&mut self) -> Option<ExitStatus> {
-        if self.exited.is_none() {
-            self.exited = self.child.try_wait().expect("try_wait");
-        }
-        self.exited
-    }
-
     /// Polls `/readyz` until it answers 200. Errs (with the logs) if the
     /// process exits first or the deadline passes.
     pub async fn wait_ready(&mut self) -> Result<(), String> {
@@ -332,32 +312,6 @@ impl NlbProcess {
                     self.stderr()
                 ));
             }
-            tokio::time::sleep(POLL).await;
-        }
-    }
-
-    /// Sends a signal (`"HUP"`, `"TERM"`, ...) with `kill`.
-    pub fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.pid().to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{name} {} failed", self.pid());
-    }
-
-    /// Waits (bounded) for the process to exit and returns its status.
-    pub async fn wait_exit(&mut self) -> ExitStatus {
-        let until = Instant::now() + EXIT_DEADLINE;
-        loop {
-            if let Some(s) = self.try_exit() {
-                return s;
-            }
-            assert!(
-                Instant::now() < until,
-                "nlb did not exit within {EXIT_DEADLINE:?}; stderr:\n{}",
-                self.stderr()
-            );
             tokio::time::sleep(POLL).await;
         }
     }
@@ -422,12 +376,16 @@ where
     }
 }
 
-impl Drop for NlbProcess {
-    fn drop(&mut self) {
-        if self.try_exit().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+impl std::ops::Deref for NlbProcess {
+    type Target = crate::process::Spawned;
+    fn deref(&self) -> &Self::Target {
+        &self.process
+    }
+}
+
+impl std::ops::DerefMut for NlbProcess {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.process
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use shared_types::pb::module_service_client::ModuleServiceClient;
@@ -16,9 +16,6 @@ use tonic::transport::Channel;
 use crate::{binary, http_get, HttpResponse, CALL_DEADLINE};
 
 const POLL: Duration = Duration::from_millis(100);
-/// How long a module may take to exit after SIGTERM or a drain (its drain
-/// deadline in these tests is well below this).
-pub const MODULE_EXIT_DEADLINE: Duration = Duration::from_secs(60);
 
 /// How to start a module.
 #[derive(Debug, Clone, Default)]
@@ -34,13 +31,11 @@ pub struct ModuleLaunch {
 
 /// A running module process; killed on drop if still running.
 pub struct ModuleProcess {
-    child: Child,
+    process: crate::process::Spawned,
     pub grpc_addr: String,
     pub data_addr: String,
     pub admin_addr: String,
     pub config_path: Option<PathBuf>,
-    stderr_path: PathBuf,
-    exited: Option<ExitStatus>,
 }
 
 /// Starts `echo-module` against the NLB at `nlb_addr`, without waiting.
@@ -79,58 +74,15 @@ pub fn spawn_echo(dir: &Path, nlb_addr: &str, launch: &ModuleLaunch) -> ModulePr
     cmd.stderr(File::create(&stderr_path).expect("stderr file"));
     let child = cmd.spawn().expect("spawn echo-module");
     ModuleProcess {
-        child,
+        process: crate::process::Spawned::new(child, stderr_path, "echo-module"),
         grpc_addr,
         data_addr,
         admin_addr,
         config_path,
-        stderr_path,
-        exited: None,
     }
 }
 
 impl ModuleProcess {
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    pub fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
-    }
-
-    pub fn try_exit(&mut self) -> Option<ExitStatus> {
-        if self.exited.is_none() {
-            self.exited = self.child.try_wait().expect("try_wait");
-        }
-        self.exited
-    }
-
-    pub fn signal(&self, name: &str) {
-        let ok = Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.pid().to_string())
-            .status()
-            .expect("run kill")
-            .success();
-        assert!(ok, "kill -{name} {} failed", self.pid());
-    }
-
-    /// Waits (bounded) for the process to exit.
-    pub async fn wait_exit(&mut self) -> ExitStatus {
-        let until = Instant::now() + MODULE_EXIT_DEADLINE;
-        loop {
-            if let Some(s) = self.try_exit() {
-                return s;
-            }
-            assert!(
-                Instant::now() < until,
-                "the module did not exit within {MODULE_EXIT_DEADLINE:?}; stderr:\n{}",
-                self.stderr()
-            );
-            tokio::time::sleep(POLL).await;
-        }
-    }
-
     pub async fn get(&self, path: &str) -> HttpResponse {
         http_get(&self.admin_addr, path)
             .await
@@ -198,12 +150,16 @@ impl ModuleProcess {
     }
 }
 
-impl Drop for ModuleProcess {
-    fn drop(&mut self) {
-        if self.try_exit().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+impl std::ops::Deref for ModuleProcess {
+    type Target = crate::process::Spawned;
+    fn deref(&self) -> &Self::Target {
+        &self.process
+    }
+}
+
+impl std::ops::DerefMut for ModuleProcess {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.process
     }
 }
 
