@@ -323,35 +323,39 @@ impl Alb {
         ctx: &Context,
     ) -> Result<Arc<Upstream>, Box<Response<ProxyBody>>> {
         let metrics = self.metrics();
-        // hyper reads at least 8 KiB of HTTP/1 head; a lower limit is kept here.
-        let max_head = self.limits().max_header_bytes;
-        let head: usize = req.uri().to_string().len()
+        let limits = self.limits();
+        let too_large = |why: String| {
+            metrics
+                .refused
+                .with_label_values(&["header_too_large"])
+                .inc();
+            Err(Box::new(local(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                why,
+            )))
+        };
+        // hyper reads at least 8 KiB of HTTP/1 head; a lower limit is kept
+        // here. The URI's length from its parts: no string is built for it.
+        let max_head = limits.max_header_bytes;
+        let uri = req.uri();
+        let uri_len = uri.scheme_str().map_or(0, |s| s.len() + 3)
+            + uri.authority().map_or(0, |a| a.as_str().len())
+            + uri.path_and_query().map_or(0, |p| p.as_str().len());
+        let head: usize = uri_len
             + req
                 .headers()
                 .iter()
                 .map(|(k, v)| k.as_str().len() + v.len() + 4)
                 .sum::<usize>();
         if head > max_head {
-            metrics
-                .refused
-                .with_label_values(&["header_too_large"])
-                .inc();
-            return Err(Box::new(local(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                format!("the request's headers are larger than {max_head} bytes"),
-            )));
+            return too_large(format!(
+                "the request's headers are larger than {max_head} bytes"
+            ));
         }
         // HTTP/2 has no head size hyper counts headers by: count them here.
-        let max_headers = self.limits().max_headers;
+        let max_headers = limits.max_headers;
         if req.headers().len() > max_headers {
-            metrics
-                .refused
-                .with_label_values(&["header_too_large"])
-                .inc();
-            return Err(Box::new(local(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                format!("the request has more than {max_headers} headers"),
-            )));
+            return too_large(format!("the request has more than {max_headers} headers"));
         }
         // One host per request: the request target's authority and `Host`
         // must agree, or the ALB would route on one and the origin serve
@@ -413,7 +417,7 @@ impl Alb {
             }
             return Err(Box::new(r));
         }
-        let max_body = self.limits().max_body_bytes;
+        let max_body = limits.max_body_bytes;
         let declared = req
             .headers()
             .get(header::CONTENT_LENGTH)
