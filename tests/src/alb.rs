@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use shared_types::pb::module_service_client::ModuleServiceClient;
 use tonic::transport::Channel;
 
-use crate::{binary, free_port, http_get, metric_value, HttpResponse, CALL_DEADLINE};
+use crate::{binary, free_port, http_get, metric_value, HttpResponse};
 
 const POLL: Duration = Duration::from_millis(100);
 /// Deadline for one `curl` run (its own `--max-time` is shorter).
@@ -149,30 +149,12 @@ impl AlbProcess {
 
     /// Waits until `/readyz` answers 200 (registered and serving).
     pub async fn wait_registered(&self) {
-        self.eventually("the ALB registered (/readyz 200)", || async {
-            http_get(&self.admin_addr, "/readyz")
-                .await
-                .ok()
-                .filter(|r| r.status == 200)
-        })
-        .await;
+        crate::module::wait_registered("the ALB", &self.admin_addr, || self.stderr()).await;
     }
 
     /// A ModuleService client.
     pub async fn client(&self) -> ModuleServiceClient<Channel> {
-        let channel = Channel::from_shared(format!("http://{}", self.grpc_addr))
-            .expect("a valid URI")
-            .connect_timeout(CALL_DEADLINE)
-            .timeout(CALL_DEADLINE)
-            .connect()
-            .await
-            .unwrap_or_else(|e| {
-                panic!(
-                    "connect to the ALB's ModuleService: {e}; stderr:\n{}",
-                    self.stderr()
-                )
-            });
-        ModuleServiceClient::new(channel)
+        crate::module::module_client("the ALB", &self.grpc_addr, || self.stderr()).await
     }
 }
 

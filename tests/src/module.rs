@@ -111,27 +111,12 @@ impl ModuleProcess {
 
     /// Waits until `/readyz` answers 200 (registered and serving).
     pub async fn wait_registered(&self) {
-        self.eventually("the module registered (/readyz 200)", || async {
-            http_get(&self.admin_addr, "/readyz")
-                .await
-                .ok()
-                .filter(|r| r.status == 200)
-        })
-        .await;
+        wait_registered("echo-module", &self.admin_addr, || self.stderr()).await;
     }
 
     /// A ModuleService client.
     pub async fn client(&self) -> ModuleServiceClient<Channel> {
-        let channel = Channel::from_shared(format!("http://{}", self.grpc_addr))
-            .expect("a valid URI")
-            .connect_timeout(CALL_DEADLINE)
-            .timeout(CALL_DEADLINE)
-            .connect()
-            .await
-            .unwrap_or_else(|e| {
-                panic!("connect to ModuleService: {e}; stderr:\n{}", self.stderr())
-            });
-        ModuleServiceClient::new(channel)
+        module_client("echo-module", &self.grpc_addr, || self.stderr()).await
     }
 
     /// Opens a data connection and reads the greeting line.
@@ -148,6 +133,43 @@ impl ModuleProcess {
         c.greeting = c.line().await.expect("a greeting line");
         c
     }
+}
+
+/// Waits until the module (any module on the SDK) with this admin port
+/// answers `/readyz` 200: registered with the NLB and serving.
+pub async fn wait_registered(what: &str, admin_addr: &str, logs: impl Fn() -> String) {
+    crate::poll_until(
+        &format!("{what} registered (/readyz 200)"),
+        logs,
+        || async {
+            http_get(admin_addr, "/readyz")
+                .await
+                .ok()
+                .filter(|r| r.status == 200)
+        },
+    )
+    .await;
+}
+
+/// A client of the ModuleService of a module on the SDK.
+pub async fn module_client(
+    what: &str,
+    grpc_addr: &str,
+    logs: impl Fn() -> String,
+) -> ModuleServiceClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{grpc_addr}"))
+        .expect("a valid URI")
+        .connect_timeout(CALL_DEADLINE)
+        .timeout(CALL_DEADLINE)
+        .connect()
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "connect to {what}'s ModuleService: {e}; stderr:\n{}",
+                logs()
+            )
+        });
+    ModuleServiceClient::new(channel)
 }
 
 impl std::ops::Deref for ModuleProcess {
