@@ -32,24 +32,30 @@ EXIT_DEADLINE_S = 30.0
 POLL_S = 0.1
 
 
-def nlb_binary() -> Path:
-    """The debug `nlb`: `SWITCHYARD_NLB_BIN` (set by scripts/test.sh), else
-    `$CARGO_TARGET_DIR/debug/nlb`, else `target/debug/nlb` in the repo."""
-    explicit = os.environ.get("SWITCHYARD_NLB_BIN")
+def workspace_binary(name: str, env_var: str) -> Path:
+    """A debug binary of the workspace: `env_var` (set by scripts/test.sh),
+    else `$CARGO_TARGET_DIR/debug/<name>`, else `target/debug/<name>` in the
+    repo."""
+    explicit = os.environ.get(env_var)
     if explicit:
         path = Path(explicit)
     else:
         target = Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target")
         if not target.is_absolute():
             target = REPO / target
-        path = target / "debug" / "nlb"
+        path = target / "debug" / name
     if not path.is_file():
         pytest.fail(
-            f"the nlb binary is not at {path}: build it first (`cargo build -p nlb`) "
-            "or set SWITCHYARD_NLB_BIN",
+            f"the {name} binary is not at {path}: build it first (`cargo build -p {name}`) "
+            f"or set {env_var}",
             pytrace=False,
         )
     return path
+
+
+def nlb_binary() -> Path:
+    """The debug `nlb` (`SWITCHYARD_NLB_BIN`)."""
+    return workspace_binary("nlb", "SWITCHYARD_NLB_BIN")
 
 
 @dataclass

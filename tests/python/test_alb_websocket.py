@@ -12,27 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import workspace_binary
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 
-REPO = Path(__file__).resolve().parents[2]
 DEADLINE_S = 60.0
-
-
-def alb_binary() -> Path:
-    """The debug `alb`: `SWITCHYARD_ALB_BIN` (set by scripts/test.sh), else
-    `$CARGO_TARGET_DIR/debug/alb`, else `target/debug/alb` in the repo."""
-    explicit = os.environ.get("SWITCHYARD_ALB_BIN")
-    if explicit:
-        path = Path(explicit)
-    else:
-        target = Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target")
-        if not target.is_absolute():
-            target = REPO / target
-        path = target / "debug" / "alb"
-    if not path.is_file():
-        pytest.fail(f"the alb binary is not at {path}: build it first (`cargo build -p alb`)", pytrace=False)
-    return path
 
 
 def free_ports(n: int) -> list[int]:
@@ -88,7 +72,7 @@ module:
         log = tmp_path / "alb.log"
         with open(log, "w") as out:
             proc = subprocess.Popen(
-                [str(alb_binary()), "--config", str(config)],
+                [str(workspace_binary("alb", "SWITCHYARD_ALB_BIN")), "--config", str(config)],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
