@@ -7,7 +7,9 @@
 //! for the contract's `Error` message, and the contract's `Query` (filters,
 //! sort, pages) as DESIGN.md decides it, for the NLB and the modules alike.
 //! And [`proxy_v2`], the PROXY protocol v2 header codec (pure bytes, no I/O)
-//! that the NLB and the module SDK share.
+//! that the NLB and the module SDK share, and [`sniff`], the protocol
+//! detectors the NLB runs on a connection's first bytes (pure bytes too, here
+//! so that the fuzz targets reach them).
 
 #![deny(unsafe_code)]
 
@@ -15,6 +17,7 @@ pub mod error;
 pub mod names;
 pub mod proxy_v2;
 pub mod query;
+pub mod sniff;
 pub mod time;
 
 pub mod pb {

@@ -19,66 +19,16 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use shared_types::pb::Protocol;
 
 pub use endpoint::{ConnectionGuard, Endpoint, EndpointCounters, EndpointState};
 pub use pattern::{normalize_name, Cidr, NamePattern};
 pub use route::{FieldError, KeyInterner, RouteSpec, Target};
+/// The protocol family found on a connection; it lives with the detectors in
+/// `shared_types::sniff`.
+pub use shared_types::sniff::Detected;
 pub use table::{
     CompiledRoute, Policy, RouteError, RouteStatsCache, Selection, Snapshot, SnapshotInput,
 };
-
-/// The protocol family found on a connection (declared by the listener or
-/// sniffed from its first bytes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Detected {
-    Tls,
-    Http1,
-    Http2,
-    Postgres,
-    Mysql,
-    Mongodb,
-    Redis,
-    Rtmp,
-    /// Nothing recognised: only `TCP` routes match.
-    Unknown,
-}
-
-impl Detected {
-    /// The family a route protocol names, for routing a described connection
-    /// (`RouteRequest`): `HTTPS` and `RTMPS` are TLS, `HTTP2` and `GRPC` the
-    /// HTTP/2 preface, `TCP` nothing in particular.
-    pub fn from_protocol(p: Protocol) -> Option<Detected> {
-        Some(match p {
-            Protocol::Tcp => Detected::Unknown,
-            Protocol::Http | Protocol::Websocket => Detected::Http1,
-            Protocol::Https | Protocol::Rtmps => Detected::Tls,
-            Protocol::Http2 | Protocol::Grpc => Detected::Http2,
-            Protocol::Postgres => Detected::Postgres,
-            Protocol::Mysql => Detected::Mysql,
-            Protocol::Mongodb => Detected::Mongodb,
-            Protocol::Redis => Detected::Redis,
-            Protocol::Rtmp => Detected::Rtmp,
-            _ => return None,
-        })
-    }
-}
-
-impl fmt::Display for Detected {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Detected::Tls => "tls",
-            Detected::Http1 => "http/1",
-            Detected::Http2 => "http/2",
-            Detected::Postgres => "postgres",
-            Detected::Mysql => "mysql",
-            Detected::Mongodb => "mongodb",
-            Detected::Redis => "redis",
-            Detected::Rtmp => "rtmp",
-            Detected::Unknown => "unknown",
-        })
-    }
-}
 
 /// What the NLB knows of a connection when routing it.
 #[derive(Debug, Clone, PartialEq, Eq)]
