@@ -122,7 +122,8 @@ pub struct ClusterSpec {
     /// Retries and their budget.
     #[serde(default)]
     pub retry: RetrySpec,
-    /// Time to open a connection to an endpoint. Default 1000.
+    /// Time to open a connection to an endpoint (TCP and TLS). Default
+    /// 1000.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
     /// Time for one attempt, from sending the request to the end of the
@@ -132,8 +133,8 @@ pub struct ClusterSpec {
     /// How long an idle pooled connection is kept. Default 90000.
     #[serde(default = "default_idle_timeout_ms")]
     pub idle_timeout_ms: u64,
-    /// Idle pooled connections kept per endpoint; 0 disables pooling.
-    /// Default 64.
+    /// Idle pooled HTTP/1.1 connections kept per endpoint and data thread;
+    /// 0 disables pooling. Default 64.
     #[serde(default = "default_max_idle_per_endpoint")]
     pub max_idle_per_endpoint: u32,
     /// What the endpoints speak: `http1` (default) or `http2` (needed for

@@ -3,13 +3,13 @@
 //! (`X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host`, `Forwarded`
 //! per RFC 7239), and `x-request-id` kept or generated.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// Headers that describe one hop, never forwarded. (`Trailer` is not one:
 /// it announces the trailers that follow, end to end.)
-const HOP_BY_HOP: [HeaderName; 7] = [
+static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -30,26 +30,52 @@ const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 /// `Upgrade`. `TE: trailers` is kept for gRPC (the only TE value HTTP/2
 /// allows).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    let te_trailers = headers.get_all(header::TE).iter().any(|v| {
-        v.to_str().is_ok_and(|s| {
-            s.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        })
-    });
+    // One pass over the names finds which hop-by-hop headers are there
+    // (most messages carry none, or only `Connection`).
+    let mut present = [false; 7];
+    let mut upgrade = false;
+    for k in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
+            present[i] = true;
+        }
+        upgrade |= k == header::UPGRADE;
+    }
+    let connection = present[0];
+    if !connection && !upgrade && !present.contains(&true) {
+        if keep_upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        return;
+    }
+    let named: Vec<HeaderName> = if !connection {
+        Vec::new()
+    } else {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect()
+    };
+    let te_trailers = present[5]
+        && headers.get_all(header::TE).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            })
+        });
     for name in named {
-        if keep_upgrade && name == header::UPGRADE {
+        // Those always removed, and `close`, are no headers to look for.
+        if (keep_upgrade && name == header::UPGRADE)
+            || HOP_BY_HOP.contains(&name)
+            || name == "close"
+        {
             continue;
         }
         headers.remove(name);
     }
-    for name in &HOP_BY_HOP {
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(name);
     }
     if keep_upgrade {
@@ -77,59 +103,95 @@ pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
     upgrade && connection
 }
 
-/// Adds the forwarding headers for a request from `client`, received over
-/// `proto` (`http`/`https`) for `host`.
+/// A client as the forwarding headers name it, worked out once per
+/// connection: its address as text, and as a `Forwarded` node (an IPv6
+/// address is quoted and bracketed, RFC 7239 §6).
+#[derive(Debug, Clone)]
+pub struct ClientNames {
+    ip: HeaderValue,
+    node: Vec<u8>,
+}
+
+impl ClientNames {
+    pub fn new(ip: IpAddr) -> Self {
+        let text = ip.to_string();
+        let node = match ip {
+            IpAddr::V4(_) => text.clone().into_bytes(),
+            IpAddr::V6(_) => [b"\"[", text.as_bytes(), b"]\""].concat(),
+        };
+        ClientNames {
+            ip: HeaderValue::from_str(&text).expect("an IP address is a valid header value"),
+            node,
+        }
+    }
+}
+
+/// Appends this hop to `X-Forwarded-For` and `Forwarded`, and sets
+/// `X-Forwarded-Proto` (`https` or `http`) and `X-Forwarded-Host` (the host
+/// the request was routed on).
 pub fn add_forwarding(
     headers: &mut HeaderMap,
-    client: SocketAddr,
-    proto: &str,
-    host: Option<&str>,
+    client: &ClientNames,
+    https: bool,
+    host: Option<&HeaderValue>,
 ) {
-    let ip = client.ip();
-    let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
-        _ => ip.to_string(),
+    let proto: &[u8] = if https { b"https" } else { b"http" };
+    let xff = match headers.get(X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
+        Some(prior) if !prior.trim_ascii().is_empty() => {
+            joined(&[prior, b", ", client.ip.as_bytes()])
+        }
+        _ => Some(client.ip.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR, v);
     }
     headers.insert(
         X_FORWARDED_PROTO,
-        HeaderValue::from_static(if proto == "https" { "https" } else { "http" }),
+        HeaderValue::from_static(if https { "https" } else { "http" }),
     );
-    if let Some(h) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
-        headers.insert(X_FORWARDED_HOST, h);
+    if let Some(h) = host {
+        headers.insert(X_FORWARDED_HOST, h.clone());
     }
-    let mut element = format!("for={}", forwarded_node(ip));
-    if let Some(h) = host.filter(|h| {
-        h.bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b';' && b != b',')
-    }) {
-        element.push_str(&format!(";host=\"{h}\""));
+    // A host goes into `Forwarded` only as a plain token inside quotes.
+    let host = host.map(HeaderValue::as_bytes).filter(|h| {
+        h.iter()
+            .all(|&b| b.is_ascii_graphic() && b != b'"' && b != b';' && b != b',')
+    });
+    let prior = headers
+        .get(FORWARDED)
+        .map(HeaderValue::as_bytes)
+        .filter(|p| !p.trim_ascii().is_empty());
+    let mut parts: [&[u8]; 9] = [b""; 9];
+    if let Some(p) = prior {
+        parts[0] = p;
+        parts[1] = b", ";
     }
-    element.push_str(&format!(
-        ";proto={}",
-        if proto == "https" { "https" } else { "http" }
-    ));
-    let value = match headers.get(FORWARDED).and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {element}"),
-        _ => element,
-    };
-    if let Ok(v) = HeaderValue::from_str(&value) {
+    parts[2] = b"for=";
+    parts[3] = &client.node;
+    if let Some(h) = host {
+        parts[4] = b";host=\"";
+        parts[5] = h;
+        parts[6] = b"\"";
+    }
+    parts[7] = b";proto=";
+    parts[8] = proto;
+    if let Some(v) = joined(&parts) {
         headers.insert(FORWARDED, v);
     }
 }
 
-/// A `Forwarded` node: IPv6 addresses are quoted and bracketed (RFC 7239).
-fn forwarded_node(ip: IpAddr) -> String {
-    match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+/// The parts one after the other, as a header value (`None` if not valid).
+fn joined(parts: &[&[u8]]) -> Option<HeaderValue> {
+    let mut v = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for p in parts {
+        v.extend_from_slice(p);
     }
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(v)).ok()
 }
 
-/// The request's id: the client's `x-request-id` when it is a sane token,
-/// else a new one (32 hex digits).
+/// The request's id: the client's `x-request-id` when it is a sane token
+/// (1 to 128 characters of letters, digits and `-_.:`), else a new random
+/// one of 32 hex digits.
 pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     if let Some(v) = headers.get(X_REQUEST_ID) {
         let ok = (1..=128).contains(&v.len())
@@ -140,8 +202,13 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
             return v.clone();
         }
     }
-    let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let random = (u128::from(fastrand::u64(..)) << 64) | u128::from(fastrand::u64(..));
+    let mut id = [0u8; 32];
+    for (i, digit) in id.iter_mut().enumerate() {
+        *digit = HEX[((random >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&id).expect("hex digits are a valid header value")
 }
 
 #[cfg(test)]
@@ -196,9 +263,9 @@ mod tests {
         ]);
         add_forwarding(
             &mut h,
-            "203.0.113.7:4444".parse().unwrap(),
-            "https",
-            Some("api.example.com"),
+            &ClientNames::new("203.0.113.7".parse().unwrap()),
+            true,
+            Some(&HeaderValue::from_static("api.example.com")),
         );
         assert_eq!(h["x-forwarded-for"], "198.51.100.1, 203.0.113.7");
         assert_eq!(h["x-forwarded-proto"], "https");
@@ -208,7 +275,12 @@ mod tests {
             "for=198.51.100.1, for=203.0.113.7;host=\"api.example.com\";proto=https"
         );
         let mut h = HeaderMap::new();
-        add_forwarding(&mut h, "[2001:db8::1]:80".parse().unwrap(), "http", None);
+        add_forwarding(
+            &mut h,
+            &ClientNames::new("2001:db8::1".parse().unwrap()),
+            false,
+            None,
+        );
         assert_eq!(h["forwarded"], "for=\"[2001:db8::1]\";proto=http");
     }
 

@@ -18,6 +18,7 @@ pub mod config;
 pub mod deadline;
 pub mod headers;
 pub mod metrics;
+pub mod pool;
 pub mod proxy;
 pub mod routes;
 pub mod tls;

@@ -120,13 +120,22 @@ async fn serve_http<S>(
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let tunnels: Tunnels = Arc::default();
-    let conn_tunnels = tunnels.clone();
+    // One per-connection value each request clones (never one shared with
+    // other threads' connections, whose count would bounce between cores).
+    let on_conn = Arc::new(OnConnection {
+        alb,
+        ctx,
+        tunnels: tunnels.clone(),
+        peer: Peer {
+            addr: client,
+            tls,
+            names: headers::ClientNames::new(client.ip()),
+        },
+    });
     let svc = service_fn(move |req: Request<Incoming>| {
         arrived.mark();
-        let alb = alb.clone();
-        let ctx = ctx.clone();
-        let tunnels = conn_tunnels.clone();
-        async move { Ok::<_, Infallible>(alb.handle(req, (client, tls), &ctx, &tunnels).await) }
+        let c = on_conn.clone();
+        async move { Ok::<_, Infallible>(c.alb.handle(req, &c.peer, &c.ctx, &c.tunnels).await) }
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
     tokio::pin!(conn);
@@ -153,6 +162,24 @@ async fn serve_http<S>(
             _ = closing.wait() => abort.abort(),
         }
     }
+}
+
+/// What the requests of one connection share.
+struct OnConnection {
+    alb: Arc<Alb>,
+    ctx: Arc<Context>,
+    tunnels: Tunnels,
+    peer: Peer,
+}
+
+/// The client end of a connection.
+pub struct Peer {
+    /// The client (the PROXY v2 source when the NLB sent one).
+    pub addr: SocketAddr,
+    /// Whether the client's connection is TLS.
+    pub tls: bool,
+    /// The client as the forwarding headers name it.
+    pub names: headers::ClientNames,
 }
 
 /// The WebSocket tunnels a connection has become.
@@ -240,9 +267,10 @@ pub struct Exchange {
 #[derive(Clone, Copy)]
 struct Hop<'a> {
     ex: &'a Exchange,
-    tls: bool,
+    peer: &'a Peer,
     upstream: &'a Upstream,
-    endpoint: &'a http::uri::Authority,
+    /// The endpoint's index in the cluster.
+    endpoint: usize,
     rid: &'a HeaderValue,
 }
 
@@ -279,14 +307,14 @@ impl Alb {
     pub async fn handle(
         self: &Arc<Self>,
         req: Request<Incoming>,
-        (client, tls): (SocketAddr, bool),
+        peer: &Peer,
         ctx: &Context,
         tunnels: &Tunnels,
     ) -> Response<ProxyBody> {
         let rid = headers::request_id(req.headers());
         let mut ex = Exchange {
             started: Instant::now(),
-            client,
+            client: peer.addr,
             method: req.method().clone(),
             host: host_of(&req).unwrap_or_default(),
             path: req.uri().path().to_string(),
@@ -301,10 +329,10 @@ impl Alb {
             Ok(upstream) => {
                 if headers::is_websocket_upgrade(req.headers()) && req.version() == Version::HTTP_11
                 {
-                    self.upgrade(req, &mut ex, (tls, tunnels), &upstream, &rid)
+                    self.upgrade(req, &mut ex, (peer, tunnels), &upstream, &rid)
                         .await
                 } else {
-                    self.forward(req, &mut ex, tls, &upstream, &rid, max_body)
+                    self.forward(req, &mut ex, peer, &upstream, &rid, max_body)
                         .await
                 }
             }
@@ -455,41 +483,39 @@ impl Alb {
     ) -> Result<Request<ProxyBody>, http::Error> {
         let Hop {
             ex,
-            tls,
+            peer,
             upstream,
             endpoint,
             rid,
         } = *hop;
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(if upstream.scheme == "https" {
-            http::uri::Scheme::HTTPS
-        } else {
-            http::uri::Scheme::HTTP
-        });
-        uri.authority = Some(endpoint.clone());
-        uri.path_and_query = Some(
-            parts
-                .uri
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-        );
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
         let mut r = Request::builder()
             .method(parts.method.clone())
-            .uri(http::Uri::from_parts(uri)?)
+            .uri(upstream.uri(endpoint, path)?)
             .version(match upstream.protocol {
                 crate::cluster::UpstreamProtocol::Http1 => Version::HTTP_11,
                 crate::cluster::UpstreamProtocol::Http2 => Version::HTTP_2,
             })
             .body(body)?;
         let h = r.headers_mut();
-        *h = parts.headers.clone();
+        // Room for the forwarding headers up front: one allocation, not a
+        // regrowth as they are added.
+        *h = http::HeaderMap::with_capacity(parts.headers.len() + 6);
+        for (name, value) in &parts.headers {
+            h.append(name, value.clone());
+        }
         headers::strip_hop_by_hop(h, keep_upgrade);
-        let host = (!ex.host.is_empty()).then_some(ex.host.as_str());
-        headers::add_forwarding(h, ex.client, if tls { "https" } else { "http" }, host);
+        let host = (!ex.host.is_empty())
+            .then(|| HeaderValue::from_str(&ex.host).ok())
+            .flatten();
+        headers::add_forwarding(h, &peer.names, peer.tls, host.as_ref());
         h.insert(X_REQUEST_ID, rid.clone());
         // The origin gets the host the request was routed on.
-        if let Some(v) = host.and_then(|v| HeaderValue::from_str(v).ok()) {
+        if let Some(v) = host {
             h.insert(header::HOST, v);
         }
         Ok(r)
@@ -499,7 +525,7 @@ impl Alb {
         self: &Arc<Self>,
         req: Request<Incoming>,
         ex: &mut Exchange,
-        tls: bool,
+        peer: &Peer,
         upstream: &Arc<Upstream>,
         rid: &HeaderValue,
         max_body: u64,
@@ -557,9 +583,9 @@ impl Alb {
                 &parts,
                 &Hop {
                     ex,
-                    tls,
+                    peer,
                     upstream,
-                    endpoint: &upstream.authorities[pick.index],
+                    endpoint: pick.index,
                     rid,
                 },
                 this_body,
@@ -576,7 +602,7 @@ impl Alb {
             let in_flight = pick.endpoint.start();
             let sent = tokio::time::timeout(
                 upstream.request_timeout,
-                upstream.client.request(upstream_req),
+                upstream.pools[pick.index].send(upstream_req),
             )
             .await;
             // Only a request without a body can go again (its body is gone
@@ -683,7 +709,10 @@ impl Alb {
     }
 
     /// The upstream's response as the client gets it.
-    fn downstream_response(&self, resp: Response<Incoming>) -> Response<ProxyBody> {
+    fn downstream_response<B>(&self, resp: Response<B>) -> Response<ProxyBody>
+    where
+        B: http_body::Body<Data = Bytes, Error = hyper::Error> + Send + Sync + 'static,
+    {
         let (mut parts, body) = resp.into_parts();
         // The client's connection has its own version: an HTTP/1.0 origin
         // does not make the answer HTTP/1.0.
@@ -699,7 +728,7 @@ impl Alb {
         self: &Arc<Self>,
         mut req: Request<Incoming>,
         ex: &mut Exchange,
-        (tls, tunnels): (bool, &Tunnels),
+        (peer, tunnels): (&Peer, &Tunnels),
         upstream: &Arc<Upstream>,
         rid: &HeaderValue,
     ) -> Response<ProxyBody> {
@@ -723,9 +752,9 @@ impl Alb {
             &parts,
             &Hop {
                 ex,
-                tls,
+                peer,
                 upstream,
-                endpoint: &upstream.authorities[pick.index],
+                endpoint: pick.index,
                 rid,
             },
             empty,
@@ -735,8 +764,11 @@ impl Alb {
             Err(e) => return local(StatusCode::BAD_REQUEST, format!("bad upgrade request: {e}")),
         };
         let in_flight = pick.endpoint.start();
-        let sent =
-            tokio::time::timeout(upstream.request_timeout, upstream.client.request(up_req)).await;
+        let sent = tokio::time::timeout(
+            upstream.request_timeout,
+            upstream.pools[pick.index].send_upgrade(up_req),
+        )
+        .await;
         let mut resp = match sent {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {

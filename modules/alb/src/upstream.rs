@@ -1,5 +1,5 @@
-//! Upstream clusters at run time: each cluster with its pooled HTTP client
-//! (keep-alive, HTTP/1.1 or HTTP/2, optional TLS with a client
+//! Upstream clusters at run time: each cluster with a pool of connections
+//! per endpoint (keep-alive, HTTP/1.1 or HTTP/2, optional TLS with a client
 //! certificate) and its active health checks.
 
 use std::collections::HashMap;
@@ -9,27 +9,26 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::watch;
 
 use crate::cluster::{Cluster, ClusterSpec, Endpoint, UpstreamProtocol};
+use crate::pool::{Connector, EndpointPool};
 
 /// Request and response bodies through the proxy.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
-pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, ProxyBody>;
 
 /// A cluster and how to reach it.
 pub struct Upstream {
     pub cluster: Arc<Cluster>,
-    pub client: HttpClient,
+    /// Each endpoint's connections, by endpoint index.
+    pub pools: Vec<Arc<EndpointPool>>,
     /// `http` or `https`.
-    pub scheme: &'static str,
+    pub scheme: http::uri::Scheme,
     pub protocol: UpstreamProtocol,
     pub request_timeout: Duration,
-    /// Each endpoint's address as a URI authority, by endpoint index.
+    /// Each endpoint's address as a URI authority, by endpoint index (HTTP/2
+    /// requests carry it as `:authority`).
     pub authorities: Vec<http::uri::Authority>,
 }
 
@@ -49,16 +48,11 @@ impl Upstreams {
         for spec in specs {
             let up = Arc::new(Upstream::new(spec)?);
             if start_checks && spec.health_check.is_some() {
-                let probe_client = up.client.clone();
-                let scheme = up.scheme;
-                let timeout_host = spec.name.clone();
+                let checked = up.clone();
                 tokio::spawn(up.cluster.clone().run_health_checks(
                     move |ep: Arc<Endpoint>, path: String, timeout: Duration| {
-                        let client = probe_client.clone();
-                        let cluster = timeout_host.clone();
-                        async move {
-                            probe(&client, scheme, ep.address(), &path, timeout, &cluster).await
-                        }
+                        let up = checked.clone();
+                        async move { up.probe(&ep, &path, timeout).await }
                     },
                     stopped.clone(),
                 ));
@@ -75,105 +69,117 @@ impl Upstreams {
 impl Upstream {
     pub fn new(spec: &ClusterSpec) -> Result<Self, String> {
         let cluster = Cluster::new(spec.clone()).map_err(|e| e.to_string())?;
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(Duration::from_millis(spec.connect_timeout_ms)));
-        http.enforce_http(false);
-        http.set_keepalive(Some(Duration::from_secs(60)));
-        let (connector, scheme) = match &spec.tls {
+        let tls = match &spec.tls {
             Some(tls) => {
                 let mut config = (*crate::tls::upstream_client_config(tls)
                     .map_err(|e| format!("cluster {}: {e}", spec.name))?)
                 .clone();
-                // ALPN follows the cluster's `protocol` (hyper-rustls sets it
-                // and refuses a config that already has it).
-                config.alpn_protocols.clear();
-                let builder = hyper_rustls::HttpsConnectorBuilder::new()
-                    .with_tls_config(config)
-                    .https_only();
-                let builder = match &tls.server_name {
-                    Some(name) => {
-                        let name = tls
-                            .server_name_for(name)
-                            .map_err(|e| format!("cluster {}: {e}", spec.name))?;
-                        builder.with_server_name_resolver(
-                            hyper_rustls::FixedServerNameResolver::new(name),
-                        )
-                    }
-                    None => builder,
-                };
-                let c = match spec.protocol {
-                    UpstreamProtocol::Http1 => builder.enable_http1().wrap_connector(http),
-                    UpstreamProtocol::Http2 => builder.enable_http2().wrap_connector(http),
-                };
-                (c, "https")
+                // ALPN follows the cluster's `protocol`.
+                config.alpn_protocols = vec![match spec.protocol {
+                    UpstreamProtocol::Http1 => b"http/1.1".to_vec(),
+                    UpstreamProtocol::Http2 => b"h2".to_vec(),
+                }];
+                Some(tokio_rustls::TlsConnector::from(Arc::new(config)))
             }
-            None => (
-                hyper_rustls::HttpsConnectorBuilder::new()
-                    .with_tls_config(
-                        rustls::ClientConfig::builder_with_provider(Arc::new(
-                            rustls::crypto::ring::default_provider(),
-                        ))
-                        .with_safe_default_protocol_versions()
-                        .map_err(|e| e.to_string())?
-                        .with_root_certificates(rustls::RootCertStore::empty())
-                        .with_no_client_auth(),
-                    )
-                    .https_or_http()
-                    .enable_all_versions()
-                    .wrap_connector(http),
-                "http",
-            ),
+            None => None,
         };
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_millis(spec.idle_timeout_ms))
-            .pool_max_idle_per_host(spec.max_idle_per_endpoint as usize);
-        if spec.protocol == UpstreamProtocol::Http2 {
-            builder.http2_only(true);
+        let connector = Arc::new(Connector {
+            protocol: spec.protocol,
+            tls,
+            connect_timeout: Duration::from_millis(spec.connect_timeout_ms),
+            idle_timeout: Duration::from_millis(spec.idle_timeout_ms),
+            max_idle: spec.max_idle_per_endpoint as usize,
+        });
+        let mut pools = Vec::new();
+        let mut authorities = Vec::new();
+        for e in cluster.endpoints() {
+            let address = e.address();
+            let authority = address
+                .parse::<http::uri::Authority>()
+                .map_err(|err| format!("cluster {}: endpoint {address:?}: {err}", spec.name))?;
+            let server_name = match &spec.tls {
+                Some(tls) => Some(
+                    tls.server_name_for(authority.host())
+                        .map_err(|e| format!("cluster {}: {e}", spec.name))?,
+                ),
+                None => None,
+            };
+            pools.push(Arc::new(EndpointPool::new(
+                address.to_string(),
+                server_name,
+                connector.clone(),
+            )));
+            authorities.push(authority);
         }
-        let authorities = cluster
-            .endpoints()
-            .iter()
-            .map(|e| {
-                e.address().parse::<http::uri::Authority>().map_err(|err| {
-                    format!("cluster {}: endpoint {:?}: {err}", spec.name, e.address())
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
         Ok(Upstream {
             authorities,
+            pools,
             cluster,
-            client: builder.build(connector),
-            scheme,
+            scheme: if spec.tls.is_some() {
+                http::uri::Scheme::HTTPS
+            } else {
+                http::uri::Scheme::HTTP
+            },
             protocol: spec.protocol,
             request_timeout: Duration::from_millis(spec.request_timeout_ms),
         })
     }
-}
 
-/// One active health check: GET `path`; the status, or why there is none.
-async fn probe(
-    client: &HttpClient,
-    scheme: &str,
-    address: &str,
-    path: &str,
-    timeout: Duration,
-    cluster: &str,
-) -> Result<u16, String> {
-    let uri = format!("{scheme}://{address}{path}");
-    let req = http::Request::get(&uri)
-        .header(http::header::USER_AGENT, "switchyard-alb-health-check")
-        .body(Empty::<Bytes>::new().map_err(|e| match e {}).boxed())
-        .map_err(|e| format!("cluster {cluster}: health check {uri}: {e}"))?;
-    match tokio::time::timeout(timeout, client.request(req)).await {
-        Ok(Ok(resp)) => Ok(resp.status().as_u16()),
-        Ok(Err(e)) => Err(format!("{uri}: {e}")),
-        Err(_) => Err(format!(
-            "{uri}: no answer within {} ms",
-            timeout.as_millis()
-        )),
+    /// The request URI for endpoint `index`: the path alone for HTTP/1.1
+    /// (origin form), scheme and authority too for HTTP/2.
+    pub fn uri(
+        &self,
+        index: usize,
+        path: http::uri::PathAndQuery,
+    ) -> Result<http::Uri, http::Error> {
+        let mut uri = http::uri::Parts::default();
+        if self.protocol == UpstreamProtocol::Http2 {
+            uri.scheme = Some(self.scheme.clone());
+            uri.authority = Some(self.authorities[index].clone());
+        }
+        uri.path_and_query = Some(path);
+        Ok(http::Uri::from_parts(uri)?)
+    }
+
+    /// One active health check: GET `path`; the status, or why there is
+    /// none.
+    async fn probe(&self, ep: &Endpoint, path: &str, timeout: Duration) -> Result<u16, String> {
+        let Some(index) = self
+            .cluster
+            .endpoints()
+            .iter()
+            .position(|e| e.address() == ep.address())
+        else {
+            return Err(format!("{} is no longer an endpoint", ep.address()));
+        };
+        let target = format!("{}://{}{path}", self.scheme, ep.address());
+        let req = path
+            .parse::<http::uri::PathAndQuery>()
+            .map_err(http::Error::from)
+            .and_then(|p| self.uri(index, p))
+            .and_then(|uri| {
+                http::Request::get(uri)
+                    .header(http::header::HOST, self.authorities[index].as_str())
+                    .header(http::header::USER_AGENT, "switchyard-alb-health-check")
+                    .version(match self.protocol {
+                        UpstreamProtocol::Http1 => http::Version::HTTP_11,
+                        UpstreamProtocol::Http2 => http::Version::HTTP_2,
+                    })
+                    .body(Empty::<Bytes>::new().map_err(|e| match e {}).boxed())
+            })
+            .map_err(|e| format!("health check {target}: {e}"))?;
+        match tokio::time::timeout(timeout, self.pools[index].send(req)).await {
+            Ok(Ok(resp)) => {
+                let status = resp.status().as_u16();
+                // Read the answer to its end, so the connection is reused.
+                let _ = tokio::time::timeout(timeout, resp.into_body().collect()).await;
+                Ok(status)
+            }
+            Ok(Err(e)) => Err(format!("{target}: {e}")),
+            Err(_) => Err(format!(
+                "{target}: no answer within {} ms",
+                timeout.as_millis()
+            )),
+        }
     }
 }

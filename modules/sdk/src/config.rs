@@ -247,6 +247,9 @@ pub struct DataConfig {
     pub proxy_protocol: bool,
     /// How long a connection may take to send its PROXY v2 header.
     pub proxy_header_timeout_ms: u64,
+    /// Data threads, each with its own single-threaded runtime serving the
+    /// connections it accepts; 0 = one per CPU core.
+    pub threads: u32,
 }
 
 impl Default for DataConfig {
@@ -254,6 +257,7 @@ impl Default for DataConfig {
         DataConfig {
             proxy_protocol: false,
             proxy_header_timeout_ms: 5_000,
+            threads: 0,
         }
     }
 }
@@ -450,6 +454,12 @@ impl SdkConfig {
                     "{} is more than an hour (3600)",
                     self.shutdown.shed_grace_seconds
                 ),
+            );
+        }
+        if self.data.threads > 1024 {
+            err(
+                "data.threads",
+                format!("{} is more than 1024", self.data.threads),
             );
         }
         if self.data.proxy_header_timeout_ms == 0 {

@@ -3,7 +3,15 @@
 //! each to [`crate::Module::serve`] on its own task. Every live connection
 //! is tracked so the SDK can ask it to finish (drain, shed) and close it at
 //! a deadline.
+//!
+//! Connections are served on the data threads ([`spawn_workers`]), nginx's
+//! shape: each thread runs its own single-threaded runtime and accepts from
+//! the one listening socket, so a connection, its requests and whatever it
+//! opens (an upstream connection, say) stay on one thread, with no
+//! cross-thread wake-ups. The control side (ModuleService, heartbeats,
+//! admin) runs on the main runtime.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
@@ -312,6 +320,90 @@ pub struct DataSettings {
     pub proxy_header_timeout: Duration,
     /// 0 = unlimited.
     pub max_connections: usize,
+}
+
+thread_local! {
+    static WORKER: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// The data thread the caller runs on (0-based), or `None` off the data
+/// threads (the control runtime, a test). Modules use it to keep
+/// per-thread state, such as pools of upstream connections, without locks
+/// shared between threads.
+pub fn worker() -> Option<usize> {
+    WORKER.with(Cell::get)
+}
+
+/// The data threads, each accepting from the same listening socket.
+pub struct Workers {
+    accepting: Vec<tokio::sync::oneshot::Receiver<()>>,
+    exit: watch::Sender<bool>,
+}
+
+impl Workers {
+    /// Resolves once every thread has stopped accepting (after `stop`
+    /// turned true).
+    pub async fn stopped_accepting(&mut self) {
+        for done in self.accepting.drain(..) {
+            let _ = done.await;
+        }
+    }
+}
+
+impl Drop for Workers {
+    /// Ends the threads: the connections left on them are dropped (after a
+    /// drain, none are left).
+    fn drop(&mut self) {
+        let _ = self.exit.send(true);
+    }
+}
+
+/// Starts `threads` data threads (at least one). Each runs a
+/// single-threaded runtime with its own handle on `listener`'s socket and
+/// serves what it accepts until `stop` turns true; the thread then lives on
+/// until the returned [`Workers`] is dropped, so the connections it holds
+/// can drain.
+pub fn spawn_workers(
+    listener: TcpListener,
+    threads: usize,
+    module: Arc<dyn Module>,
+    ctx: Arc<Context>,
+    conns: Arc<Connections>,
+    settings: DataSettings,
+    stop: watch::Receiver<bool>,
+) -> io::Result<Workers> {
+    let listener = listener.into_std()?;
+    let (exit, exiting) = watch::channel(false);
+    let mut accepting = Vec::new();
+    for index in 0..threads.max(1) {
+        let socket = listener.try_clone()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (done, accepted) = tokio::sync::oneshot::channel();
+        accepting.push(accepted);
+        let (module, ctx, conns, settings) =
+            (module.clone(), ctx.clone(), conns.clone(), settings.clone());
+        let (stop, mut exiting) = (stop.clone(), exiting.clone());
+        std::thread::Builder::new()
+            .name(format!("data-{index}"))
+            .spawn(move || {
+                WORKER.with(|w| w.set(Some(index)));
+                runtime.block_on(async move {
+                    match TcpListener::from_std(socket) {
+                        Ok(listener) => {
+                            accept_loop(listener, module, ctx, conns, settings, stop).await;
+                        }
+                        Err(e) => {
+                            tracing::error!(thread = index, error = %e, "data thread cannot use the listener");
+                        }
+                    }
+                    let _ = done.send(());
+                    let _ = exiting.wait_for(|e| *e).await;
+                });
+            })?;
+    }
+    Ok(Workers { accepting, exit })
 }
 
 /// Accepts until `stop` turns true, then drops the listener (the port stops

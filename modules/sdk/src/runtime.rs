@@ -410,7 +410,28 @@ impl Runner {
             .start(shared.ctx.clone())
             .await
             .map_err(|e| anyhow::anyhow!("module {}: {e}", shared.descriptor.name))?;
-        let done = tokio::spawn(run(shared.clone(), grpc, data, admin));
+        let (stop_accept, accepting) = watch::channel(false);
+        let threads = match shared.config.data.threads {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n as usize,
+        };
+        let workers = data::spawn_workers(
+            data,
+            threads,
+            shared.module.clone(),
+            shared.ctx.clone(),
+            shared.conns.clone(),
+            DataSettings {
+                proxy_protocol: shared.config.data.proxy_protocol,
+                proxy_header_timeout: Duration::from_millis(
+                    shared.config.data.proxy_header_timeout_ms,
+                ),
+                max_connections: shared.config.max_connections as usize,
+            },
+            accepting,
+        )
+        .context("starting the data threads")?;
+        let done = tokio::spawn(run(shared.clone(), grpc, (workers, stop_accept), admin));
         Ok(Running {
             shared,
             grpc_addr,
@@ -421,22 +442,16 @@ impl Runner {
     }
 }
 
-async fn run(shared: Arc<Shared>, grpc: TcpListener, data: TcpListener, admin: TcpListener) {
-    let (stop_accept, accepting) = watch::channel(false);
+/// Serves until told to stop, then stops in order. The data threads
+/// (`workers`) accept until `stop_accept` turns true and end when they are
+/// dropped, after the drain.
+async fn run(
+    shared: Arc<Shared>,
+    grpc: TcpListener,
+    (mut workers, stop_accept): (data::Workers, watch::Sender<bool>),
+    admin: TcpListener,
+) {
     let (stop_servers, servers_stop) = watch::channel(false);
-
-    let accept = tokio::spawn(data::accept_loop(
-        data,
-        shared.module.clone(),
-        shared.ctx.clone(),
-        shared.conns.clone(),
-        DataSettings {
-            proxy_protocol: shared.config.data.proxy_protocol,
-            proxy_header_timeout: Duration::from_millis(shared.config.data.proxy_header_timeout_ms),
-            max_connections: shared.config.max_connections as usize,
-        },
-        accepting,
-    ));
 
     let service = Service::new(shared.clone());
     let mut grpc_stop = servers_stop.clone();
@@ -494,8 +509,9 @@ async fn run(shared: Arc<Shared>, grpc: TcpListener, data: TcpListener, admin: T
     let _ = agent_stop_tx.send(true);
     // 2. Stop accepting, 3. drain until the deadline.
     let _ = stop_accept.send(true);
-    let _ = accept.await;
+    workers.stopped_accepting().await;
     let left = shared.conns.drain(deadline).await;
+    drop(workers);
     if left > 0 {
         tracing::warn!(
             closed = left,

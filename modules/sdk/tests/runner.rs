@@ -295,3 +295,61 @@ async fn heartbeats_fall_back_to_unary_against_an_nlb_without_the_stream() {
         .await
         .expect("the module stops by its shutdown sequence");
 }
+
+/// Writes which data thread serves the connection, then closes it.
+struct WhichThread;
+
+#[switchyard_sdk::async_trait]
+impl Module for WhichThread {
+    fn descriptor(&self) -> Descriptor {
+        Quiet.descriptor()
+    }
+
+    async fn serve(&self, mut conn: Connection) {
+        use tokio::io::AsyncWriteExt;
+        let worker = switchyard_sdk::data::worker();
+        let name = std::thread::current().name().unwrap_or("").to_string();
+        let line = format!("{worker:?} {name}\n");
+        let _ = conn.stream.write_all(line.as_bytes()).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_are_served_on_the_configured_data_threads() {
+    use tokio::io::AsyncReadExt;
+    let mut cfg = config("127.0.0.1:1", "threads-1");
+    cfg.data.threads = 3;
+    let running = Runner::new(WhichThread, cfg).start().await.unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..30 {
+        let mut s = tokio::net::TcpStream::connect(running.data_addr)
+            .await
+            .unwrap();
+        let mut line = String::new();
+        s.read_to_string(&mut line).await.unwrap();
+        seen.insert(line.trim().to_string());
+    }
+    // Every connection ran on a data thread (never the control runtime),
+    // and the worker index names the thread.
+    assert!(!seen.is_empty());
+    for line in &seen {
+        let ok = (0..3).any(|i| line == &format!("Some({i}) data-{i}"));
+        assert!(ok, "served off the data threads: {line:?}");
+    }
+    // Three data threads run (other tests in this process may run theirs
+    // too, so at least one of each name).
+    let names: Vec<String> = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .filter(|n| n.starts_with("data-"))
+        .collect();
+    for i in 0..3 {
+        assert!(names.contains(&format!("data-{i}")), "{names:?}");
+    }
+    running.stop(StopReason::Signal);
+    tokio::time::timeout(SOON, running.wait())
+        .await
+        .unwrap()
+        .unwrap();
+}
