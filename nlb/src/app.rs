@@ -74,22 +74,34 @@ pub struct Nlb {
     apply_lock: parking_lot::Mutex<()>,
     /// The addresses actually bound (set once serving).
     pub bound: std::sync::OnceLock<(std::net::SocketAddr, std::net::SocketAddr)>,
+    /// The L4 data plane (its listeners start with [`crate::start`]).
+    pub dataplane: Arc<crate::dataplane::Dataplane>,
+    /// Set once serving: config changes then reach the listeners.
+    pub dataplane_started: AtomicBool,
 }
 
 impl Nlb {
     pub fn new(config: ConfigStore) -> Arc<Self> {
         let c = config.current();
         let security = Arc::new(Security::default());
+        let registry = Arc::new(Registry::new(
+            Settings::from_config(&c),
+            OperatorRouting::from_config(&c),
+        ));
+        let metrics = NlbMetrics::new();
+        let dataplane = crate::dataplane::Dataplane::new(
+            Arc::clone(registry.router()),
+            c.dataplane.clone(),
+            &metrics.prometheus,
+        )
+        .expect("data-plane metrics register once");
         let nlb = Arc::new(Nlb {
-            registry: Arc::new(Registry::new(
-                Settings::from_config(&c),
-                OperatorRouting::from_config(&c),
-            )),
+            registry,
             series: SeriesStore::new(
                 c.metrics.retention_points,
                 c.metrics.max_series_per_instance,
             ),
-            metrics: NlbMetrics::new(),
+            metrics,
             modules: ModuleClients::new(security.module_call_token.clone()),
             security,
             config,
@@ -100,6 +112,8 @@ impl Nlb {
             shutdown_signal: tokio::sync::watch::Sender::new(false),
             apply_lock: parking_lot::Mutex::new(()),
             bound: std::sync::OnceLock::new(),
+            dataplane,
+            dataplane_started: AtomicBool::new(false),
         });
         nlb.refresh_gauges();
         nlb
@@ -130,6 +144,11 @@ impl Nlb {
             c.metrics.retention_points,
             c.metrics.max_series_per_instance,
         );
+        if self.dataplane_started.load(Ordering::Relaxed) {
+            // A listener that cannot bind is logged and counted; the others
+            // apply.
+            let _ = self.dataplane.apply(&c.listeners, &c.dataplane);
+        }
         self.refresh_gauges();
     }
 

@@ -6,6 +6,7 @@
 //! - [`registry`]: module instances, leases, drains and instructions.
 //! - [`routing`]: the routing core shared by `RouteRequest` and the data plane.
 //! - [`control`]: the `NLBService` control API and the `ModuleService` clients.
+//! - [`dataplane`]: the L4 data plane: listeners, sniffing, forwarding.
 //! - [`metrics`]: Prometheus metrics and the `ReportMetrics` series store.
 //! - [`auth`], [`tls`], [`security`], [`audit`]: who may call what, TLS on
 //!   the NLB's ports, their reloading, and the audit trail of operator changes.
@@ -22,6 +23,7 @@ pub mod auth;
 pub mod config;
 pub mod control;
 pub mod ctl;
+pub mod dataplane;
 pub mod liveness;
 pub mod metrics;
 pub mod registry;

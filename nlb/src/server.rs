@@ -33,6 +33,8 @@ pub enum StartError {
     Reflection(String),
     #[error("{0}")]
     Security(#[from] crate::security::SecurityError),
+    #[error("{0}")]
+    Listener(#[from] crate::dataplane::BindError),
 }
 
 /// A running NLB.
@@ -152,8 +154,16 @@ pub async fn start(nlb: Arc<Nlb>) -> Result<Running, StartError> {
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
+    // The data plane last: connections arrive once the control API can
+    // take the modules' registrations.
+    let mut failed = nlb.dataplane.apply(&config.listeners, &config.dataplane);
+    if !failed.is_empty() {
+        let _ = stop.send(true);
+        return Err(StartError::Listener(failed.remove(0)));
+    }
+    nlb.dataplane_started.store(true, Ordering::Relaxed);
     nlb.ready.store(true, Ordering::Relaxed);
-    tracing::info!(%grpc_addr, %admin_addr, "NLB control API serving");
+    tracing::info!(%grpc_addr, %admin_addr, listeners = config.listeners.len(), "NLB serving");
     Ok(Running {
         nlb,
         grpc_addr,
@@ -176,17 +186,33 @@ impl Running {
         self.health
             .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
+        // Listeners stop accepting at once; their connections finish until
+        // the data plane's drain deadline while the control API winds down.
+        let drain = Duration::from_secs(self.nlb.dataplane.settings().drain_timeout_seconds);
+        let dataplane = Arc::clone(&self.nlb.dataplane);
+        let drained = async move {
+            let cut = dataplane.shutdown(drain).await;
+            if cut > 0 {
+                tracing::warn!(
+                    cut,
+                    "connections still open at the drain deadline were closed"
+                );
+            }
+        };
         let _ = self.stop.send(true);
         for l in &self.loops {
             l.abort();
         }
-        let servers = futures::future::join_all(self.servers);
-        if tokio::time::timeout(grace, servers).await.is_err() {
-            tracing::warn!(
-                grace_ms = grace.as_millis() as u64,
-                "calls still in flight at the shutdown deadline were cut"
-            );
-        }
+        let servers = async {
+            let servers = futures::future::join_all(self.servers);
+            if tokio::time::timeout(grace, servers).await.is_err() {
+                tracing::warn!(
+                    grace_ms = grace.as_millis() as u64,
+                    "calls still in flight at the shutdown deadline were cut"
+                );
+            }
+        };
+        tokio::join!(drained, servers);
         tracing::info!("NLB stopped");
     }
 }

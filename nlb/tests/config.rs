@@ -38,7 +38,7 @@ fn an_empty_config_is_the_documented_defaults() {
 #[test]
 fn every_bad_key_is_named_with_its_reason() {
     let text = r#"
-listeners: []
+upstreams: []
 grpc: {lisen: "0.0.0.0:1"}
 admin: {listen: "nope"}
 registry: {removal_grace_seconds: 0}
@@ -58,7 +58,7 @@ traffic_weights:
     let k = keys(&errors);
     let shown: Vec<String> = errors.iter().map(ToString::to_string).collect();
     for want in [
-        "listeners",
+        "upstreams",
         "grpc",
         "admin.listen",
         "registry.removal_grace_seconds",
@@ -86,7 +86,7 @@ traffic_weights:
     assert!(find("grpc").contains("lisen"), "{}", find("grpc"));
     assert!(find("traffic_weights.alb").contains("sum to 90"));
     assert!(find("routes[0].destination_port").contains("70000"));
-    assert!(find("listeners").contains("unknown key"));
+    assert!(find("upstreams").contains("unknown key"));
     // The backend of routes[2] is checked once the route is otherwise valid.
     let fixed = text.replace("10.0.0.0/33", "10.0.0.0/8");
     let errors = config::check(&sections(&fixed)).unwrap_err();

@@ -304,6 +304,8 @@ async fn get_nlb_config_returns_every_section_with_its_checksum() {
             "metrics",
             "tls",
             "auth",
+            "listeners",
+            "dataplane",
         ]
     );
     for c in &resp.configs {

@@ -15,7 +15,7 @@ pub use model::*;
 pub use state::{StateFile, StateFileError};
 pub use store::{ConfigStore, SectionChange, UpdateError};
 pub use validate::check_routes;
-pub use validate::{check, check_host_port, ConfigError};
+pub use validate::{check, check_host_port, listener_protocol, ConfigError};
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -57,6 +57,8 @@ pub const SECTIONS: &[&str] = &[
     "metrics",
     "tls",
     "auth",
+    "listeners",
+    "dataplane",
 ];
 
 /// Whether changing `section` needs a restart.

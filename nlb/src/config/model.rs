@@ -29,6 +29,10 @@ pub struct NlbConfig {
     pub tls: TlsSection,
     /// Token authentication of the control API.
     pub auth: AuthConfig,
+    /// The data plane's listening ports.
+    pub listeners: Vec<ListenerConfig>,
+    /// How the data plane treats connections (limits, timeouts, logging).
+    pub dataplane: DataplaneConfig,
 }
 
 impl Default for NlbConfig {
@@ -46,6 +50,95 @@ impl Default for NlbConfig {
             metrics: MetricsConfig::default(),
             tls: TlsSection::default(),
             auth: AuthConfig::default(),
+            listeners: Vec::new(),
+            dataplane: DataplaneConfig::default(),
+        }
+    }
+}
+
+/// One data-plane listener.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Unique; letters, digits, `-`, `_`, `.` (it labels metrics).
+    pub name: String,
+    /// `ip:port` (`0.0.0.0:443`, `[::]:443`).
+    pub bind: String,
+    /// `auto` sniffs the protocol from the first bytes; a protocol name
+    /// (`tcp`, `http`, `https`, `postgres`, `mysql`, ...) declares it and
+    /// nothing is read before routing.
+    pub protocol: String,
+    /// Connections open at once on this listener; 0 = no limit of its own.
+    pub max_connections: u32,
+    /// Every connection starts with a PROXY v2 header from a load balancer
+    /// in front; its source is the client.
+    pub proxy_protocol: bool,
+    /// With `proxy_protocol`: the peers (CIDRs) allowed to send the header;
+    /// empty = any peer.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub trusted_proxies: Vec<String>,
+}
+
+/// How the data plane treats connections.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataplaneConfig {
+    /// Connections open at once over all listeners.
+    pub max_connections: u32,
+    /// Connections still being sniffed at once (a slowloris cap); more are
+    /// closed at accept.
+    pub max_sniffing: u32,
+    /// Bytes read at most to find a protocol.
+    pub sniff_budget_bytes: u32,
+    /// Time the first bytes may take to tell the protocol.
+    pub sniff_timeout_ms: u64,
+    /// Time a PROXY v2 header may take (listeners with `proxy_protocol`).
+    pub proxy_header_timeout_ms: u64,
+    /// Time to connect to one instance.
+    pub connect_timeout_ms: u64,
+    /// Instances tried per connection before giving up.
+    pub connect_attempts: u32,
+    /// Consecutive connect failures that eject an instance (until it
+    /// heartbeats healthy again; a static backend for `eject_seconds`).
+    pub eject_after_failures: u32,
+    pub eject_seconds: u64,
+    /// A connection with no byte either way for this long is closed.
+    pub idle_timeout_seconds: u64,
+    /// TCP keepalive on both legs (seconds of idle before probes); 0 = off.
+    pub tcp_keepalive_seconds: u64,
+    /// Bytes read at once per direction; a buffer is taken only while data
+    /// moves.
+    pub buffer_bytes: u32,
+    /// New connections per second from one source address; 0 = no limit.
+    pub source_rate_per_second: u32,
+    /// Burst above that rate.
+    pub source_burst: u32,
+    /// How long connections may finish after SIGTERM or after their
+    /// listener is removed.
+    pub drain_timeout_seconds: u64,
+    /// One log line per connection (target `access`).
+    pub access_log: bool,
+}
+
+impl Default for DataplaneConfig {
+    fn default() -> Self {
+        DataplaneConfig {
+            max_connections: 100_000,
+            max_sniffing: 10_000,
+            sniff_budget_bytes: shared_types::sniff::DEFAULT_BUDGET as u32,
+            sniff_timeout_ms: shared_types::sniff::DEFAULT_TIMEOUT.as_millis() as u64,
+            proxy_header_timeout_ms: 3_000,
+            connect_timeout_ms: 2_000,
+            connect_attempts: 3,
+            eject_after_failures: 3,
+            eject_seconds: 10,
+            idle_timeout_seconds: 300,
+            tcp_keepalive_seconds: 60,
+            buffer_bytes: 16_384,
+            source_rate_per_second: 0,
+            source_burst: 0,
+            drain_timeout_seconds: 30,
+            access_log: false,
         }
     }
 }

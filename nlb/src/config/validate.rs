@@ -231,6 +231,177 @@ fn semantic(c: &NlbConfig, errors: &mut Vec<ConfigError>) {
     check_backends(&c.backends, errors);
     check_routes(&c.routes, &c.backends, errors);
     check_weights(&c.traffic_weights, errors);
+    check_listeners(&c.listeners, errors);
+    check_dataplane(&c.dataplane, errors);
+}
+
+/// The protocol a listener declares: `None` for `auto`, else the family
+/// it names (`tcp` is [`Detected::Unknown`]).
+pub fn listener_protocol(name: &str) -> Result<Option<crate::routing::Detected>, String> {
+    if name.eq_ignore_ascii_case("auto") {
+        return Ok(None);
+    }
+    Protocol::parse_name(name)
+        .ok()
+        .and_then(crate::routing::Detected::from_protocol)
+        .map(Some)
+        .ok_or_else(|| {
+            format!(
+                "{name:?} is not `auto` or a TCP protocol (tcp, http, https, http2, grpc, \
+                 websocket, postgres, mysql, mongodb, redis, rtmp, rtmps)"
+            )
+        })
+}
+
+fn check_listeners(listeners: &[super::ListenerConfig], errors: &mut Vec<ConfigError>) {
+    let mut names = HashSet::new();
+    let mut binds = HashSet::new();
+    for (i, l) in listeners.iter().enumerate() {
+        let key = format!("listeners[{i}]");
+        if l.name.is_empty()
+            || l.name.len() > 64
+            || !l
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            errors.push(ConfigError::new(
+                format!("{key}.name"),
+                format!(
+                    "{:?}: a listener name is 1 to 64 letters, digits, '-', '_' and '.'",
+                    l.name
+                ),
+            ));
+        } else if !names.insert(l.name.as_str()) {
+            errors.push(ConfigError::new(
+                format!("{key}.name"),
+                format!("{:?} names two listeners", l.name),
+            ));
+        }
+        match l.bind.parse::<SocketAddr>() {
+            Ok(a) if a.port() == 0 => errors.push(ConfigError::new(
+                format!("{key}.bind"),
+                format!("{:?} has port 0; a listener needs a fixed port", l.bind),
+            )),
+            Ok(a) => {
+                if !binds.insert(a) {
+                    errors.push(ConfigError::new(
+                        format!("{key}.bind"),
+                        format!("{a} is bound by another listener"),
+                    ));
+                }
+            }
+            Err(_) => errors.push(ConfigError::new(
+                format!("{key}.bind"),
+                format!(
+                    "{:?} is not an ip:port address (e.g. 0.0.0.0:443 or [::]:443)",
+                    l.bind
+                ),
+            )),
+        }
+        if let Err(m) = listener_protocol(&l.protocol) {
+            errors.push(ConfigError::new(format!("{key}.protocol"), m));
+        }
+        for (j, cidr) in l.trusted_proxies.iter().enumerate() {
+            if let Err(m) = crate::routing::Cidr::parse(cidr) {
+                errors.push(ConfigError::new(format!("{key}.trusted_proxies[{j}]"), m));
+            }
+        }
+        if !l.trusted_proxies.is_empty() && !l.proxy_protocol {
+            errors.push(ConfigError::new(
+                format!("{key}.trusted_proxies"),
+                "applies only with proxy_protocol: true",
+            ));
+        }
+    }
+}
+
+fn check_dataplane(d: &super::DataplaneConfig, errors: &mut Vec<ConfigError>) {
+    range(
+        d.max_connections,
+        1,
+        10_000_000,
+        "dataplane.max_connections",
+        errors,
+    );
+    range(
+        d.max_sniffing,
+        1,
+        10_000_000,
+        "dataplane.max_sniffing",
+        errors,
+    );
+    range(
+        d.sniff_budget_bytes,
+        64,
+        1 << 20,
+        "dataplane.sniff_budget_bytes",
+        errors,
+    );
+    range(
+        d.sniff_timeout_ms,
+        1,
+        60_000,
+        "dataplane.sniff_timeout_ms",
+        errors,
+    );
+    range(
+        d.proxy_header_timeout_ms,
+        1,
+        60_000,
+        "dataplane.proxy_header_timeout_ms",
+        errors,
+    );
+    range(
+        d.connect_timeout_ms,
+        1,
+        60_000,
+        "dataplane.connect_timeout_ms",
+        errors,
+    );
+    range(
+        d.connect_attempts,
+        1,
+        16,
+        "dataplane.connect_attempts",
+        errors,
+    );
+    range(
+        d.eject_after_failures,
+        1,
+        1000,
+        "dataplane.eject_after_failures",
+        errors,
+    );
+    range(d.eject_seconds, 1, 3600, "dataplane.eject_seconds", errors);
+    range(
+        d.idle_timeout_seconds,
+        1,
+        7 * 86_400,
+        "dataplane.idle_timeout_seconds",
+        errors,
+    );
+    range(
+        d.tcp_keepalive_seconds,
+        0,
+        86_400,
+        "dataplane.tcp_keepalive_seconds",
+        errors,
+    );
+    range(
+        d.buffer_bytes,
+        1024,
+        1 << 20,
+        "dataplane.buffer_bytes",
+        errors,
+    );
+    range(
+        d.drain_timeout_seconds,
+        0,
+        86_400,
+        "dataplane.drain_timeout_seconds",
+        errors,
+    );
 }
 
 /// `host:port` with a port in 1..=65535.

@@ -463,6 +463,11 @@ impl Registry {
                     inst.reported = status;
                 }
             }
+            // A connect-failure ejection lasts until the instance says it
+            // is healthy again.
+            if inst.reported == HealthStatus::Healthy {
+                inst.counters.clear_ejection();
+            }
             // The stats move into the instance (no copy per beat); a copy
             // is made only when they are due in the series.
             let mut stats_to_record = None;

@@ -1,8 +1,9 @@
 //! What the routing core balances over: module instances and static backend
 //! addresses, each with live counters shared across snapshots.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use shared_types::pb::ModuleType;
 
@@ -17,6 +18,18 @@ pub struct EndpointCounters {
     active: AtomicI64,
     total: AtomicU64,
     last_used_ms: AtomicU64,
+    /// Connect failures in a row (the data plane's).
+    failures: AtomicU32,
+    /// Ejected until this [`mono_ms`] instant; 0 = not ejected, `u64::MAX`
+    /// = until the instance heartbeats healthy.
+    ejected_until_ms: AtomicU64,
+}
+
+/// Milliseconds on a monotonic clock shared by the process (ejection
+/// deadlines).
+pub fn mono_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
 
 impl EndpointCounters {
@@ -34,6 +47,45 @@ impl EndpointCounters {
         self.total.fetch_add(1, Ordering::Relaxed);
         self.last_used_ms.store(now_ms, Ordering::Relaxed);
     }
+    /// Records a failed connect; ejects the endpoint (until `until_ms`) once
+    /// `threshold` failures come in a row. True when this one ejected it.
+    pub fn connect_failed(&self, threshold: u32, until_ms: u64) -> bool {
+        let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= threshold && self.ejected_until_ms.load(Ordering::Relaxed) == 0 {
+            self.ejected_until_ms.store(until_ms, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    /// Records a successful connect: the run of failures ends.
+    pub fn connect_succeeded(&self) {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Ejected by connect failures (and not yet back).
+    pub fn is_ejected(&self) -> bool {
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        if until == 0 {
+            return false;
+        }
+        if until != u64::MAX && mono_ms() >= until {
+            self.clear_ejection();
+            return false;
+        }
+        true
+    }
+
+    /// Takes an endpoint back (a healthy heartbeat, or its time is up).
+    pub fn clear_ejection(&self) {
+        if self.ejected_until_ms.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+            self.ejected_until_ms.store(0, Ordering::Relaxed);
+        }
+    }
+
     /// Counts a connection opened; the guard counts it closed when dropped.
     pub fn open_connection(self: &Arc<Self>, now_ms: u64) -> ConnectionGuard {
         self.active.fetch_add(1, Ordering::Relaxed);
@@ -100,9 +152,13 @@ impl Endpoint {
         self.max_connections > 0 && self.counters.active() >= i64::from(self.max_connections)
     }
 
-    /// Healthy, not draining, has a data address and is not full.
+    /// Healthy, not draining, has a data address, is not full and not
+    /// ejected by connect failures.
     pub fn accepts_new(&self) -> bool {
-        self.state == EndpointState::Healthy && self.address.is_some() && !self.is_full()
+        self.state == EndpointState::Healthy
+            && self.address.is_some()
+            && !self.is_full()
+            && !self.counters.is_ejected()
     }
 
     /// Active connections relative to effective capacity.

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-pub use endpoint::{ConnectionGuard, Endpoint, EndpointCounters, EndpointState};
+pub use endpoint::{mono_ms, ConnectionGuard, Endpoint, EndpointCounters, EndpointState};
 pub use pattern::{normalize_name, Cidr, NamePattern};
 pub use route::{FieldError, KeyInterner, RouteSpec, Target};
 /// The protocol family found on a connection; it lives with the detectors in

@@ -26,6 +26,11 @@ impl RouteStats {
     pub fn last_used_ms(&self) -> u64 {
         self.last_used_ms.load(Ordering::Relaxed)
     }
+
+    /// The route took a connection at `now_ms` (unix milliseconds).
+    pub fn mark_used(&self, now_ms: u64) {
+        self.last_used_ms.store(now_ms, Ordering::Relaxed);
+    }
 }
 
 /// Keeps route stats across rebuilds, keyed by route identity.

@@ -1,0 +1,446 @@
+//! One connection: PROXY v2 header (from a trusted load balancer in front),
+//! protocol, route, connect (the next instance on failure), PROXY v2 header
+//! to the instance if it asked, the bytes already read, then both ways
+//! until done.
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use shared_types::proxy_v2::{self, Decoded};
+use shared_types::sniff::{Sniffer, Verdict};
+use shared_types::time::unix_millis;
+use tokio::net::TcpStream;
+
+use super::copy::{self, Flow};
+use super::{Dataplane, ListenerShared, Open};
+use crate::config::DataplaneConfig;
+use crate::routing::{mono_ms, normalize_name, ConnInfo, Detected, Endpoint, RouteError};
+
+/// What happened to a connection, for its access log line.
+#[derive(Debug, Default)]
+struct Report {
+    client: Option<SocketAddr>,
+    protocol: Option<Detected>,
+    server_name: Option<String>,
+    route: Option<String>,
+    instance: Option<String>,
+    attempts: u32,
+    outcome: &'static str,
+}
+
+/// Serves one accepted connection until it ends (or must close).
+pub(crate) async fn serve(open: Open, client: TcpStream, peer: SocketAddr) {
+    let dp = open.dp.clone();
+    let listener = open.listener.clone();
+    let settings = dp.settings();
+    let started = Instant::now();
+    let mut report = Report {
+        client: Some(peer),
+        outcome: "closed",
+        ..Report::default()
+    };
+    let flow = Flow::default();
+    let mut kill = listener.kill.subscribe();
+    let mut kill_all = dp.kill_all.subscribe();
+    tokio::select! {
+        () = forward(&dp, &listener, &settings, &client, peer, &mut report, &flow) => {}
+        _ = kill.wait_for(|k| *k) => report.outcome = "drained",
+        _ = kill_all.wait_for(|k| *k) => report.outcome = "drained",
+    }
+    let (up, down) = (
+        flow.up.load(Ordering::Relaxed),
+        flow.down.load(Ordering::Relaxed),
+    );
+    if up > 0 || down > 0 {
+        let bytes = &dp.metrics.bytes;
+        bytes
+            .with_label_values(&[listener.name.as_str(), "upstream"])
+            .inc_by(up);
+        bytes
+            .with_label_values(&[listener.name.as_str(), "downstream"])
+            .inc_by(down);
+    }
+    if settings.access_log {
+        tracing::info!(
+            target: "access",
+            listener = %listener.name,
+            client = %report.client.map_or_else(|| "-".to_string(), |c| c.to_string()),
+            protocol = report.protocol.map_or("-", family),
+            server_name = report.server_name.as_deref().unwrap_or("-"),
+            route = report.route.as_deref().unwrap_or("-"),
+            instance = report.instance.as_deref().unwrap_or("-"),
+            attempts = report.attempts,
+            bytes_up = up,
+            bytes_down = down,
+            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+            outcome = report.outcome,
+        );
+    }
+    drop(open);
+}
+
+/// A protocol family as a metric label and log field.
+pub fn family(d: Detected) -> &'static str {
+    match d {
+        Detected::Tls => "tls",
+        Detected::Http1 => "http1",
+        Detected::Http2 => "http2",
+        Detected::Postgres => "postgres",
+        Detected::Mysql => "mysql",
+        Detected::Mongodb => "mongodb",
+        Detected::Redis => "redis",
+        Detected::Rtmp => "rtmp",
+        Detected::Unknown => "tcp",
+    }
+}
+
+/// The module label of an endpoint: its module type, or `backend`.
+fn module_label(e: &Endpoint) -> &'static str {
+    if e.module_type == shared_types::pb::ModuleType::Unspecified {
+        "backend"
+    } else {
+        e.module_type.short_name()
+    }
+}
+
+async fn forward(
+    dp: &Arc<Dataplane>,
+    listener: &ListenerShared,
+    settings: &DataplaneConfig,
+    client: &TcpStream,
+    peer: SocketAddr,
+    report: &mut Report,
+    flow: &Flow,
+) {
+    let rejected = |reason: &'static str| {
+        dp.metrics
+            .rejected
+            .with_label_values(&[listener.name.as_str(), reason])
+            .inc();
+    };
+    tune(client, settings);
+    // Bytes read before forwarding (PROXY header's tail, sniffed bytes):
+    // replayed to the instance.
+    let mut pending: Vec<u8> = Vec::new();
+    let mut client_addr = peer;
+    let mut dst = listener.local;
+    if listener.proxy_protocol {
+        if !listener.trusted.is_empty() && !listener.trusted.iter().any(|c| c.contains(peer.ip())) {
+            rejected("untrusted_proxy");
+            report.outcome = "untrusted_proxy";
+            return;
+        }
+        let timeout = Duration::from_millis(settings.proxy_header_timeout_ms);
+        match tokio::time::timeout(timeout, read_proxy_header(client, &mut pending)).await {
+            Ok(Ok(h)) => {
+                if let Some(src) = h.source() {
+                    client_addr = SocketAddr::new(src.ip().to_canonical(), src.port());
+                }
+                if let Some(d) = h.destination() {
+                    dst = d;
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(listener = %listener.name, %peer, error = %e, "bad PROXY v2 header");
+                rejected("proxy_header");
+                report.outcome = "bad_proxy_header";
+                return;
+            }
+            Err(_) => {
+                rejected("proxy_header");
+                report.outcome = "proxy_header_timeout";
+                return;
+            }
+        }
+        report.client = Some(client_addr);
+        if !dp.limiter.admit(
+            client_addr.ip(),
+            settings.source_rate_per_second,
+            settings.source_burst,
+        ) {
+            rejected("rate_limited");
+            report.outcome = "rate_limited";
+            return;
+        }
+    }
+
+    let (protocol, server_name) = match listener.protocol {
+        Some(p) => (p, None),
+        None => match sniff(dp, listener, settings, client, &mut pending).await {
+            Some(found) => found,
+            None => {
+                report.outcome = "closed_while_sniffing";
+                return;
+            }
+        },
+    };
+    report.protocol = Some(protocol);
+    report.server_name = server_name.clone();
+
+    // Route and connect, the next instance on failure.
+    let snapshot = dp.router.load();
+    let info = ConnInfo {
+        port: listener.local.port(),
+        protocol,
+        client: Some(client_addr.ip()),
+        server_name: server_name
+            .as_deref()
+            .map(|n| Cow::Owned(normalize_name(n))),
+    };
+    let mut tried: Vec<String> = Vec::new();
+    let mut connected = None;
+    for _ in 0..settings.connect_attempts.max(1) {
+        let excluded: Vec<&str> = tried.iter().map(String::as_str).collect();
+        let selection = match snapshot.select(&info, &excluded) {
+            Ok(s) => s,
+            Err(e) => {
+                if tried.is_empty() {
+                    let (reason, outcome) = match e {
+                        RouteError::NoRoute(_) => ("no_route", "no_route"),
+                        RouteError::NoServer { .. } => ("no_server", "no_server"),
+                    };
+                    tracing::debug!(listener = %listener.name, %peer, error = %e, "connection not routed");
+                    rejected(reason);
+                    report.outcome = outcome;
+                }
+                break;
+            }
+        };
+        let endpoint = selection.endpoint.clone();
+        report.route = Some(selection.route.spec.route_id().to_string());
+        report.instance = Some(endpoint.id.clone());
+        report.attempts += 1;
+        let Some(address) = endpoint.address.as_deref() else {
+            tried.push(endpoint.id.clone());
+            continue;
+        };
+        let timeout = Duration::from_millis(settings.connect_timeout_ms);
+        match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
+            Ok(Ok(upstream)) => {
+                endpoint.counters.connect_succeeded();
+                let now = unix_millis(SystemTime::now());
+                selection.route.stats.mark_used(now);
+                let guard = endpoint.counters.open_connection(now);
+                connected = Some((upstream, endpoint, guard));
+                break;
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(instance = %endpoint.id, %address, error = %e, "connect failed");
+                failed(dp, settings, &endpoint);
+            }
+            Err(_) => {
+                tracing::debug!(instance = %endpoint.id, %address, "connect timed out");
+                failed(dp, settings, &endpoint);
+            }
+        }
+        tried.push(endpoint.id.clone());
+    }
+    drop(snapshot);
+    let Some((upstream, endpoint, _guard)) = connected else {
+        if report.attempts > 0 {
+            rejected("connect_failed");
+            report.outcome = "connect_failed";
+        }
+        return;
+    };
+    tune(&upstream, settings);
+    dp.metrics
+        .connections
+        .with_label_values(&[
+            listener.name.as_str(),
+            family(protocol),
+            module_label(&endpoint),
+        ])
+        .inc();
+
+    // What the instance sees first: its PROXY v2 header if it asked, then
+    // the bytes already read.
+    if endpoint.proxy_protocol {
+        let header = proxy_v2::Header::proxy(client_addr, dst);
+        match proxy_v2::encode(&header) {
+            Ok(mut bytes) => {
+                bytes.extend_from_slice(&pending);
+                pending = bytes;
+            }
+            Err(e) => {
+                tracing::warn!(instance = %endpoint.id, error = %e, "cannot encode the PROXY v2 header");
+                report.outcome = "proxy_header_encode";
+                return;
+            }
+        }
+    }
+    if !pending.is_empty() {
+        if copy::write_all(&upstream, &pending).await.is_err() {
+            report.outcome = "reset";
+            return;
+        }
+        flow.up.fetch_add(pending.len() as u64, Ordering::Relaxed);
+        pending = Vec::new();
+    }
+    drop(pending);
+    let end = copy::both_ways(
+        client,
+        &upstream,
+        settings.buffer_bytes as usize,
+        Duration::from_secs(settings.idle_timeout_seconds),
+        flow,
+    )
+    .await;
+    report.outcome = end.name();
+}
+
+/// A connect failure: counted, and the endpoint ejected once it has failed
+/// `eject_after_failures` times in a row (a module instance until it
+/// heartbeats healthy, a static backend for `eject_seconds`).
+fn failed(dp: &Dataplane, settings: &DataplaneConfig, endpoint: &Endpoint) {
+    let module = module_label(endpoint);
+    dp.metrics
+        .connect_failures
+        .with_label_values(&[module])
+        .inc();
+    let until = if endpoint.module_type == shared_types::pb::ModuleType::Unspecified {
+        mono_ms() + settings.eject_seconds * 1000
+    } else {
+        u64::MAX
+    };
+    if endpoint
+        .counters
+        .connect_failed(settings.eject_after_failures, until)
+    {
+        dp.metrics.ejections.with_label_values(&[module]).inc();
+        tracing::warn!(
+            instance = %endpoint.id,
+            failures = settings.eject_after_failures,
+            "ejected after consecutive connect failures"
+        );
+    }
+}
+
+/// Nagle off and TCP keepalive on.
+fn tune(s: &TcpStream, settings: &DataplaneConfig) {
+    let _ = s.set_nodelay(true);
+    if settings.tcp_keepalive_seconds > 0 {
+        let ka = socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(settings.tcp_keepalive_seconds));
+        let _ = socket2::SockRef::from(s).set_tcp_keepalive(&ka);
+    }
+}
+
+/// Reads from `s` into `buf` (appending) once bytes are there; `Ok(0)` at
+/// the end of the stream.
+async fn read_more(s: &TcpStream, buf: &mut Vec<u8>, at_most: usize) -> std::io::Result<usize> {
+    let mut chunk = [0u8; 4096];
+    let want = at_most.min(chunk.len());
+    loop {
+        s.readable().await?;
+        match s.try_read(&mut chunk[..want]) {
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                return Ok(n);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Reads one PROXY v2 header; the bytes after it stay in `pending`.
+async fn read_proxy_header(
+    s: &TcpStream,
+    pending: &mut Vec<u8>,
+) -> Result<proxy_v2::Header, String> {
+    loop {
+        match proxy_v2::decode(pending, proxy_v2::DEFAULT_MAX_LEN) {
+            Ok(Decoded::Complete { header, len }) => {
+                pending.drain(..len);
+                return Ok(header);
+            }
+            Ok(Decoded::Incomplete { needed_total }) => {
+                let n = read_more(s, pending, needed_total - pending.len())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if n == 0 {
+                    return Err(format!(
+                        "the peer closed after {} byte(s) of the header",
+                        pending.len()
+                    ));
+                }
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// Finds the protocol from the first bytes, within the byte budget and the
+/// sniff timeout. `None`: the client closed (or failed) first. On timeout
+/// or no match the connection goes on as plain TCP.
+async fn sniff(
+    dp: &Dataplane,
+    listener: &ListenerShared,
+    settings: &DataplaneConfig,
+    client: &TcpStream,
+    pending: &mut Vec<u8>,
+) -> Option<(Detected, Option<String>)> {
+    let count = |outcome: &str| {
+        dp.metrics
+            .sniff
+            .with_label_values(&[listener.name.as_str(), outcome])
+            .inc();
+    };
+    // The slowloris cap: connections still being sniffed at once.
+    if dp.sniffing.fetch_add(1, Ordering::Relaxed) >= settings.max_sniffing as usize {
+        dp.sniffing.fetch_sub(1, Ordering::Relaxed);
+        dp.metrics
+            .rejected
+            .with_label_values(&[listener.name.as_str(), "sniff_limit"])
+            .inc();
+        return None;
+    }
+    struct Slot<'a>(&'a std::sync::atomic::AtomicUsize);
+    impl Drop for Slot<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    let _slot = Slot(&dp.sniffing);
+    let budget = settings.sniff_budget_bytes as usize;
+    let mut sniffer = Sniffer::with_budget(budget);
+    let look = async {
+        loop {
+            if !pending.is_empty() {
+                match sniffer.feed(pending) {
+                    Verdict::Match(s) => return Ok(Some(s)),
+                    Verdict::NoMatch => return Ok(None),
+                    Verdict::NeedMore => {}
+                }
+            }
+            let room = budget.saturating_sub(pending.len()).max(1);
+            let n = read_more(client, pending, room).await?;
+            if n == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+            }
+        }
+    };
+    let timeout = Duration::from_millis(settings.sniff_timeout_ms);
+    match tokio::time::timeout(timeout, look).await {
+        Ok(Ok(Some(found))) => {
+            count(family(found.protocol));
+            Some((found.protocol, found.server_name))
+        }
+        Ok(Ok(None)) => {
+            count("no_match");
+            Some((Detected::Unknown, None))
+        }
+        Ok(Err(_)) => {
+            count("closed");
+            None
+        }
+        Err(_) => {
+            count("timeout");
+            Some((Detected::Unknown, None))
+        }
+    }
+}
