@@ -91,7 +91,7 @@ impl Nlb {
         let metrics = NlbMetrics::new();
         let dataplane = crate::dataplane::Dataplane::new(
             Arc::clone(registry.router()),
-            c.dataplane.clone(),
+            c.dataplane,
             &metrics.prometheus,
         )
         .expect("data-plane metrics register once");

@@ -156,12 +156,15 @@ pub async fn start(nlb: Arc<Nlb>) -> Result<Running, StartError> {
         .await;
     // The data plane last: connections arrive once the control API can
     // take the modules' registrations.
-    let mut failed = nlb.dataplane.apply(&config.listeners, &config.dataplane);
+    // The config as it is now: an update may have come in since `config`.
+    nlb.dataplane_started.store(true, Ordering::Relaxed);
+    let now = nlb.config.current();
+    let mut failed = nlb.dataplane.apply(&now.listeners, &now.dataplane);
     if !failed.is_empty() {
         let _ = stop.send(true);
+        nlb.dataplane.shutdown(Duration::ZERO).await;
         return Err(StartError::Listener(failed.remove(0)));
     }
-    nlb.dataplane_started.store(true, Ordering::Relaxed);
     nlb.ready.store(true, Ordering::Relaxed);
     tracing::info!(%grpc_addr, %admin_addr, listeners = config.listeners.len(), "NLB serving");
     Ok(Running {

@@ -15,6 +15,7 @@
 
 pub mod alb;
 pub mod control;
+pub mod l4;
 pub mod module;
 pub mod nlbctl;
 pub mod origin;

@@ -79,8 +79,9 @@ pub struct ListenerConfig {
     pub trusted_proxies: Vec<String>,
 }
 
-/// How the data plane treats connections.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// How the data plane treats connections (numbers and switches only, so
+/// a connection copies it).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DataplaneConfig {
     /// Connections open at once over all listeners.

@@ -231,7 +231,7 @@ fn semantic(c: &NlbConfig, errors: &mut Vec<ConfigError>) {
     check_backends(&c.backends, errors);
     check_routes(&c.routes, &c.backends, errors);
     check_weights(&c.traffic_weights, errors);
-    check_listeners(&c.listeners, errors);
+    check_listeners(&c.listeners, &[&c.grpc.listen, &c.admin.listen], errors);
     check_dataplane(&c.dataplane, errors);
 }
 
@@ -253,9 +253,14 @@ pub fn listener_protocol(name: &str) -> Result<Option<crate::routing::Detected>,
         })
 }
 
-fn check_listeners(listeners: &[super::ListenerConfig], errors: &mut Vec<ConfigError>) {
+fn check_listeners(
+    listeners: &[super::ListenerConfig],
+    taken: &[&str],
+    errors: &mut Vec<ConfigError>,
+) {
     let mut names = HashSet::new();
-    let mut binds = HashSet::new();
+    // The control API and admin ports are taken too.
+    let mut binds: HashSet<SocketAddr> = taken.iter().filter_map(|a| a.parse().ok()).collect();
     for (i, l) in listeners.iter().enumerate() {
         let key = format!("listeners[{i}]");
         if l.name.is_empty()
@@ -287,7 +292,7 @@ fn check_listeners(listeners: &[super::ListenerConfig], errors: &mut Vec<ConfigE
                 if !binds.insert(a) {
                     errors.push(ConfigError::new(
                         format!("{key}.bind"),
-                        format!("{a} is bound by another listener"),
+                        format!("{a} is bound by another listener, grpc.listen or admin.listen"),
                     ));
                 }
             }

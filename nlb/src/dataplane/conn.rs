@@ -31,10 +31,10 @@ struct Report {
     outcome: &'static str,
 }
 
-/// Serves one accepted connection until it ends (or must close).
+/// Serves one accepted connection until it ends (the drain deadline aborts
+/// the task).
 pub(crate) async fn serve(open: Open, client: TcpStream, peer: SocketAddr) {
-    let dp = open.dp.clone();
-    let listener = open.listener.clone();
+    let (dp, listener) = (&open.dp, &open.listener);
     let settings = dp.settings();
     let started = Instant::now();
     let mut report = Report {
@@ -43,25 +43,16 @@ pub(crate) async fn serve(open: Open, client: TcpStream, peer: SocketAddr) {
         ..Report::default()
     };
     let flow = Flow::default();
-    let mut kill = listener.kill.subscribe();
-    let mut kill_all = dp.kill_all.subscribe();
-    tokio::select! {
-        () = forward(&dp, &listener, &settings, &client, peer, &mut report, &flow) => {}
-        _ = kill.wait_for(|k| *k) => report.outcome = "drained",
-        _ = kill_all.wait_for(|k| *k) => report.outcome = "drained",
-    }
+    forward(dp, listener, &settings, &client, peer, &mut report, &flow).await;
     let (up, down) = (
         flow.up.load(Ordering::Relaxed),
         flow.down.load(Ordering::Relaxed),
     );
-    if up > 0 || down > 0 {
-        let bytes = &dp.metrics.bytes;
-        bytes
-            .with_label_values(&[listener.name.as_str(), "upstream"])
-            .inc_by(up);
-        bytes
-            .with_label_values(&[listener.name.as_str(), "downstream"])
-            .inc_by(down);
+    if up > 0 {
+        listener.bytes_up.inc_by(up);
+    }
+    if down > 0 {
+        listener.bytes_down.inc_by(down);
     }
     if settings.access_log {
         tracing::info!(
@@ -79,7 +70,6 @@ pub(crate) async fn serve(open: Open, client: TcpStream, peer: SocketAddr) {
             outcome = report.outcome,
         );
     }
-    drop(open);
 }
 
 /// A protocol family as a metric label and log field.
@@ -121,14 +111,17 @@ async fn forward(
             .with_label_values(&[listener.name.as_str(), reason])
             .inc();
     };
-    tune(client, settings);
+    // Nagle is off already (inherited from the listening socket).
+    keepalive(client, settings);
+    let ls = listener.settings.load_full();
+    let logged = settings.access_log;
     // Bytes read before forwarding (PROXY header's tail, sniffed bytes):
     // replayed to the instance.
     let mut pending: Vec<u8> = Vec::new();
     let mut client_addr = peer;
-    let mut dst = listener.local;
-    if listener.proxy_protocol {
-        if !listener.trusted.is_empty() && !listener.trusted.iter().any(|c| c.contains(peer.ip())) {
+    let mut dst = None;
+    if ls.proxy_protocol {
+        if !ls.trusted.is_empty() && !ls.trusted.iter().any(|c| c.contains(peer.ip())) {
             rejected("untrusted_proxy");
             report.outcome = "untrusted_proxy";
             return;
@@ -139,9 +132,7 @@ async fn forward(
                 if let Some(src) = h.source() {
                     client_addr = SocketAddr::new(src.ip().to_canonical(), src.port());
                 }
-                if let Some(d) = h.destination() {
-                    dst = d;
-                }
+                dst = h.destination();
             }
             Ok(Err(e)) => {
                 tracing::debug!(listener = %listener.name, %peer, error = %e, "bad PROXY v2 header");
@@ -167,9 +158,9 @@ async fn forward(
         }
     }
 
-    let (protocol, server_name) = match listener.protocol {
+    let (protocol, server_name) = match ls.protocol {
         Some(p) => (p, None),
-        None => match sniff(dp, listener, settings, client, &mut pending).await {
+        None => match Box::pin(sniff(dp, listener, settings, client, &mut pending)).await {
             Some(found) => found,
             None => {
                 report.outcome = "closed_while_sniffing";
@@ -178,7 +169,9 @@ async fn forward(
         },
     };
     report.protocol = Some(protocol);
-    report.server_name = server_name.clone();
+    if logged {
+        report.server_name = server_name.clone();
+    }
 
     // Route and connect, the next instance on failure.
     let snapshot = dp.router.load();
@@ -210,8 +203,10 @@ async fn forward(
             }
         };
         let endpoint = selection.endpoint.clone();
-        report.route = Some(selection.route.spec.route_id().to_string());
-        report.instance = Some(endpoint.id.clone());
+        if logged {
+            report.route = Some(selection.route.spec.route_id().to_string());
+            report.instance = Some(endpoint.id.clone());
+        }
         report.attempts += 1;
         let Some(address) = endpoint.address.as_deref() else {
             tried.push(endpoint.id.clone());
@@ -229,11 +224,11 @@ async fn forward(
             }
             Ok(Err(e)) => {
                 tracing::debug!(instance = %endpoint.id, %address, error = %e, "connect failed");
-                failed(dp, settings, &endpoint);
+                failed(dp, settings, &endpoint, the_instances(&e));
             }
             Err(_) => {
                 tracing::debug!(instance = %endpoint.id, %address, "connect timed out");
-                failed(dp, settings, &endpoint);
+                failed(dp, settings, &endpoint, true);
             }
         }
         tried.push(endpoint.id.clone());
@@ -246,7 +241,8 @@ async fn forward(
         }
         return;
     };
-    tune(&upstream, settings);
+    let _ = upstream.set_nodelay(true);
+    keepalive(&upstream, settings);
     dp.metrics
         .connections
         .with_label_values(&[
@@ -259,6 +255,9 @@ async fn forward(
     // What the instance sees first: its PROXY v2 header if it asked, then
     // the bytes already read.
     if endpoint.proxy_protocol {
+        // The address the client reached (a wildcard listener's own
+        // address is no answer).
+        let dst = dst.unwrap_or_else(|| client.local_addr().unwrap_or(listener.local));
         let header = proxy_v2::Header::proxy(client_addr, dst);
         match proxy_v2::encode(&header) {
             Ok(mut bytes) => {
@@ -292,15 +291,36 @@ async fn forward(
     report.outcome = end.name();
 }
 
-/// A connect failure: counted, and the endpoint ejected once it has failed
-/// `eject_after_failures` times in a row (a module instance until it
-/// heartbeats healthy, a static backend for `eject_seconds`).
-fn failed(dp: &Dataplane, settings: &DataplaneConfig, endpoint: &Endpoint) {
+/// Whether a connect error is the instance's (refused, unreachable, timed
+/// out) rather than this host's (out of descriptors, ports or memory),
+/// which must not eject anyone.
+fn the_instances(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind as K;
+    matches!(
+        e.kind(),
+        K::ConnectionRefused
+            | K::ConnectionReset
+            | K::ConnectionAborted
+            | K::TimedOut
+            | K::HostUnreachable
+            | K::NetworkUnreachable
+            | K::NotFound
+    )
+}
+
+/// A connect failure: counted, and when it was the instance's, the
+/// endpoint is ejected once it has failed `eject_after_failures` times in
+/// a row (a module instance until it heartbeats healthy, a static backend
+/// for `eject_seconds`).
+fn failed(dp: &Dataplane, settings: &DataplaneConfig, endpoint: &Endpoint, its_fault: bool) {
     let module = module_label(endpoint);
     dp.metrics
         .connect_failures
         .with_label_values(&[module])
         .inc();
+    if !its_fault {
+        return;
+    }
     let until = if endpoint.module_type == shared_types::pb::ModuleType::Unspecified {
         mono_ms() + settings.eject_seconds * 1000
     } else {
@@ -319,9 +339,8 @@ fn failed(dp: &Dataplane, settings: &DataplaneConfig, endpoint: &Endpoint) {
     }
 }
 
-/// Nagle off and TCP keepalive on.
-fn tune(s: &TcpStream, settings: &DataplaneConfig) {
-    let _ = s.set_nodelay(true);
+/// TCP keepalive on, after the configured idle time.
+fn keepalive(s: &TcpStream, settings: &DataplaneConfig) {
     if settings.tcp_keepalive_seconds > 0 {
         let ka = socket2::TcpKeepalive::new()
             .with_time(Duration::from_secs(settings.tcp_keepalive_seconds));
@@ -332,15 +351,12 @@ fn tune(s: &TcpStream, settings: &DataplaneConfig) {
 /// Reads from `s` into `buf` (appending) once bytes are there; `Ok(0)` at
 /// the end of the stream.
 async fn read_more(s: &TcpStream, buf: &mut Vec<u8>, at_most: usize) -> std::io::Result<usize> {
-    let mut chunk = [0u8; 4096];
-    let want = at_most.min(chunk.len());
+    // Straight into the vector's room: no buffer lives in the future.
+    buf.reserve(at_most.clamp(1, 4096));
     loop {
         s.readable().await?;
-        match s.try_read(&mut chunk[..want]) {
-            Ok(n) => {
-                buf.extend_from_slice(&chunk[..n]);
-                return Ok(n);
-            }
+        match s.try_read_buf(buf) {
+            Ok(n) => return Ok(n),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         }
@@ -420,7 +436,12 @@ async fn sniff(
             let room = budget.saturating_sub(pending.len()).max(1);
             let n = read_more(client, pending, room).await?;
             if n == 0 {
-                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+                // Some bytes, then the end: nothing more will tell, so it
+                // is no match (plain TCP), not a lost connection.
+                if pending.is_empty() {
+                    return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+                }
+                return Ok(None);
             }
         }
     };

@@ -11,8 +11,6 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use crate::routing::mono_ms;
-
 thread_local! {
     static BUFFERS: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
 }
@@ -43,19 +41,18 @@ fn give(buf: Box<[u8]>) {
     });
 }
 
-/// Bytes moved each way, and when the last byte moved.
+/// Bytes moved each way.
 #[derive(Debug, Default)]
 pub struct Flow {
     /// Client to instance.
     pub up: AtomicU64,
     /// Instance to client.
     pub down: AtomicU64,
-    last_ms: AtomicU64,
 }
 
 impl Flow {
-    fn touch(&self) {
-        self.last_ms.store(mono_ms(), Ordering::Relaxed);
+    fn moved(&self) -> u64 {
+        self.up.load(Ordering::Relaxed) + self.down.load(Ordering::Relaxed)
     }
 }
 
@@ -80,8 +77,22 @@ impl End {
     }
 }
 
-/// Copies `client` <-> `upstream` until both directions have ended, one
-/// fails, or nothing moves for `idle`.
+/// How one direction ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Way {
+    /// Its source closed; the end was passed on.
+    Done,
+    /// Writing failed: the destination is gone. The other direction may
+    /// still deliver what it has.
+    WriteFailed,
+    /// Reading failed: the source was reset.
+    ReadFailed,
+}
+
+/// Copies `client` <-> `upstream` until both directions have ended, or a
+/// source is reset, or nothing moves for `idle`. A direction whose
+/// destination is gone stops without cutting the other short (an origin's
+/// early answer still reaches a client that is still uploading).
 pub async fn both_ways(
     client: &TcpStream,
     upstream: &TcpStream,
@@ -89,42 +100,58 @@ pub async fn both_ways(
     idle: Duration,
     flow: &Flow,
 ) -> End {
-    flow.touch();
     let copy = async {
-        tokio::try_join!(
-            one_way(client, upstream, buffer, flow, &flow.up),
-            one_way(upstream, client, buffer, flow, &flow.down),
-        )
-    };
-    let idle_ms = idle.as_millis() as u64;
-    let watchdog = async {
+        let up = one_way(client, upstream, buffer, &flow.up);
+        let down = one_way(upstream, client, buffer, &flow.down);
+        tokio::pin!(up, down);
+        let (mut up_end, mut down_end) = (None, None);
         loop {
-            let last = flow.last_ms.load(Ordering::Relaxed);
-            let due = last + idle_ms;
-            let now = mono_ms();
-            if now >= due {
+            tokio::select! {
+                w = &mut up, if up_end.is_none() => up_end = Some(w),
+                w = &mut down, if down_end.is_none() => down_end = Some(w),
+            }
+            if up_end == Some(Way::ReadFailed) || down_end == Some(Way::ReadFailed) {
+                return End::Error;
+            }
+            if let (Some(u), Some(d)) = (up_end, down_end) {
+                return if u == Way::Done && d == Way::Done {
+                    End::Closed
+                } else {
+                    End::Error
+                };
+            }
+        }
+    };
+    // The watchdog wakes once per idle period and compares the bytes moved:
+    // nothing per chunk.
+    let watchdog = async {
+        let mut seen = flow.moved();
+        loop {
+            tokio::time::sleep(idle).await;
+            let now = flow.moved();
+            if now == seen {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(due - now)).await;
+            seen = now;
         }
     };
     tokio::select! {
-        r = copy => if r.is_ok() { End::Closed } else { End::Error },
+        end = copy => end,
         () = watchdog => End::Idle,
     }
 }
 
 /// Copies `from` to `to` until `from` ends, then ends `to`'s writing side
 /// (the other direction goes on).
-async fn one_way(
-    from: &TcpStream,
-    to: &TcpStream,
-    buffer: usize,
-    flow: &Flow,
-    count: &AtomicU64,
-) -> io::Result<()> {
+async fn one_way(from: &TcpStream, to: &TcpStream, buffer: usize, count: &AtomicU64) -> Way {
+    // After a failed write, what still comes is read and dropped until the
+    // source ends: closing a socket with unread bytes would reset it, and
+    // the reset could destroy an answer the other direction delivered.
+    let mut discarding = false;
     loop {
-        from.readable().await?;
+        if from.readable().await.is_err() {
+            return Way::ReadFailed;
+        }
         let mut buf = take(buffer);
         let n = match from.try_read(&mut buf) {
             Ok(n) => n,
@@ -132,23 +159,32 @@ async fn one_way(
                 give(buf);
                 continue;
             }
-            Err(e) => {
+            Err(_) => {
                 give(buf);
-                return Err(e);
+                return Way::ReadFailed;
             }
         };
         if n == 0 {
             give(buf);
+            if discarding {
+                return Way::WriteFailed;
+            }
             // The peer is done sending: say so to the other side, whose
             // answer may still come.
             let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
-            return Ok(());
+            return Way::Done;
+        }
+        if discarding {
+            give(buf);
+            continue;
         }
         let written = write_all(to, &buf[..n]).await;
         give(buf);
-        written?;
+        if written.is_err() {
+            discarding = true;
+            continue;
+        }
         count.fetch_add(n as u64, Ordering::Relaxed);
-        flow.touch();
     }
 }
 
@@ -163,4 +199,134 @@ pub async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A connected pair of sockets: (the proxy's side, the peer's side).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (ours, _) = l.accept().await.unwrap();
+        (ours, peer)
+    }
+
+    #[tokio::test]
+    async fn a_half_close_is_passed_on_and_the_answer_still_comes_back() {
+        let (client_side, mut client) = pair().await;
+        let (upstream_side, mut origin) = pair().await;
+        let flow = Flow::default();
+        let proxy = tokio::spawn(async move {
+            both_ways(
+                &client_side,
+                &upstream_side,
+                1024,
+                Duration::from_secs(30),
+                &flow,
+            )
+            .await
+        });
+        client.write_all(b"request").await.unwrap();
+        client.shutdown().await.unwrap();
+        // The origin reads to the end, then answers and closes.
+        let mut got = Vec::new();
+        origin.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"request");
+        origin.write_all(&vec![7u8; 100_000]).await.unwrap();
+        drop(origin);
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.unwrap();
+        assert_eq!(answer.len(), 100_000);
+        assert_eq!(proxy.await.unwrap(), End::Closed);
+    }
+
+    #[tokio::test]
+    async fn an_early_answer_reaches_a_client_still_uploading() {
+        let (client_side, mut client) = pair().await;
+        let (upstream_side, mut origin) = pair().await;
+        let flow = Flow::default();
+        let proxy = tokio::spawn(async move {
+            both_ways(
+                &client_side,
+                &upstream_side,
+                1024,
+                Duration::from_secs(30),
+                &flow,
+            )
+            .await
+        });
+        // The origin answers at once and closes without reading the upload.
+        origin
+            .write_all(b"HTTP/1.1 413 Too Large\r\n\r\n")
+            .await
+            .unwrap();
+        drop(origin);
+        let upload = tokio::spawn(async move {
+            let chunk = vec![1u8; 16 * 1024];
+            for _ in 0..64 {
+                if client.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+            client
+        });
+        let mut client = upload.await.unwrap();
+        let mut answer = [0u8; 26];
+        client.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"HTTP/1.1 413 Too Large\r\n\r\n");
+        // The rest of the upload was read and dropped; the client closing
+        // ends the copy.
+        drop(client);
+        assert_eq!(proxy.await.unwrap(), End::Error);
+    }
+
+    #[tokio::test]
+    async fn nothing_moving_for_the_idle_timeout_ends_the_copy() {
+        let (client_side, _client) = pair().await;
+        let (upstream_side, _origin) = pair().await;
+        let flow = Flow::default();
+        let end = both_ways(
+            &client_side,
+            &upstream_side,
+            1024,
+            Duration::from_millis(200),
+            &flow,
+        )
+        .await;
+        assert_eq!(end, End::Idle);
+    }
+
+    #[tokio::test]
+    async fn bytes_are_counted_each_way() {
+        let (client_side, mut client) = pair().await;
+        let (upstream_side, mut origin) = pair().await;
+        let flow = std::sync::Arc::new(Flow::default());
+        let f = flow.clone();
+        let proxy = tokio::spawn(async move {
+            both_ways(
+                &client_side,
+                &upstream_side,
+                1024,
+                Duration::from_secs(30),
+                &f,
+            )
+            .await
+        });
+        client.write_all(&[0u8; 3000]).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        origin.read_to_end(&mut got).await.unwrap();
+        origin.write_all(&[0u8; 5000]).await.unwrap();
+        drop(origin);
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.unwrap();
+        proxy.await.unwrap();
+        assert_eq!(flow.up.load(Ordering::Relaxed), 3000);
+        assert_eq!(flow.down.load(Ordering::Relaxed), 5000);
+    }
 }

@@ -8,9 +8,13 @@ use parking_lot::Mutex;
 use crate::routing::mono_ms;
 
 const SHARDS: usize = 16;
-/// A shard forgets addresses idle for this long once it holds this many.
+/// A shard forgets sources idle for this long, tidying at most once a
+/// second once it holds `TIDY_AT` of them.
 const FORGET_AFTER_MS: u64 = 60_000;
 const TIDY_AT: usize = 4096;
+/// Sources a shard tracks at most; past it (a flood of addresses) new
+/// sources are admitted untracked rather than grow memory.
+const CAP: usize = 65_536;
 
 struct Bucket {
     tokens: f64,
@@ -19,7 +23,13 @@ struct Bucket {
 
 /// Per-source connection rate limits.
 pub struct SourceLimiter {
-    shards: Vec<Mutex<HashMap<IpAddr, Bucket>>>,
+    shards: Vec<Mutex<Shard>>,
+}
+
+#[derive(Default)]
+struct Shard {
+    buckets: HashMap<IpAddr, Bucket>,
+    tidied_ms: u64,
 }
 
 impl Default for SourceLimiter {
@@ -40,17 +50,27 @@ impl SourceLimiter {
         }
         let now = mono_ms();
         let capacity = f64::from(rate) + f64::from(burst);
-        // The last byte of the address spreads sources over the shards,
-        // which only split the lock.
-        let shard = match ip {
-            IpAddr::V4(v4) => usize::from(v4.octets()[3]) % SHARDS,
-            IpAddr::V6(v6) => usize::from(v6.octets()[15]) % SHARDS,
+        // An IPv6 client owns its /64: one bucket for all of it.
+        let key = match ip {
+            IpAddr::V4(_) => ip,
+            IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
         };
-        let mut map = self.shards[shard].lock();
-        if map.len() >= TIDY_AT {
-            map.retain(|_, b| now.saturating_sub(b.at_ms) < FORGET_AFTER_MS);
+        let spread = match key {
+            IpAddr::V4(v4) => u64::from(u32::from(v4)),
+            IpAddr::V6(v6) => (u128::from(v6) >> 64) as u64,
+        };
+        let shard = (spread.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60) as usize % SHARDS;
+        let mut shard = self.shards[shard].lock();
+        if shard.buckets.len() >= TIDY_AT && now.saturating_sub(shard.tidied_ms) >= 1000 {
+            shard.tidied_ms = now;
+            shard
+                .buckets
+                .retain(|_, b| now.saturating_sub(b.at_ms) < FORGET_AFTER_MS);
         }
-        let b = map.entry(ip).or_insert(Bucket {
+        if shard.buckets.len() >= CAP && !shard.buckets.contains_key(&key) {
+            return true;
+        }
+        let b = shard.buckets.entry(key).or_insert(Bucket {
             tokens: capacity,
             at_ms: now,
         });

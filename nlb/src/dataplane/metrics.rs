@@ -1,4 +1,4 @@
-//! The data plane's metrics (`nlb_dp_*`... named in docs/metrics.md). Labels
+//! The data plane's metrics (named in docs/metrics.md). Labels
 //! are bounded: listener names come from the config, protocols and module
 //! types from fixed lists, reasons and outcomes from this file.
 

@@ -3,47 +3,59 @@
 //! routing core's current snapshot, connect to an instance (the next one on
 //! failure) and copy bytes both ways until either side is done.
 //!
-//! Listener changes apply by difference: a listener whose settings did not
-//! change keeps its socket and connections; a removed one stops accepting
-//! and its connections finish until the drain deadline.
+//! Listener changes apply by difference: a listener whose address did not
+//! change keeps its socket and connections (its other settings change in
+//! place); a moved one binds its new address before the old socket
+//! closes; a removed one stops accepting and its connections finish until
+//! the drain deadline.
 
 pub mod conn;
 pub mod copy;
 pub mod limit;
 pub mod metrics;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use futures::FutureExt;
 use parking_lot::Mutex;
-use prometheus::IntGauge;
+use prometheus::{IntCounter, IntGauge};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
+use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::config::{DataplaneConfig, ListenerConfig};
 use crate::routing::{Cidr, Detected, Router};
 use limit::SourceLimiter;
 use metrics::DataplaneMetrics;
 
-/// A listener as its connections see it.
-pub struct ListenerShared {
-    pub name: String,
-    pub local: SocketAddr,
+/// What a listener does with its connections; changed in place.
+#[derive(Debug, Clone)]
+pub struct ListenerSettings {
     /// `None`: sniffed (`auto`).
     pub protocol: Option<Detected>,
-    /// 0 = no limit of its own (changed in place on reload).
-    pub max_connections: AtomicU32,
     pub proxy_protocol: bool,
     /// Peers allowed to send a PROXY v2 header; empty = any.
     pub trusted: Vec<Cidr>,
+}
+
+/// A listener as its connections see it.
+pub struct ListenerShared {
+    pub name: String,
+    /// Tells this listener's connections from another's in [`Live`].
+    id: u64,
+    pub local: SocketAddr,
+    pub settings: ArcSwap<ListenerSettings>,
+    /// 0 = no limit of its own.
+    pub max_connections: AtomicU32,
     open: AtomicUsize,
-    /// Turns true when this listener's connections must close now.
-    kill: watch::Sender<bool>,
     active: IntGauge,
+    bytes_up: IntCounter,
+    bytes_down: IntCounter,
 }
 
 impl ListenerShared {
@@ -56,6 +68,51 @@ struct Listener {
     spec: ListenerConfig,
     shared: Arc<ListenerShared>,
     stop_accept: watch::Sender<bool>,
+    accepting: JoinHandle<()>,
+}
+
+const LIVE_SHARDS: usize = 16;
+
+/// Per connection id: its listener's id and its task (`None`: the task
+/// ended before it was entered).
+type LiveShard = Mutex<HashMap<u64, Option<(u64, AbortHandle)>>>;
+
+/// Every connection task, so a drain deadline can close those left.
+#[derive(Default)]
+struct Live {
+    shards: [LiveShard; LIVE_SHARDS],
+}
+
+impl Live {
+    fn shard(&self, id: u64) -> &LiveShard {
+        &self.shards[(id as usize) % LIVE_SHARDS]
+    }
+
+    fn enter(&self, id: u64, listener: u64, task: AbortHandle) {
+        let mut shard = self.shard(id).lock();
+        // The task may have ended already and left its mark.
+        if shard.remove(&id).is_none() {
+            shard.insert(id, Some((listener, task)));
+        }
+    }
+
+    fn leave(&self, id: u64) {
+        let mut shard = self.shard(id).lock();
+        if shard.remove(&id).is_none() {
+            shard.insert(id, None);
+        }
+    }
+
+    /// Closes the connections of `listener` (all with `None`).
+    fn abort(&self, listener: Option<u64>) {
+        for shard in &self.shards {
+            for (l, task) in shard.lock().values().flatten() {
+                if listener.is_none_or(|want| want == *l) {
+                    task.abort();
+                }
+            }
+        }
+    }
 }
 
 /// The data plane.
@@ -66,26 +123,34 @@ pub struct Dataplane {
     pub metrics: DataplaneMetrics,
     open: AtomicUsize,
     sniffing: AtomicUsize,
+    /// Set while something waits for connections to close (drains), so
+    /// closes notify only then.
+    draining: AtomicUsize,
     closed: Notify,
     limiter: SourceLimiter,
-    /// Turns true when every connection must close now (the end of the
-    /// shutdown drain).
-    kill_all: watch::Sender<bool>,
+    live: Live,
+    next_id: AtomicU64,
+    /// Set by [`Dataplane::shutdown`]: no listener starts after it.
+    stopped: AtomicBool,
 }
 
 /// A connection counted open on its listener and overall until dropped.
 pub(crate) struct Open {
     dp: Arc<Dataplane>,
     listener: Arc<ListenerShared>,
+    id: u64,
 }
 
 impl Drop for Open {
     fn drop(&mut self) {
+        self.dp.live.leave(self.id);
         self.listener.open.fetch_sub(1, Ordering::Relaxed);
         self.listener.active.dec();
         self.dp.open.fetch_sub(1, Ordering::Relaxed);
         self.dp.metrics.open.dec();
-        self.dp.closed.notify_waiters();
+        if self.dp.draining.load(Ordering::Relaxed) > 0 {
+            self.dp.closed.notify_waiters();
+        }
     }
 }
 
@@ -111,14 +176,17 @@ impl Dataplane {
             metrics: DataplaneMetrics::new(registry)?,
             open: AtomicUsize::new(0),
             sniffing: AtomicUsize::new(0),
+            draining: AtomicUsize::new(0),
             closed: Notify::new(),
             limiter: SourceLimiter::default(),
-            kill_all: watch::Sender::new(false),
+            live: Live::default(),
+            next_id: AtomicU64::new(0),
+            stopped: AtomicBool::new(false),
         }))
     }
 
-    pub fn settings(&self) -> Arc<DataplaneConfig> {
-        self.settings.load_full()
+    pub fn settings(&self) -> DataplaneConfig {
+        **self.settings.load()
     }
 
     /// Connections open over all listeners.
@@ -136,61 +204,64 @@ impl Dataplane {
     }
 
     /// Makes the running listeners match `specs` (validated) and takes the
-    /// new settings. Unchanged listeners are untouched; a changed limit is
-    /// changed in place; a removed or rebound listener stops accepting and
-    /// its connections drain. Returns the listeners that could not bind
-    /// (the others apply regardless).
+    /// new settings. A listener keeps its socket and connections unless
+    /// its address changed; its other settings change in place. A moved
+    /// listener binds the new address first and keeps the old one if that
+    /// fails; a removed one stops accepting and its connections drain.
+    /// Returns the listeners that could not bind (the rest apply).
     pub fn apply(
         self: &Arc<Self>,
         specs: &[ListenerConfig],
         settings: &DataplaneConfig,
     ) -> Vec<BindError> {
-        self.settings.store(Arc::new(settings.clone()));
+        self.settings.store(Arc::new(*settings));
         let mut listeners = self.listeners.lock();
-        let wanted: BTreeMap<&str, &ListenerConfig> =
-            specs.iter().map(|s| (s.name.as_str(), s)).collect();
-        // Stop those gone or changed beyond their limit.
-        let stale: Vec<String> = listeners
-            .iter()
-            .filter(|(name, l)| {
-                wanted
-                    .get(name.as_str())
-                    .is_none_or(|w| !same_socket(&l.spec, w))
-            })
-            .map(|(name, _)| name.clone())
-            .collect();
-        for name in stale {
-            if let Some(l) = listeners.remove(&name) {
-                self.retire(l, Duration::from_secs(settings.drain_timeout_seconds));
-            }
+        if self.stopped.load(Ordering::Relaxed) {
+            return Vec::new();
         }
+        let drain = Duration::from_secs(settings.drain_timeout_seconds);
         let mut errors = Vec::new();
         for spec in specs {
             if let Some(l) = listeners.get_mut(&spec.name) {
-                l.shared
-                    .max_connections
-                    .store(spec.max_connections, Ordering::Relaxed);
-                l.spec = spec.clone();
-                continue;
+                if l.spec.bind == spec.bind {
+                    l.shared.settings.store(Arc::new(listener_settings(spec)));
+                    l.shared
+                        .max_connections
+                        .store(spec.max_connections, Ordering::Relaxed);
+                    l.spec = spec.clone();
+                    continue;
+                }
             }
             match self.start_listener(spec) {
-                Ok(l) => {
+                Ok(new) => {
                     tracing::info!(
                         listener = %spec.name,
-                        bind = %l.shared.local,
+                        bind = %new.shared.local,
                         protocol = %spec.protocol,
                         "listener started"
                     );
-                    listeners.insert(spec.name.clone(), l);
+                    if let Some(old) = listeners.insert(spec.name.clone(), new) {
+                        self.retire(old, drain);
+                    }
                 }
                 Err(e) => {
                     self.metrics
                         .listener_errors
                         .with_label_values(&[spec.name.as_str()])
                         .inc();
-                    tracing::error!(error = %e, "listener not started");
+                    tracing::error!(error = %e, "listener not started; the one in force (if any) stays");
                     errors.push(e);
                 }
+            }
+        }
+        let gone: Vec<String> = listeners
+            .keys()
+            .filter(|name| !specs.iter().any(|s| &s.name == *name))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(l) = listeners.remove(&name) {
+                self.retire(l, drain);
             }
         }
         errors
@@ -202,42 +273,45 @@ impl Dataplane {
             bind: spec.bind.clone(),
             source,
         };
-        let addr: SocketAddr = spec.bind.parse().map_err(|_| {
-            err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "not an ip:port address",
-            ))
-        })?;
+        let invalid = |m: String| err(std::io::Error::new(std::io::ErrorKind::InvalidInput, m));
+        let addr: SocketAddr = spec
+            .bind
+            .parse()
+            .map_err(|_| invalid("not an ip:port address".into()))?;
+        crate::config::listener_protocol(&spec.protocol).map_err(invalid)?;
         let socket = bind(addr).map_err(err)?;
         let local = socket.local_addr().map_err(err)?;
-        let protocol = crate::config::listener_protocol(&spec.protocol)
-            .map_err(|m| err(std::io::Error::new(std::io::ErrorKind::InvalidInput, m)))?;
+        let label = [spec.name.as_str()];
         let shared = Arc::new(ListenerShared {
             name: spec.name.clone(),
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
             local,
-            protocol,
+            settings: ArcSwap::from_pointee(listener_settings(spec)),
             max_connections: AtomicU32::new(spec.max_connections),
-            proxy_protocol: spec.proxy_protocol,
-            trusted: spec
-                .trusted_proxies
-                .iter()
-                .filter_map(|c| Cidr::parse(c).ok())
-                .collect(),
             open: AtomicUsize::new(0),
-            kill: watch::Sender::new(false),
-            active: self.metrics.active.with_label_values(&[spec.name.as_str()]),
+            active: self.metrics.active.with_label_values(&label),
+            bytes_up: self
+                .metrics
+                .bytes
+                .with_label_values(&[spec.name.as_str(), "upstream"]),
+            bytes_down: self
+                .metrics
+                .bytes
+                .with_label_values(&[spec.name.as_str(), "downstream"]),
         });
         let (stop_accept, stopping) = watch::channel(false);
-        tokio::spawn(accept_loop(self.clone(), shared.clone(), socket, stopping));
+        let accepting = tokio::spawn(accept_loop(self.clone(), shared.clone(), socket, stopping));
         Ok(Listener {
             spec: spec.clone(),
             shared,
             stop_accept,
+            accepting,
         })
     }
 
-    /// Stops a listener accepting; its connections finish until `drain`,
-    /// then are closed.
+    /// Stops a listener accepting (the connections already queued on its
+    /// socket are still taken); its connections finish until `drain`, then
+    /// are closed.
     fn retire(self: &Arc<Self>, l: Listener, drain: Duration) {
         let _ = l.stop_accept.send(true);
         tracing::info!(
@@ -246,66 +320,86 @@ impl Dataplane {
             "listener stopped; its connections drain"
         );
         let shared = l.shared;
+        let accepting = l.accepting;
         let dp = self.clone();
         tokio::spawn(async move {
-            let deadline = tokio::time::Instant::now() + drain;
-            loop {
-                let closed = dp.closed.notified();
-                if shared.open_connections() == 0 {
-                    return;
-                }
-                if tokio::time::timeout_at(deadline, closed).await.is_err() {
-                    break;
-                }
+            let _ = accepting.await;
+            if !dp
+                .wait_closed(drain, || shared.open_connections() == 0)
+                .await
+            {
+                dp.live.abort(Some(shared.id));
             }
-            let _ = shared.kill.send(true);
         });
     }
 
-    /// Shutdown: every listener stops accepting; open connections finish
-    /// until `drain`, then the rest are closed. Returns how many were cut.
-    pub async fn shutdown(&self, drain: Duration) -> usize {
-        for l in self.listeners.lock().values() {
-            let _ = l.stop_accept.send(true);
-        }
+    /// Waits until `done()` or `drain` has passed; true when done.
+    async fn wait_closed(&self, drain: Duration, done: impl Fn() -> bool) -> bool {
+        self.draining.fetch_add(1, Ordering::Relaxed);
         let deadline = tokio::time::Instant::now() + drain;
-        loop {
+        let finished = loop {
             let closed = self.closed.notified();
-            if self.open_connections() == 0 {
-                return 0;
+            tokio::pin!(closed);
+            closed.as_mut().enable();
+            if done() {
+                break true;
             }
             if tokio::time::timeout_at(deadline, closed).await.is_err() {
-                break;
+                break done();
             }
+        };
+        self.draining.fetch_sub(1, Ordering::Relaxed);
+        finished
+    }
+
+    /// Shutdown: every listener stops accepting (and no new one starts);
+    /// open connections finish until `drain`, then the rest are closed.
+    /// Returns how many were cut.
+    pub async fn shutdown(&self, drain: Duration) -> usize {
+        let accepting: Vec<JoinHandle<()>> = {
+            let mut listeners = self.listeners.lock();
+            self.stopped.store(true, Ordering::Relaxed);
+            std::mem::take(&mut *listeners)
+                .into_values()
+                .map(|l| {
+                    let _ = l.stop_accept.send(true);
+                    l.accepting
+                })
+                .collect()
+        };
+        for a in accepting {
+            let _ = a.await;
+        }
+        if self
+            .wait_closed(drain, || self.open_connections() == 0)
+            .await
+        {
+            return 0;
         }
         let left = self.open_connections();
-        let _ = self.kill_all.send(true);
-        // Give the closing connections a moment to go.
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            while self.open_connections() > 0 {
-                let closed = self.closed.notified();
-                if self.open_connections() == 0 {
-                    break;
-                }
-                closed.await;
-            }
-        })
-        .await;
+        self.live.abort(None);
+        self.wait_closed(Duration::from_secs(2), || self.open_connections() == 0)
+            .await;
         left
     }
 }
 
-/// Whether two specs can share one socket (only the limit differs).
-fn same_socket(a: &ListenerConfig, b: &ListenerConfig) -> bool {
-    a.bind == b.bind
-        && a.protocol.eq_ignore_ascii_case(&b.protocol)
-        && a.proxy_protocol == b.proxy_protocol
-        && a.trusted_proxies == b.trusted_proxies
+fn listener_settings(spec: &ListenerConfig) -> ListenerSettings {
+    ListenerSettings {
+        protocol: crate::config::listener_protocol(&spec.protocol).unwrap_or(None),
+        proxy_protocol: spec.proxy_protocol,
+        trusted: spec
+            .trusted_proxies
+            .iter()
+            .filter_map(|c| Cidr::parse(c).ok())
+            .collect(),
+    }
 }
 
 /// A listening socket with `SO_REUSEADDR` and `SO_REUSEPORT` (so a
-/// listener rebound to the same address starts before the old one has
-/// closed), IPv6 sockets IPv6 only.
+/// listener moved back to an address starts before the old socket has
+/// closed), IPv6 sockets IPv6 only, and Nagle off and keepalive on
+/// (accepted sockets inherit both).
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
@@ -315,6 +409,7 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
+    socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
     TcpListener::from_std(socket.into())
@@ -326,61 +421,81 @@ async fn accept_loop(
     socket: TcpListener,
     mut stop: watch::Receiver<bool>,
 ) {
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break,
+            r = socket.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => admit(&dp, &listener, stream, peer),
+            Err(e) => {
+                dp.metrics
+                    .listener_errors
+                    .with_label_values(&[listener.name.as_str()])
+                    .inc();
+                // Out of file descriptors or memory: back off rather than
+                // spin. Anything else (a connection reset while queued) is
+                // the client's and passes.
+                let scarce = matches!(e.raw_os_error(), Some(23 | 24 | 105 | 12));
+                tracing::warn!(listener = %listener.name, error = %e, "accept failed");
+                if scarce {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    // Connections the kernel already completed are served, not reset.
+    while let Some(Ok((stream, peer))) = socket.accept().now_or_never() {
+        admit(&dp, &listener, stream, peer);
+    }
+    tracing::debug!(listener = %listener.name, "stopped accepting");
+}
+
+/// Applies the caps to an accepted connection and starts serving it.
+fn admit(
+    dp: &Arc<Dataplane>,
+    listener: &Arc<ListenerShared>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+) {
     let rejected = |reason: &str| {
         dp.metrics
             .rejected
             .with_label_values(&[listener.name.as_str(), reason])
             .inc();
     };
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.wait_for(|s| *s) => break,
-            r = socket.accept() => r,
-        };
-        let (stream, peer) = match accepted {
-            Ok(x) => x,
-            Err(e) => {
-                // Out of file descriptors (or a transient error): back off
-                // rather than spin.
-                dp.metrics
-                    .listener_errors
-                    .with_label_values(&[listener.name.as_str()])
-                    .inc();
-                tracing::warn!(listener = %listener.name, error = %e, "accept failed; retrying in 100 ms");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let settings = dp.settings.load();
-        if dp.open.load(Ordering::Relaxed) >= settings.max_connections as usize {
-            rejected("global_limit");
-            continue;
-        }
-        let max = listener.max_connections.load(Ordering::Relaxed);
-        if max > 0 && listener.open.load(Ordering::Relaxed) >= max as usize {
-            rejected("listener_limit");
-            continue;
-        }
-        // Behind a PROXY v2 sender, the source is known after the header.
-        if !listener.proxy_protocol
-            && !dp.limiter.admit(
-                peer.ip(),
-                settings.source_rate_per_second,
-                settings.source_burst,
-            )
-        {
-            rejected("rate_limited");
-            continue;
-        }
-        dp.open.fetch_add(1, Ordering::Relaxed);
-        dp.metrics.open.inc();
-        listener.open.fetch_add(1, Ordering::Relaxed);
-        listener.active.inc();
-        let open = Open {
-            dp: dp.clone(),
-            listener: listener.clone(),
-        };
-        tokio::spawn(conn::serve(open, stream, peer));
+    let settings = dp.settings.load();
+    if dp.open.load(Ordering::Relaxed) >= settings.max_connections as usize {
+        rejected("global_limit");
+        return;
     }
-    tracing::debug!(listener = %listener.name, "stopped accepting");
+    let max = listener.max_connections.load(Ordering::Relaxed);
+    if max > 0 && listener.open.load(Ordering::Relaxed) >= max as usize {
+        rejected("listener_limit");
+        return;
+    }
+    // Behind a PROXY v2 sender, the source is known after the header.
+    if !listener.settings.load().proxy_protocol
+        && !dp.limiter.admit(
+            peer.ip(),
+            settings.source_rate_per_second,
+            settings.source_burst,
+        )
+    {
+        rejected("rate_limited");
+        return;
+    }
+    dp.open.fetch_add(1, Ordering::Relaxed);
+    dp.metrics.open.inc();
+    listener.open.fetch_add(1, Ordering::Relaxed);
+    listener.active.inc();
+    let id = dp.next_id.fetch_add(1, Ordering::Relaxed);
+    let open = Open {
+        dp: dp.clone(),
+        listener: listener.clone(),
+        id,
+    };
+    let task = tokio::spawn(conn::serve(open, stream, peer));
+    dp.live.enter(id, listener.id, task.abort_handle());
 }

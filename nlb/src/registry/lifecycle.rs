@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use super::instance::{Drain, HealthTimings, Instance, Instruction};
 use super::{Inner, Registry, RegistryError};
 use crate::config::check_host_port;
-use crate::routing::RouteSpec;
+use crate::routing::{EndpointState, RouteSpec};
 
 /// A successful registration.
 #[derive(Debug, Clone, PartialEq)]
@@ -272,7 +272,11 @@ impl Registry {
             }
             let mut replaced_address = None;
             let (registration_id, registered_at, counters) = match inner.instances.remove(&id) {
-                Some(old) if renew => (old.registration_id, old.registered_at, old.counters),
+                Some(old) if renew => {
+                    // A restarted instance at the same address starts afresh.
+                    old.counters.clear_ejection();
+                    (old.registration_id, old.registered_at, old.counters)
+                }
                 Some(old) => {
                     inner.by_registration.remove(&old.registration_id);
                     replaced_address = Some(old.info.address);
@@ -463,9 +467,9 @@ impl Registry {
                     inst.reported = status;
                 }
             }
-            // A connect-failure ejection lasts until the instance says it
-            // is healthy again.
-            if inst.reported == HealthStatus::Healthy {
+            // A connect-failure ejection lasts until a heartbeat finds the
+            // instance healthy again.
+            if inst.state().0 == EndpointState::Healthy {
                 inst.counters.clear_ejection();
             }
             // The stats move into the instance (no copy per beat); a copy

@@ -51,11 +51,12 @@ impl EndpointCounters {
     /// `threshold` failures come in a row. True when this one ejected it.
     pub fn connect_failed(&self, threshold: u32, until_ms: u64) -> bool {
         let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if n >= threshold && self.ejected_until_ms.load(Ordering::Relaxed) == 0 {
-            self.ejected_until_ms.store(until_ms, Ordering::Relaxed);
-            return true;
-        }
-        false
+        // One of several failing at once ejects it (and is counted).
+        n >= threshold
+            && self
+                .ejected_until_ms
+                .compare_exchange(0, until_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     /// Records a successful connect: the run of failures ends.
@@ -155,10 +156,12 @@ impl Endpoint {
     /// Healthy, not draining, has a data address, is not full and not
     /// ejected by connect failures.
     pub fn accepts_new(&self) -> bool {
-        self.state == EndpointState::Healthy
-            && self.address.is_some()
-            && !self.is_full()
-            && !self.counters.is_ejected()
+        self.could_take_new() && !self.counters.is_ejected()
+    }
+
+    /// As [`Endpoint::accepts_new`], ejection aside.
+    pub fn could_take_new(&self) -> bool {
+        self.state == EndpointState::Healthy && self.address.is_some() && !self.is_full()
     }
 
     /// Active connections relative to effective capacity.

@@ -256,11 +256,20 @@ impl Snapshot {
         if route.servers.is_empty() {
             return Err(no_server(format!("has no servers ({})", route.spec.target)));
         }
-        let usable: Vec<&Arc<Endpoint>> = route
+        let mut usable: Vec<&Arc<Endpoint>> = route
             .servers
             .iter()
             .filter(|e| e.accepts_new() && !exclude.contains(&e.id.as_str()))
             .collect();
+        if usable.is_empty() {
+            // Every server ejected by connect failures (a local fault, or
+            // all restarting): trying one beats refusing every connection.
+            usable = route
+                .servers
+                .iter()
+                .filter(|e| e.could_take_new() && !exclude.contains(&e.id.as_str()))
+                .collect();
+        }
         if usable.is_empty() {
             return Err(no_server(format!(
                 "none of its {} servers can take a connection (unhealthy, draining, full, without a data address or already tried)",
