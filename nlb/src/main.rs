@@ -101,6 +101,12 @@ async fn main() -> ExitCode {
         eprintln!("nlb: cannot install signal handlers");
         return ExitCode::from(1);
     };
+    // Each proxied connection holds two descriptors: take the most the
+    // system allows (the soft limit up to the hard one).
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(nofile = n, "file-descriptor limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the file-descriptor limit"),
+    }
     let nlb = nlb::Nlb::new(store);
     let running = match nlb::start(nlb).await {
         Ok(r) => r,
