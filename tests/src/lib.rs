@@ -16,6 +16,7 @@
 pub mod alb;
 pub mod control;
 pub mod l4;
+pub mod l4_faults;
 pub mod module;
 pub mod nlbctl;
 pub mod origin;

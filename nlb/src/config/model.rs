@@ -119,6 +119,10 @@ pub struct DataplaneConfig {
     pub drain_timeout_seconds: u64,
     /// One log line per connection (target `access`).
     pub access_log: bool,
+    /// Data threads, each with its own single-threaded runtime accepting
+    /// on every listener; 0 = one per CPU core. Read once, at the first
+    /// listener's start.
+    pub threads: u32,
 }
 
 impl Default for DataplaneConfig {
@@ -140,6 +144,7 @@ impl Default for DataplaneConfig {
             source_burst: 0,
             drain_timeout_seconds: 30,
             access_log: false,
+            threads: 0,
         }
     }
 }

@@ -400,6 +400,7 @@ fn check_dataplane(d: &super::DataplaneConfig, errors: &mut Vec<ConfigError>) {
         "dataplane.buffer_bytes",
         errors,
     );
+    range(d.threads, 0, 1024, "dataplane.threads", errors);
     range(
         d.drain_timeout_seconds,
         0,

@@ -122,17 +122,24 @@ pub async fn both_ways(
             }
         }
     };
-    // The watchdog wakes once per idle period and compares the bytes moved:
-    // nothing per chunk.
+    // The watchdog wakes four times per idle period and compares the bytes
+    // moved (nothing is done per chunk): a connection closes between the
+    // idle timeout and a quarter more after its last byte.
     let watchdog = async {
-        let mut seen = flow.moved();
+        const CHECKS: u32 = 4;
+        let step = idle / CHECKS;
+        let (mut seen, mut still) = (flow.moved(), 0);
         loop {
-            tokio::time::sleep(idle).await;
+            tokio::time::sleep(step).await;
             let now = flow.moved();
             if now == seen {
-                return;
+                still += 1;
+                if still >= CHECKS {
+                    return;
+                }
+            } else {
+                (seen, still) = (now, 0);
             }
-            seen = now;
         }
     };
     tokio::select! {

@@ -3,6 +3,11 @@
 //! routing core's current snapshot, connect to an instance (the next one on
 //! failure) and copy bytes both ways until either side is done.
 //!
+//! Connections are served on the data threads, nginx's shape: each runs its
+//! own single-threaded runtime and accepts from every listener's socket, so
+//! a connection and both its sockets stay on one thread with no
+//! cross-thread wake-ups. The control API runs on the main runtime.
+//!
 //! Listener changes apply by difference: a listener whose address did not
 //! change keeps its socket and connections (its other settings change in
 //! place); a moved one binds its new address before the old socket
@@ -68,7 +73,8 @@ struct Listener {
     spec: ListenerConfig,
     shared: Arc<ListenerShared>,
     stop_accept: watch::Sender<bool>,
-    accepting: JoinHandle<()>,
+    /// One accept loop per data thread.
+    accepting: Vec<JoinHandle<()>>,
 }
 
 const LIVE_SHARDS: usize = 16;
@@ -132,6 +138,8 @@ pub struct Dataplane {
     next_id: AtomicU64,
     /// Set by [`Dataplane::shutdown`]: no listener starts after it.
     stopped: AtomicBool,
+    /// The data threads' runtimes, started with the first listener.
+    workers: std::sync::OnceLock<Vec<tokio::runtime::Handle>>,
 }
 
 /// A connection counted open on its listener and overall until dropped.
@@ -182,7 +190,31 @@ impl Dataplane {
             live: Live::default(),
             next_id: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
+            workers: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// The data threads (started on first use; callers hold the listeners
+    /// lock, so they start once).
+    fn workers(&self) -> std::io::Result<&[tokio::runtime::Handle]> {
+        if let Some(w) = self.workers.get() {
+            return Ok(w);
+        }
+        let n = match self.settings().threads {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n as usize,
+        };
+        let mut handles = Vec::with_capacity(n);
+        for i in 0..n {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            handles.push(runtime.handle().clone());
+            std::thread::Builder::new()
+                .name(format!("dataplane-{i}"))
+                .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
+        }
+        Ok(self.workers.get_or_init(|| handles))
     }
 
     pub fn settings(&self) -> DataplaneConfig {
@@ -279,6 +311,7 @@ impl Dataplane {
             .parse()
             .map_err(|_| invalid("not an ip:port address".into()))?;
         crate::config::listener_protocol(&spec.protocol).map_err(invalid)?;
+        let workers = self.workers().map_err(err)?;
         let socket = bind(addr).map_err(err)?;
         let local = socket.local_addr().map_err(err)?;
         let label = [spec.name.as_str()];
@@ -300,7 +333,16 @@ impl Dataplane {
                 .with_label_values(&[spec.name.as_str(), "downstream"]),
         });
         let (stop_accept, stopping) = watch::channel(false);
-        let accepting = tokio::spawn(accept_loop(self.clone(), shared.clone(), socket, stopping));
+        let mut accepting = Vec::with_capacity(workers.len());
+        for worker in workers {
+            let socket = socket.try_clone().map_err(err)?;
+            accepting.push(worker.spawn(accept_loop(
+                self.clone(),
+                shared.clone(),
+                socket,
+                stopping.clone(),
+            )));
+        }
         Ok(Listener {
             spec: spec.clone(),
             shared,
@@ -323,7 +365,9 @@ impl Dataplane {
         let accepting = l.accepting;
         let dp = self.clone();
         tokio::spawn(async move {
-            let _ = accepting.await;
+            for a in accepting {
+                let _ = a.await;
+            }
             if !dp
                 .wait_closed(drain, || shared.open_connections() == 0)
                 .await
@@ -361,7 +405,7 @@ impl Dataplane {
             self.stopped.store(true, Ordering::Relaxed);
             std::mem::take(&mut *listeners)
                 .into_values()
-                .map(|l| {
+                .flat_map(|l| {
                     let _ = l.stop_accept.send(true);
                     l.accepting
                 })
@@ -400,7 +444,7 @@ fn listener_settings(spec: &ListenerConfig) -> ListenerSettings {
 /// listener moved back to an address starts before the old socket has
 /// closed), IPv6 sockets IPv6 only, and Nagle off and keepalive on
 /// (accepted sockets inherit both).
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     if addr.is_ipv6() {
@@ -412,15 +456,23 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
+/// Accepts on one data thread until told to stop.
 async fn accept_loop(
     dp: Arc<Dataplane>,
     listener: Arc<ListenerShared>,
-    socket: TcpListener,
+    socket: std::net::TcpListener,
     mut stop: watch::Receiver<bool>,
 ) {
+    let socket = match TcpListener::from_std(socket) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(listener = %listener.name, error = %e, "data thread cannot use the listener");
+            return;
+        }
+    };
     loop {
         let accepted = tokio::select! {
             biased;
