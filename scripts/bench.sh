@@ -259,7 +259,7 @@ h2_run() {
     echo "$out" >&2
     echo "$out" | awk -v target="$target" "$AWK_MS"'
         /^finished in/ { r = $4; gsub(",", "", r); rps = r + 0 }
-        /^requests:/ { failed = $8 }
+        /^requests:/ { failed = $10 }
         /^time for request:/ { mean = ms($6); max = ms($5) }
         END {
             printf "RESULT bench=alb load=h2load target=%s rps=%.0f mean_ms=%.3f max_ms=%.3f failed=%d\n",
