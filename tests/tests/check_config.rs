@@ -73,7 +73,7 @@ fn every_problem_in_a_file_is_named_by_its_key() {
     let sb = Sandbox::new();
     sb.write_config(
         r#"
-listeners: []
+upstreams: []
 grpc:
   lisen: "127.0.0.1:50051"
 admin:
@@ -101,7 +101,7 @@ traffic_weights:
         text(&out.stdout)
     );
 
-    let l = line_for(&stderr, "listeners");
+    let l = line_for(&stderr, "upstreams");
     assert!(l.contains("unknown key"), "{l}");
     assert!(
         l.contains("grpc") && l.contains("routes"),
