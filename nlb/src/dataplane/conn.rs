@@ -254,6 +254,7 @@ async fn forward(
 
     // What the instance sees first: its PROXY v2 header if it asked, then
     // the bytes already read.
+    let mut header_len = 0;
     if endpoint.proxy_protocol {
         // The address the client reached (a wildcard listener's own
         // address is no answer).
@@ -261,6 +262,7 @@ async fn forward(
         let header = proxy_v2::Header::proxy(client_addr, dst);
         match proxy_v2::encode(&header) {
             Ok(mut bytes) => {
+                header_len = bytes.len();
                 bytes.extend_from_slice(&pending);
                 pending = bytes;
             }
@@ -271,13 +273,14 @@ async fn forward(
             }
         }
     }
+    // The client's own bytes among them (the PROXY header is the NLB's).
+    let replayed = pending.len() - header_len;
     if !pending.is_empty() {
         if copy::write_all(&upstream, &pending).await.is_err() {
             report.outcome = "reset";
             return;
         }
-        flow.up.fetch_add(pending.len() as u64, Ordering::Relaxed);
-        pending = Vec::new();
+        flow.up.fetch_add(replayed as u64, Ordering::Relaxed);
     }
     drop(pending);
     let end = copy::both_ways(
