@@ -111,8 +111,8 @@ async fn forward(
             .with_label_values(&[listener.name.as_str(), reason])
             .inc();
     };
-    // Nagle is off already (inherited from the listening socket).
-    keepalive(client, settings);
+    // Nagle off and keepalive on already (inherited from the listening
+    // socket).
     let ls = listener.settings.load_full();
     let logged = settings.access_log;
     // Bytes read before forwarding (PROXY header's tail, sniffed bytes):
@@ -186,8 +186,13 @@ async fn forward(
     let mut tried: Vec<String> = Vec::new();
     let mut connected = None;
     for _ in 0..settings.connect_attempts.max(1) {
-        let excluded: Vec<&str> = tried.iter().map(String::as_str).collect();
-        let selection = match snapshot.select(&info, &excluded) {
+        let chosen = if tried.is_empty() {
+            snapshot.select(&info, &[])
+        } else {
+            let excluded: Vec<&str> = tried.iter().map(String::as_str).collect();
+            snapshot.select(&info, &excluded)
+        };
+        let selection = match chosen {
             Ok(s) => s,
             Err(e) => {
                 if tried.is_empty() {
@@ -243,13 +248,8 @@ async fn forward(
     };
     let _ = upstream.set_nodelay(true);
     keepalive(&upstream, settings);
-    dp.metrics
-        .connections
-        .with_label_values(&[
-            listener.name.as_str(),
-            family(protocol),
-            module_label(&endpoint),
-        ])
+    listener
+        .forwarded(&dp.metrics, protocol, module_label(&endpoint))
         .inc();
 
     // What the instance sees first: its PROXY v2 header if it asked, then

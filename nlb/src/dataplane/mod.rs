@@ -61,9 +61,60 @@ pub struct ListenerShared {
     active: IntGauge,
     bytes_up: IntCounter,
     bytes_down: IntCounter,
+    /// `nlb_connections_total` by protocol family and module label,
+    /// resolved on first use (no label hashing per connection).
+    forwarded: [[std::sync::OnceLock<IntCounter>; MODULE_LABELS.len()]; FAMILIES.len()],
 }
 
+/// Every protocol family, in the order of [`ListenerShared::forwarded`].
+const FAMILIES: [Detected; 9] = [
+    Detected::Tls,
+    Detected::Http1,
+    Detected::Http2,
+    Detected::Postgres,
+    Detected::Mysql,
+    Detected::Mongodb,
+    Detected::Redis,
+    Detected::Rtmp,
+    Detected::Unknown,
+];
+
+/// Every `module` label value.
+const MODULE_LABELS: [&str; 7] = [
+    "backend",
+    "alb",
+    "dblb",
+    "ailb",
+    "rtmp",
+    "nlb",
+    "unspecified",
+];
+
 impl ListenerShared {
+    /// The `nlb_connections_total` counter for `family` and `module`.
+    pub(crate) fn forwarded(
+        &self,
+        metrics: &DataplaneMetrics,
+        family: Detected,
+        module: &'static str,
+    ) -> &IntCounter {
+        let f = FAMILIES
+            .iter()
+            .position(|d| *d == family)
+            .unwrap_or(FAMILIES.len() - 1);
+        let m = MODULE_LABELS
+            .iter()
+            .position(|l| *l == module)
+            .unwrap_or(MODULE_LABELS.len() - 1);
+        self.forwarded[f][m].get_or_init(|| {
+            metrics.connections.with_label_values(&[
+                self.name.as_str(),
+                conn::family(family),
+                MODULE_LABELS[m],
+            ])
+        })
+    }
+
     pub fn open_connections(&self) -> usize {
         self.open.load(Ordering::Relaxed)
     }
@@ -312,7 +363,7 @@ impl Dataplane {
             .map_err(|_| invalid("not an ip:port address".into()))?;
         crate::config::listener_protocol(&spec.protocol).map_err(invalid)?;
         let workers = self.workers().map_err(err)?;
-        let socket = bind(addr).map_err(err)?;
+        let socket = bind(addr, self.settings().tcp_keepalive_seconds).map_err(err)?;
         let local = socket.local_addr().map_err(err)?;
         let label = [spec.name.as_str()];
         let shared = Arc::new(ListenerShared {
@@ -331,6 +382,7 @@ impl Dataplane {
                 .metrics
                 .bytes
                 .with_label_values(&[spec.name.as_str(), "downstream"]),
+            forwarded: Default::default(),
         });
         let (stop_accept, stopping) = watch::channel(false);
         let mut accepting = Vec::with_capacity(workers.len());
@@ -442,9 +494,10 @@ fn listener_settings(spec: &ListenerConfig) -> ListenerSettings {
 
 /// A listening socket with `SO_REUSEADDR` and `SO_REUSEPORT` (so a
 /// listener moved back to an address starts before the old socket has
-/// closed), IPv6 sockets IPv6 only, and Nagle off and keepalive on
-/// (accepted sockets inherit both).
-fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+/// closed), IPv6 sockets IPv6 only, and Nagle off and keepalive on after
+/// `keepalive_secs` (0 = off): accepted sockets inherit both, so no
+/// connection pays for setting them.
+fn bind(addr: SocketAddr, keepalive_secs: u64) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     if addr.is_ipv6() {
@@ -454,6 +507,11 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
     socket.set_tcp_nodelay(true)?;
+    if keepalive_secs > 0 {
+        socket.set_tcp_keepalive(
+            &socket2::TcpKeepalive::new().with_time(Duration::from_secs(keepalive_secs)),
+        )?;
+    }
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
     Ok(socket.into())
@@ -550,4 +608,21 @@ fn admit(
     };
     let task = tokio::spawn(conn::serve(open, stream, peer));
     dp.live.enter(id, listener.id, task.abort_handle());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nagle_off_and_keepalive_from_the_listener() {
+        let listener = bind("127.0.0.1:0".parse().unwrap(), 60).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        let s = socket2::SockRef::from(&accepted);
+        assert!(s.tcp_nodelay().unwrap());
+        assert!(s.keepalive().unwrap());
+        assert_eq!(s.tcp_keepalive_time().unwrap(), Duration::from_secs(60));
+    }
 }
