@@ -31,6 +31,17 @@ pub fn to_system(ts: &Timestamp) -> SystemTime {
     UNIX_EPOCH + Duration::new(secs, nanos)
 }
 
+/// Milliseconds on a monotonic clock shared by the whole process, counted
+/// from its first use and never 0 (so 0 can mean "never").
+pub fn mono_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let ms = EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis();
+    u64::try_from(ms).unwrap_or(u64::MAX - 1) + 1
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn unix_millis(t: SystemTime) -> u64 {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);

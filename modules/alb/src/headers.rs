@@ -41,7 +41,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         upgrade |= k == header::UPGRADE;
     }
     let connection = present[0];
-    if !connection && !upgrade && !present.contains(&true) {
+    if !upgrade && !present.contains(&true) {
         if keep_upgrade {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
@@ -161,6 +161,10 @@ struct Entry {
 pub struct Connections {
     next: AtomicU64,
     live: Mutex<BTreeMap<u64, Entry>>,
+    /// `live`'s length, read without the lock (every accept checks it).
+    count: AtomicUsize,
+    /// Drains waiting: closes notify only then.
+    draining: AtomicUsize,
     changed: Notify,
 }
 
@@ -173,13 +177,16 @@ struct Tracked {
 impl Drop for Tracked {
     fn drop(&mut self) {
         self.conns.live.lock().remove(&self.id);
-        self.conns.changed.notify_waiters();
+        self.conns.count.fetch_sub(1, Ordering::Relaxed);
+        if self.conns.draining.load(Ordering::Relaxed) > 0 {
+            self.conns.changed.notify_waiters();
+        }
     }
 }
 
 impl Connections {
     pub fn len(&self) -> usize {
-        self.live.lock().len()
+        self.count.load(Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -189,6 +196,7 @@ impl Connections {
     fn track(self: &Arc<Self>) -> (Tracked, Closing) {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = watch::channel(false);
+        self.count.fetch_add(1, Ordering::Relaxed);
         self.live.lock().insert(
             id,
             Entry {
@@ -258,16 +266,21 @@ impl Connections {
     /// `deadline`, when those left are closed. Returns how many were left.
     pub async fn drain(&self, deadline: Instant) -> usize {
         self.close_all();
-        loop {
+        self.draining.fetch_add(1, Ordering::Relaxed);
+        let emptied = loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
             if self.is_empty() {
-                return 0;
+                break true;
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                break;
+                break false;
             }
+        };
+        self.draining.fetch_sub(1, Ordering::Relaxed);
+        if emptied {
+            return 0;
         }
         let ids: Vec<u64> = self.live.lock().keys().copied().collect();
         self.abort(&ids);

@@ -277,15 +277,6 @@ impl Dataplane {
         self.open.load(Ordering::Relaxed)
     }
 
-    /// The address each listener is bound to, by name.
-    pub fn bound(&self) -> BTreeMap<String, SocketAddr> {
-        self.listeners
-            .lock()
-            .iter()
-            .map(|(n, l)| (n.clone(), l.shared.local))
-            .collect()
-    }
-
     /// Makes the running listeners match `specs` (validated) and takes the
     /// new settings. A listener keeps its socket and connections unless
     /// its address changed; its other settings change in place. A moved

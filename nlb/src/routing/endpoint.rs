@@ -2,8 +2,7 @@
 //! addresses, each with live counters shared across snapshots.
 
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::sync::Arc;
 
 use shared_types::pb::ModuleType;
 
@@ -25,12 +24,7 @@ pub struct EndpointCounters {
     ejected_until_ms: AtomicU64,
 }
 
-/// Milliseconds on a monotonic clock shared by the process (ejection
-/// deadlines).
-pub fn mono_ms() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
-}
+pub use shared_types::time::mono_ms;
 
 impl EndpointCounters {
     pub fn active(&self) -> i64 {

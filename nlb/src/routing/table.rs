@@ -310,10 +310,6 @@ impl Snapshot {
     /// Counts a routing decision that opened no connection.
     pub fn record_routed(selection: &Selection<'_>, now_ms: u64) {
         selection.endpoint.counters.record_routed(now_ms);
-        selection
-            .route
-            .stats
-            .last_used_ms
-            .store(now_ms, Ordering::Relaxed);
+        selection.route.stats.mark_used(now_ms);
     }
 }
