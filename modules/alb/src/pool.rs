@@ -88,6 +88,10 @@ pub struct EndpointPool {
     server_name: Option<ServerName<'static>>,
     connector: Arc<Connector>,
     shards: Box<[Mutex<Shard>]>,
+    /// Per shard: held while an HTTP/2 connection is being opened, so the
+    /// requests that find none wait for that one instead of each opening
+    /// their own.
+    h2_opening: Box<[tokio::sync::Mutex<()>]>,
 }
 
 #[derive(Default)]
@@ -143,6 +147,7 @@ impl EndpointPool {
             server_name,
             connector,
             shards: (0..=cores).map(|_| Mutex::default()).collect(),
+            h2_opening: (0..=cores).map(|_| tokio::sync::Mutex::new(())).collect(),
         }
     }
 
@@ -237,23 +242,19 @@ impl EndpointPool {
         req: Request<ProxyBody>,
     ) -> Result<Response<Leased>, UpstreamError> {
         let shard = self.shard();
-        let shared = {
-            let mut s = self.shards[shard].lock();
-            match &s.h2 {
-                Some((sender, _)) if sender.is_closed() => {
-                    s.h2 = None;
-                    None
-                }
-                Some((sender, usage)) => Some((sender.clone(), usage.clone())),
-                None => None,
-            }
-        };
-        let (mut sender, usage) = match shared {
+        let (mut sender, usage) = match self.shared_h2(shard) {
             Some(x) => x,
             None => {
-                let (sender, usage) = self.open_h2().await?;
-                self.shards[shard].lock().h2 = Some((sender.clone(), usage.clone()));
-                (sender, usage)
+                let _opening = self.h2_opening[shard].lock().await;
+                // Another request may have opened it while this one waited.
+                match self.shared_h2(shard) {
+                    Some(x) => x,
+                    None => {
+                        let (sender, usage) = self.open_h2().await?;
+                        self.shards[shard].lock().h2 = Some((sender.clone(), usage.clone()));
+                        (sender, usage)
+                    }
+                }
             }
         };
         usage.start();
@@ -261,6 +262,19 @@ impl EndpointPool {
         match sender.send_request(req).await {
             Ok(resp) => Ok(resp.map(|body| Leased::new(body, lease))),
             Err(e) => Err(UpstreamError::Http(e)),
+        }
+    }
+
+    /// The shard's HTTP/2 connection, if it has a live one.
+    fn shared_h2(&self, shard: usize) -> Option<(http2::SendRequest<ProxyBody>, Arc<Usage>)> {
+        let mut s = self.shards[shard].lock();
+        match &s.h2 {
+            Some((sender, _)) if sender.is_closed() => {
+                s.h2 = None;
+                None
+            }
+            Some((sender, usage)) => Some((sender.clone(), usage.clone())),
+            None => None,
         }
     }
 
@@ -670,6 +684,12 @@ mod tests {
     async fn http2_requests_share_one_connection() {
         let o = origin(true).await;
         let p = pool(o.addr, UpstreamProtocol::Http2, 8, 60_000);
+        // Ten at once before any connection exists: one is opened.
+        let first: Vec<_> = (0..10).map(|_| fetch(&p, o.addr)).collect();
+        for body in futures::future::join_all(first).await {
+            assert_eq!(body, "ok");
+        }
+        assert_eq!(o.accepted.load(Ordering::SeqCst), 1);
         assert_eq!(fetch(&p, o.addr).await, "ok");
         let all: Vec<_> = (0..10).map(|_| fetch(&p, o.addr)).collect();
         for body in futures::future::join_all(all).await {
