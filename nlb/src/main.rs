@@ -12,6 +12,11 @@ use clap::Parser;
 use nlb::config::{self, ConfigStore};
 use tokio::signal::unix::{signal, SignalKind};
 
+// The data plane allocates per connection; mimalloc does that cheaper than
+// glibc (its aligned allocations especially).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(name = "nlb", version, about = "Switchyard network load balancer")]
 struct Args {
