@@ -155,6 +155,16 @@ pub enum UpstreamProtocol {
     Http2,
 }
 
+impl UpstreamProtocol {
+    /// The version of the requests sent to such an endpoint.
+    pub fn version(self) -> http::Version {
+        match self {
+            UpstreamProtocol::Http1 => http::Version::HTTP_11,
+            UpstreamProtocol::Http2 => http::Version::HTTP_2,
+        }
+    }
+}
+
 /// One endpoint as configured.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -563,10 +563,7 @@ mod tests {
         };
         Request::get(uri)
             .header(http::header::HOST, addr.to_string())
-            .version(match protocol {
-                UpstreamProtocol::Http1 => http::Version::HTTP_11,
-                UpstreamProtocol::Http2 => http::Version::HTTP_2,
-            })
+            .version(protocol.version())
             .body(Empty::<Bytes>::new().map_err(|e| match e {}).boxed())
             .unwrap()
     }

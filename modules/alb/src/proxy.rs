@@ -496,10 +496,7 @@ impl Alb {
         let mut r = Request::builder()
             .method(parts.method.clone())
             .uri(upstream.uri(endpoint, path)?)
-            .version(match upstream.protocol {
-                crate::cluster::UpstreamProtocol::Http1 => Version::HTTP_11,
-                crate::cluster::UpstreamProtocol::Http2 => Version::HTTP_2,
-            })
+            .version(upstream.protocol.version())
             .body(body)?;
         let h = r.headers_mut();
         // Room for the forwarding headers up front: one allocation, not a

@@ -161,10 +161,7 @@ impl Upstream {
                 http::Request::get(uri)
                     .header(http::header::HOST, self.authorities[index].as_str())
                     .header(http::header::USER_AGENT, "switchyard-alb-health-check")
-                    .version(match self.protocol {
-                        UpstreamProtocol::Http1 => http::Version::HTTP_11,
-                        UpstreamProtocol::Http2 => http::Version::HTTP_2,
-                    })
+                    .version(self.protocol.version())
                     .body(Empty::<Bytes>::new().map_err(|e| match e {}).boxed())
             })
             .map_err(|e| format!("health check {target}: {e}"))?;

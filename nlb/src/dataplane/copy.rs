@@ -223,21 +223,30 @@ mod tests {
         (ours, peer)
     }
 
+    /// A client and an origin with a copy between them (idle timeout
+    /// `idle`): the client, the origin, the copy's byte counts and its end.
+    async fn proxied(
+        idle: Duration,
+    ) -> (
+        TcpStream,
+        TcpStream,
+        std::sync::Arc<Flow>,
+        tokio::task::JoinHandle<End>,
+    ) {
+        let (client_side, client) = pair().await;
+        let (upstream_side, origin) = pair().await;
+        let flow = std::sync::Arc::new(Flow::default());
+        let f = flow.clone();
+        let copy =
+            tokio::spawn(
+                async move { both_ways(&client_side, &upstream_side, 1024, idle, &f).await },
+            );
+        (client, origin, flow, copy)
+    }
+
     #[tokio::test]
     async fn a_half_close_is_passed_on_and_the_answer_still_comes_back() {
-        let (client_side, mut client) = pair().await;
-        let (upstream_side, mut origin) = pair().await;
-        let flow = Flow::default();
-        let proxy = tokio::spawn(async move {
-            both_ways(
-                &client_side,
-                &upstream_side,
-                1024,
-                Duration::from_secs(30),
-                &flow,
-            )
-            .await
-        });
+        let (mut client, mut origin, _flow, proxy) = proxied(Duration::from_secs(30)).await;
         client.write_all(b"request").await.unwrap();
         client.shutdown().await.unwrap();
         // The origin reads to the end, then answers and closes.
@@ -254,19 +263,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_early_answer_reaches_a_client_still_uploading() {
-        let (client_side, mut client) = pair().await;
-        let (upstream_side, mut origin) = pair().await;
-        let flow = Flow::default();
-        let proxy = tokio::spawn(async move {
-            both_ways(
-                &client_side,
-                &upstream_side,
-                1024,
-                Duration::from_secs(30),
-                &flow,
-            )
-            .await
-        });
+        let (mut client, mut origin, _flow, proxy) = proxied(Duration::from_secs(30)).await;
         // The origin answers at once and closes without reading the upload.
         origin
             .write_all(b"HTTP/1.1 413 Too Large\r\n\r\n")
@@ -294,36 +291,13 @@ mod tests {
 
     #[tokio::test]
     async fn nothing_moving_for_the_idle_timeout_ends_the_copy() {
-        let (client_side, _client) = pair().await;
-        let (upstream_side, _origin) = pair().await;
-        let flow = Flow::default();
-        let end = both_ways(
-            &client_side,
-            &upstream_side,
-            1024,
-            Duration::from_millis(200),
-            &flow,
-        )
-        .await;
-        assert_eq!(end, End::Idle);
+        let (_client, _origin, _flow, copy) = proxied(Duration::from_millis(200)).await;
+        assert_eq!(copy.await.unwrap(), End::Idle);
     }
 
     #[tokio::test]
     async fn bytes_are_counted_each_way() {
-        let (client_side, mut client) = pair().await;
-        let (upstream_side, mut origin) = pair().await;
-        let flow = std::sync::Arc::new(Flow::default());
-        let f = flow.clone();
-        let proxy = tokio::spawn(async move {
-            both_ways(
-                &client_side,
-                &upstream_side,
-                1024,
-                Duration::from_secs(30),
-                &f,
-            )
-            .await
-        });
+        let (mut client, mut origin, flow, proxy) = proxied(Duration::from_secs(30)).await;
         client.write_all(&[0u8; 3000]).await.unwrap();
         client.shutdown().await.unwrap();
         let mut got = Vec::new();

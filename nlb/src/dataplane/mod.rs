@@ -538,7 +538,11 @@ async fn accept_loop(
                 // Out of file descriptors or memory: back off rather than
                 // spin. Anything else (a connection reset while queued) is
                 // the client's and passes.
-                let scarce = matches!(e.raw_os_error(), Some(23 | 24 | 105 | 12));
+                const ENFILE: i32 = 23;
+                const EMFILE: i32 = 24;
+                const ENOBUFS: i32 = 105;
+                const ENOMEM: i32 = 12;
+                let scarce = matches!(e.raw_os_error(), Some(ENFILE | EMFILE | ENOBUFS | ENOMEM));
                 tracing::warn!(listener = %listener.name, error = %e, "accept failed");
                 if scarce {
                     tokio::time::sleep(Duration::from_millis(100)).await;
