@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Runs every Switchyard test: installs what the tests need (once), checks
-# formatting, builds the workspace once (dev profile), then runs every suite:
-# the Rust suites, then the Python interop suite (tests/python) against the
-# nlb binary built here. Benchmarks are not run here (scripts/bench.sh).
+# formatting and the dependencies' licenses and duplicates (cargo deny),
+# builds the workspace once (dev profile), then runs every suite: the Rust
+# suites, the Python interop suite (tests/python) against the binaries built
+# here, and the stack tests (tests/stack): scripts/up.sh --local and
+# down.sh, and the compose end-to-end test on images of those same binaries
+# (skipped, saying why, where no Docker daemon answers). Benchmarks are not
+# run here (scripts/bench.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +23,10 @@ if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install cargo-nextest --locked
 fi
 cargo nextest --version | head -1
+if ! cargo deny --version >/dev/null 2>&1; then
+    cargo install cargo-deny --locked
+fi
+cargo deny --version
 
 # Real clients and origins the tests use, from Debian's packages: curl
 # (HTTP/1.1, HTTP/2, TLS), nghttp (HTTP/2 frames) and nginx (an origin
@@ -62,6 +70,9 @@ fi
 say "format"
 cargo fmt --all -- --check
 
+say "licenses and duplicate dependencies (cargo deny, deny.toml)"
+cargo deny --log-level error check licenses bans
+
 say "build (dev profile, every target)"
 cargo build --workspace --all-targets
 
@@ -77,3 +88,9 @@ say "tests (Python interop, tests/python)"
 # last thing printed.
 SWITCHYARD_NLB_BIN="$TARGET_DIR/debug/nlb" SWITCHYARD_ALB_BIN="$TARGET_DIR/debug/alb" \
     "$VENV/bin/python" -m pytest tests/python
+
+say "the local stack (tests/stack/local_e2e.sh: scripts/up.sh --local, scripts/down.sh)"
+bash tests/stack/local_e2e.sh "$TARGET_DIR"
+
+say "the compose stack (tests/stack/compose_e2e.py)"
+"$VENV/bin/python" tests/stack/compose_e2e.py --target-dir "$TARGET_DIR"

@@ -7,7 +7,7 @@
 //! win over the file. Tokens never appear in the file itself: the file names
 //! token *files*, the environment may hold the tokens.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -490,17 +490,48 @@ impl SdkConfig {
         }
     }
 
-    /// The address this instance's data listener is reached at.
-    pub fn advertised(&self, listen: SocketAddr) -> String {
+    /// The address a listener is reached at: `advertise_host` when set, else
+    /// the listen IP when it is a specific one, else `outward` (this host's
+    /// address toward the NLB, see [`outward_host`]).
+    pub fn advertised(&self, listen: SocketAddr, outward: &str) -> String {
         let host = if !self.advertise_host.is_empty() {
-            self.advertise_host.clone()
+            self.advertise_host.as_str()
         } else if !listen.ip().is_unspecified() {
-            listen.ip().to_string()
+            return listen.to_string();
         } else {
-            host_name()
+            outward
         };
-        join_host_port(&host, listen.port())
+        join_host_port(host, listen.port())
     }
+}
+
+/// This host as others reach it, for a module listening on every address:
+/// the local IP of the route toward the NLB (a container's or pod's own
+/// address, `127.0.0.1` next to a local NLB), else of the default route,
+/// else the host name. Only a routing lookup: no packet is sent.
+pub async fn outward_host(nlb_addr: &str) -> String {
+    let nlb = match tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host(nlb_addr))
+        .await
+    {
+        Ok(Ok(mut addrs)) => addrs.next(),
+        _ => None,
+    };
+    // 192.0.2.1 (TEST-NET-1) stands for "anywhere": it picks the default
+    // route's source address.
+    let toward = nlb.unwrap_or_else(|| SocketAddr::from(([192, 0, 2, 1], 9)));
+    source_ip(toward)
+        .or_else(|| source_ip(SocketAddr::from(([192, 0, 2, 1], 9))))
+        .map(|ip| ip.to_string())
+        .unwrap_or_else(host_name)
+}
+
+/// The local address the kernel would send from to reach `to`.
+fn source_ip(to: SocketAddr) -> Option<IpAddr> {
+    let bind = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let socket = UdpSocket::bind(bind).ok()?;
+    socket.connect(to).ok()?;
+    let ip = socket.local_addr().ok()?.ip();
+    (!ip.is_unspecified()).then_some(ip)
 }
 
 /// `host:port` with brackets around an IPv6 literal.
@@ -673,14 +704,30 @@ mod tests {
     #[test]
     fn advertised_address_prefers_the_setting_then_the_listen_ip() {
         let mut c = SdkConfig::default();
+        let any: SocketAddr = "0.0.0.0:8080".parse().unwrap();
         assert_eq!(
-            c.advertised("10.0.0.5:8080".parse().unwrap()),
+            c.advertised("10.0.0.5:8080".parse().unwrap(), "10.9.9.9"),
             "10.0.0.5:8080"
         );
+        assert_eq!(c.advertised(any, "10.9.9.9"), "10.9.9.9:8080");
         c.advertise_host = "alb-1".into();
-        assert_eq!(c.advertised("0.0.0.0:8080".parse().unwrap()), "alb-1:8080");
+        assert_eq!(c.advertised(any, "10.9.9.9"), "alb-1:8080");
         c.advertise_host = "::1".into();
-        assert_eq!(c.advertised("[::]:8080".parse().unwrap()), "[::1]:8080");
+        assert_eq!(
+            c.advertised("[::]:8080".parse().unwrap(), "x"),
+            "[::1]:8080"
+        );
+    }
+
+    #[tokio::test]
+    async fn outward_host_is_the_source_address_toward_the_nlb() {
+        // A loopback NLB is reached from loopback, whichever 127/8 address.
+        assert_eq!(outward_host("127.0.0.1:50051").await, "127.0.0.1");
+        // An NLB that does not resolve: the default route's source (or the
+        // host name on a machine with no route at all), never empty.
+        let host = outward_host("no-such-nlb.invalid:50051").await;
+        assert!(!host.is_empty());
+        assert_ne!(host, "0.0.0.0");
     }
 
     #[test]

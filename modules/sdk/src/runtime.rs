@@ -368,6 +368,11 @@ impl Runner {
                  MODULE_NLB_TOKEN / MODULE_OPERATOR_TOKEN or auth.tokens_file"
             );
         }
+        let outward = if config.advertise_host.is_empty() {
+            crate::config::outward_host(&config.nlb.addr).await
+        } else {
+            String::new()
+        };
         let ctx = Arc::new(
             Context::new(instance_id, version.clone()).context("registering module metrics")?,
         );
@@ -377,13 +382,13 @@ impl Runner {
             module: self.module,
             descriptor,
             ctx,
-            grpc_address: config.advertised(grpc_addr),
-            data_address: config.advertised(data_addr),
+            grpc_address: config.advertised(grpc_addr, &outward),
+            data_address: config.advertised(data_addr, &outward),
             auth,
             scaler: self.scaler,
             conns: Arc::new(Connections::default()),
             versions: Mutex::new(Versions::new(&version)),
-            link: Mutex::new(Link::new(config.advertised(admin_addr))),
+            link: Mutex::new(Link::new(config.advertised(admin_addr, &outward))),
             started_at: SystemTime::now(),
             phase,
             stop,
