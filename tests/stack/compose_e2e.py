@@ -1,10 +1,10 @@
 """The compose end-to-end test: the whole stack as a user runs it.
 
-Brings docker-compose.yml up (two ALBs) from images of the binaries built by
+Brings docker-compose.yml up (`--scale alb=3`) from images of the binaries built by
 scripts/test.sh, then:
 
 1. HTTP through the published NLB port reaches the demo origin through an
-   ALB, and both ALBs take a share of it;
+   ALB, and the three ALBs share it;
 2. one ALB container is killed under steady traffic: requests go on, and the
    dead instance leaves the NLB's registry;
 3. the NLB container is restarted: the modules register again by
@@ -196,20 +196,20 @@ def scenario(stack):
     log("building images from the dev binaries (scripts/images.sh --profile dev --no-build --tag e2e)")
     run(["bash", "scripts/images.sh", "--profile", "dev", "--no-build", "--tag", TAG], timeout=600)
 
-    log(f"{' '.join(stack.compose)} -p {PROJECT} up -d --scale alb=2")
-    stack.compose_run("up", "-d", "--scale", "alb=2")
+    log(f"{' '.join(stack.compose)} -p {PROJECT} up -d --scale alb=3")
+    stack.compose_run("up", "-d", "--scale", "alb=3")
     start = time.monotonic()
     run(["bash", "-c", f". scripts/lib.sh && compose_wait_healthy {PROJECT} 180"], timeout=200)
     log(f"every container healthy after {time.monotonic() - start:.1f} s")
 
     albs = stack.containers("alb")
-    if len(albs) != 2:
-        raise Failed(f"expected 2 ALB containers, found {len(albs)}: {albs}")
+    if len(albs) != 3:
+        raise Failed(f"expected 3 ALB containers, found {len(albs)}: {albs}")
     alb_ids = {cid: f"alb-{host}-8080" for cid, (_, host, _) in albs.items()}
 
-    # 1. Both ALBs registered; HTTP goes NLB -> ALB -> origin, shared.
+    # 1. The three ALBs registered; HTTP goes NLB -> ALB -> origin, shared.
     until(
-        "both ALBs healthy in the NLB's registry",
+        "the three ALBs healthy in the NLB's registry",
         60,
         lambda: (m := stack.modules()) and all(
             m.get(i, {}).get("health_status") == "healthy" for i in alb_ids.values()
@@ -233,7 +233,7 @@ def scenario(stack):
         raise Failed(f"{len(failed)} of {n} requests failed: {failed}")
     shares = {cid: stack.alb_requests(ip) - before[cid] for cid, (_, _, ip) in albs.items()}
     if sum(shares.values()) != n or min(shares.values()) < n * 0.1:
-        raise Failed(f"{n} requests were not shared by both ALBs: {shares}")
+        raise Failed(f"{n} requests were not shared by the three ALBs: {shares}")
     log(f"{n} requests through the NLB, shared {sorted(int(v) for v in shares.values())}")
 
     # 2. Kill one ALB under steady traffic.
@@ -274,7 +274,7 @@ def scenario(stack):
     log("restarted the NLB container")
     survivors = [alb_ids[c] for c in albs if c != victim]
     until(
-        "the surviving ALB and the echo module registered again after the NLB restart",
+        "the surviving ALBs and the echo module registered again after the NLB restart",
         90,
         lambda: (m := stack.modules())
         and all(m.get(i, {}).get("health_status") == "healthy" for i in survivors)
@@ -321,7 +321,7 @@ def main():
     if any(left.values()):
         print(f"compose e2e: FAILED: teardown left {left}", flush=True)
         return 1
-    print("compose e2e: PASSED (up, HTTP through NLB -> ALB -> origin shared by 2 ALBs, "
+    print("compose e2e: PASSED (up, HTTP through NLB -> ALB -> origin shared by 3 ALBs, "
           "ALB killed under traffic, NLB restarted, torn down leaving nothing)", flush=True)
     return 0
 
