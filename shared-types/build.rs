@@ -8,6 +8,7 @@ use prost::Message;
 
 const FILES: &[&str] = &[
     "marchproxy/types.proto",
+    "marchproxy/rollout.proto",
     "marchproxy/nlb.proto",
     "marchproxy/module.proto",
 ];

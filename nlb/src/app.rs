@@ -78,6 +78,10 @@ pub struct Nlb {
     pub dataplane: Arc<crate::dataplane::Dataplane>,
     /// Set once serving: config changes then reach the listeners.
     pub dataplane_started: AtomicBool,
+    /// Canary and blue/green rollouts (persisted beside the state file).
+    pub rollouts: crate::rollout::Rollouts,
+    /// Why the rollouts file could not be read: the NLB then does not start.
+    pub rollouts_error: Option<String>,
 }
 
 impl Nlb {
@@ -95,7 +99,15 @@ impl Nlb {
             &metrics.prometheus,
         )
         .expect("data-plane metrics register once");
+        let rollouts_path = crate::rollout::path_beside(config.state_file().path());
+        let (rollouts, rollouts_error) = match crate::rollout::Rollouts::load(rollouts_path.clone())
+        {
+            Ok(r) => (r, None),
+            Err(e) => (crate::rollout::Rollouts::empty(rollouts_path), Some(e)),
+        };
         let nlb = Arc::new(Nlb {
+            rollouts,
+            rollouts_error,
             registry,
             series: SeriesStore::new(
                 c.metrics.retention_points,

@@ -28,6 +28,7 @@ pub mod liveness;
 pub mod metrics;
 pub mod registry;
 pub mod request_id;
+pub mod rollout;
 pub mod routing;
 pub mod security;
 pub mod server;

@@ -35,6 +35,9 @@ pub enum StartError {
     Security(#[from] crate::security::SecurityError),
     #[error("{0}")]
     Listener(#[from] crate::dataplane::BindError),
+    /// The rollouts file beside the state file cannot be read.
+    #[error("{0}")]
+    Rollouts(String),
 }
 
 /// A running NLB.
@@ -61,6 +64,9 @@ async fn bind(what: &'static str, addr: &str) -> Result<(TcpListener, SocketAddr
 
 /// Binds the ports and starts serving.
 pub async fn start(nlb: Arc<Nlb>) -> Result<Running, StartError> {
+    if let Some(e) = &nlb.rollouts_error {
+        return Err(StartError::Rollouts(e.clone()));
+    }
     let config = nlb.config.current();
     nlb.security
         .init(&config, &|v| nlb.config.env_var(v), &nlb.metrics)?;
@@ -147,6 +153,10 @@ pub async fn start(nlb: Arc<Nlb>) -> Result<Running, StartError> {
     ));
 
     let mut loops = liveness::spawn_loops(Arc::clone(&nlb), stopped.clone());
+    loops.push(crate::rollout::controller::spawn(
+        Arc::clone(&nlb),
+        stopped.clone(),
+    ));
     loops.push(security::spawn_watcher(Arc::clone(&nlb), stopped));
     health
         .set_serving::<NlbServiceServer<ControlService>>()

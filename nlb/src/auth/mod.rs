@@ -216,6 +216,9 @@ pub fn need_for(path: &str) -> Need {
             | "GetNLBStatus"
             | "GetNLBConfig"
             | "GetLoadDistribution"
+            | "GetRollout"
+            | "ListRollouts"
+            | "WatchRollout"
             | "UpdateRouting"
             | "UpdateNLBConfig",
         ) => Need::Viewer,

@@ -12,7 +12,7 @@ mod store;
 mod validate;
 
 pub use model::*;
-pub use state::{StateFile, StateFileError};
+pub use state::{write_atomically, StateFile, StateFileError};
 pub use store::{ConfigStore, SectionChange, UpdateError};
 pub use validate::check_routes;
 pub use validate::{check, check_host_port, listener_protocol, ConfigError};

@@ -4,6 +4,7 @@
 mod load;
 pub mod module_client;
 mod modules;
+mod rollouts;
 mod routes;
 mod status;
 mod telemetry;
@@ -347,6 +348,101 @@ impl NlbService for ControlService {
         self.get_load_distribution(r.into_inner())
             .await
             .map(Response::new)
+    }
+    async fn start_rollout(
+        &self,
+        r: Request<pb::StartRolloutRequest>,
+    ) -> Reply<pb::StartRolloutResponse> {
+        let caller = Caller::of(&r);
+        let req = r.into_inner();
+        let what = format!(
+            "module_type={} baseline={:?} canary={:?} steps={} blue_green={}",
+            type_name(req.module_type),
+            req.baseline_version,
+            req.canary_version,
+            req.steps.len(),
+            req.blue_green.is_some()
+        );
+        let result = self.start_rollout(req);
+        self.audited(&caller, "StartRollout", &what, result, |_| Ok(()))
+    }
+    async fn get_rollout(
+        &self,
+        r: Request<pb::GetRolloutRequest>,
+    ) -> Reply<pb::GetRolloutResponse> {
+        self.get_rollout(r.into_inner()).map(Response::new)
+    }
+    async fn list_rollouts(
+        &self,
+        r: Request<pb::ListRolloutsRequest>,
+    ) -> Reply<pb::ListRolloutsResponse> {
+        self.list_rollouts(r.into_inner()).map(Response::new)
+    }
+    async fn promote_rollout(
+        &self,
+        r: Request<pb::PromoteRolloutRequest>,
+    ) -> Reply<pb::PromoteRolloutResponse> {
+        let caller = Caller::of(&r);
+        let req = r.into_inner();
+        let what = format!("rollout={:?} full={}", req.rollout_id, req.full);
+        let result = self
+            .nlb
+            .rollouts
+            .promote(req.rollout_id.trim(), req.full)
+            .map(|r| pb::PromoteRolloutResponse { rollout: Some(r) })
+            .map_err(Status::from);
+        self.audited(&caller, "PromoteRollout", &what, result, |_| Ok(()))
+    }
+    async fn pause_rollout(
+        &self,
+        r: Request<pb::PauseRolloutRequest>,
+    ) -> Reply<pb::PauseRolloutResponse> {
+        let caller = Caller::of(&r);
+        let req = r.into_inner();
+        let what = format!("rollout={:?} reason={:?}", req.rollout_id, req.reason);
+        let result = self
+            .nlb
+            .rollouts
+            .pause(req.rollout_id.trim(), &req.reason)
+            .map(|r| pb::PauseRolloutResponse { rollout: Some(r) })
+            .map_err(Status::from);
+        self.audited(&caller, "PauseRollout", &what, result, |_| Ok(()))
+    }
+    async fn resume_rollout(
+        &self,
+        r: Request<pb::ResumeRolloutRequest>,
+    ) -> Reply<pb::ResumeRolloutResponse> {
+        let caller = Caller::of(&r);
+        let req = r.into_inner();
+        let what = format!("rollout={:?}", req.rollout_id);
+        let result = self
+            .nlb
+            .rollouts
+            .resume(req.rollout_id.trim())
+            .map(|r| pb::ResumeRolloutResponse { rollout: Some(r) })
+            .map_err(Status::from);
+        self.audited(&caller, "ResumeRollout", &what, result, |_| Ok(()))
+    }
+    async fn rollback_rollout(
+        &self,
+        r: Request<pb::RollbackRolloutRequest>,
+    ) -> Reply<pb::RollbackRolloutResponse> {
+        let caller = Caller::of(&r);
+        let req = r.into_inner();
+        let what = format!("rollout={:?} reason={:?}", req.rollout_id, req.reason);
+        let result = self
+            .nlb
+            .rollouts
+            .rollback(req.rollout_id.trim(), &req.reason)
+            .map(|r| pb::RollbackRolloutResponse { rollout: Some(r) })
+            .map_err(Status::from);
+        self.audited(&caller, "RollbackRollout", &what, result, |_| Ok(()))
+    }
+    async fn watch_rollout(
+        &self,
+        r: Request<pb::WatchRolloutRequest>,
+    ) -> Reply<tonic::codegen::BoxStream<pb::RolloutEvent>> {
+        self.watch_rollout(r.into_inner()).map(Response::new)
     }
     async fn trigger_scaling(
         &self,

@@ -291,6 +291,10 @@ async fn forward(
         flow,
     )
     .await;
+    // Bytes went up and none came back: the instance failed this one.
+    if flow.down.load(Ordering::Relaxed) == 0 && flow.up.load(Ordering::Relaxed) > 0 {
+        endpoint.counters.record_unanswered();
+    }
     report.outcome = end.name();
 }
 

@@ -94,6 +94,7 @@ impl OperatorRouting {
             policy: Policy {
                 weights,
                 sticky: c.routing.sticky,
+                sticky_types: Default::default(),
             },
         }
     }
@@ -116,6 +117,20 @@ pub(crate) struct Inner {
     pub(crate) weights_since: HashMap<ModuleType, std::time::SystemTime>,
     /// Desired instance counts asked for by `TriggerScaling`, per module type.
     pub(crate) scaling_targets: HashMap<ModuleType, i32>,
+    /// Version weights a rollout imposes on its module type (canary first),
+    /// over the operator's `traffic_weights`, and whether it is sticky.
+    rollout_weights: HashMap<ModuleType, (Vec<(String, u32)>, bool)>,
+}
+
+impl Inner {
+    /// The version weights in force for a module type: a rollout's, else
+    /// the operator's.
+    pub(crate) fn weights_of(&self, t: ModuleType) -> Option<&Vec<(String, u32)>> {
+        self.rollout_weights
+            .get(&t)
+            .map(|(w, _)| w)
+            .or_else(|| self.operator.policy.weights.get(&t))
+    }
 }
 
 /// The registry. Cheap to share (`Arc<Registry>`); the lock is held only for
@@ -139,6 +154,7 @@ impl Registry {
                 settings,
                 scaling_targets: HashMap::new(),
                 weights_since: HashMap::new(),
+                rollout_weights: HashMap::new(),
             }),
             router: Arc::new(Router::default()),
         };
@@ -226,6 +242,42 @@ impl Registry {
         true
     }
 
+    /// Sets (or with `None` clears) the version weights a rollout imposes on
+    /// a module type; rebuilds the snapshot if they changed. Returns whether
+    /// they did.
+    pub fn set_rollout_weights(
+        &self,
+        module_type: ModuleType,
+        weights: Option<(Vec<(String, u32)>, bool)>,
+    ) -> bool {
+        let mut inner = self.inner.lock();
+        if inner.rollout_weights.get(&module_type) == weights.as_ref() {
+            return false;
+        }
+        inner
+            .weights_since
+            .insert(module_type, std::time::SystemTime::now());
+        match weights {
+            Some(w) => inner.rollout_weights.insert(module_type, w),
+            None => inner.rollout_weights.remove(&module_type),
+        };
+        Self::rebuild(&mut inner, &self.router);
+        true
+    }
+
+    /// The weights in force per module type: a rollout's over the
+    /// operator's.
+    fn policy(inner: &Inner) -> Policy {
+        let mut policy = inner.operator.policy.clone();
+        for (t, (weights, sticky)) in &inner.rollout_weights {
+            policy.weights.insert(*t, weights.clone());
+            if *sticky {
+                policy.sticky_types.insert(*t);
+            }
+        }
+        policy
+    }
+
     /// Compiles and publishes a snapshot from the current state. It runs on
     /// every change of membership, health, routes or weights and walks every
     /// instance, so it is kept lean: instances are visited in id order (no
@@ -252,7 +304,7 @@ impl Registry {
                 operator: &inner.operator.routes,
                 instances: &endpoints,
                 backends: &inner.backend_endpoints,
-                policy: inner.operator.policy.clone(),
+                policy: Self::policy(inner),
                 now_ms: shared_types::time::unix_millis(std::time::SystemTime::now()),
                 // Instances are visited in id order; an instance's route ids
                 // are distinct, so are its routes' identities.

@@ -430,6 +430,7 @@ fn identical_announcements_merge_and_weights_show_per_instance() {
                 )]
                 .into(),
                 sticky: false,
+                sticky_types: Default::default(),
             },
             ..Default::default()
         },
@@ -583,6 +584,7 @@ fn deployment_started_is_when_the_weights_last_changed() {
             )]
             .into(),
             sticky: false,
+            sticky_types: Default::default(),
         },
         ..Default::default()
     };

@@ -90,20 +90,14 @@ pub const OVERLOAD_TOLERANCE: f64 = 0.10;
 
 fn weight_of(inner: &Inner, inst: &Instance) -> i32 {
     inner
-        .operator
-        .policy
-        .weights
-        .get(&inst.module_type)
+        .weights_of(inst.module_type)
         .and_then(|w| w.iter().find(|(v, _)| *v == inst.info.version))
         .map_or(0, |(_, w)| *w as i32)
 }
 
 fn deployment(inner: &Inner, inst: &Instance) -> pb::BlueGreenConfig {
     let mut versions: Vec<(String, u32)> = inner
-        .operator
-        .policy
-        .weights
-        .get(&inst.module_type)
+        .weights_of(inst.module_type)
         .cloned()
         .unwrap_or_else(|| vec![(inst.info.version.clone(), 100)]);
     versions.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));

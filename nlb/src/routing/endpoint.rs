@@ -22,6 +22,9 @@ pub struct EndpointCounters {
     /// Ejected until this [`mono_ms`] instant; 0 = not ejected, `u64::MAX`
     /// = until the instance heartbeats healthy.
     ejected_until_ms: AtomicU64,
+    /// Connections this endpoint failed, ever: connects that failed, and
+    /// connections it ended without answering a byte (rollout analysis).
+    failed_total: AtomicU64,
 }
 
 pub use shared_types::time::mono_ms;
@@ -44,6 +47,7 @@ impl EndpointCounters {
     /// Records a failed connect; ejects the endpoint (until `until_ms`) once
     /// `threshold` failures come in a row. True when this one ejected it.
     pub fn connect_failed(&self, threshold: u32, until_ms: u64) -> bool {
+        self.failed_total.fetch_add(1, Ordering::Relaxed);
         let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         // One of several failing at once ejects it (and is counted).
         n >= threshold
@@ -51,6 +55,17 @@ impl EndpointCounters {
                 .ejected_until_ms
                 .compare_exchange(0, until_ms, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
+    }
+
+    /// Records a connection the endpoint closed or reset without answering
+    /// a byte to a client that had sent some.
+    pub fn record_unanswered(&self) {
+        self.failed_total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections failed so far: failed connects and unanswered ones.
+    pub fn failed_total(&self) -> u64 {
+        self.failed_total.load(Ordering::Relaxed)
     }
 
     /// Records a successful connect: the run of failures ends.

@@ -54,6 +54,9 @@ pub struct Policy {
     pub weights: HashMap<ModuleType, Vec<(String, u32)>>,
     /// Choose version and instance by a hash of the client address.
     pub sticky: bool,
+    /// Module types chosen that way whatever `sticky` says (a rollout that
+    /// asked for stickiness).
+    pub sticky_types: std::collections::HashSet<ModuleType>,
 }
 
 /// Why a connection could not be routed.
@@ -276,12 +279,12 @@ impl Snapshot {
                 route.servers.len()
             )));
         }
-        let sticky = if self.policy.sticky {
+        let module_type = usable[0].module_type;
+        let sticky = if self.policy.sticky || self.policy.sticky_types.contains(&module_type) {
             conn.client
         } else {
             None
         };
-        let module_type = usable[0].module_type;
         let candidates: Vec<&Arc<Endpoint>> = match self.policy.weights.get(&module_type) {
             Some(weights) if module_type != ModuleType::Unspecified => {
                 let version = choose_version(weights, &usable, sticky).ok_or_else(|| {

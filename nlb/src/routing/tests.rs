@@ -176,12 +176,14 @@ fn weights(pairs: &[(&str, u32)]) -> Policy {
             pairs.iter().map(|(v, w)| (v.to_string(), *w)).collect(),
         )]),
         sticky: false,
+        sticky_types: Default::default(),
     }
 }
 
 fn sticky() -> Policy {
     Policy {
         sticky: true,
+        sticky_types: Default::default(),
         ..Policy::default()
     }
 }
@@ -1013,6 +1015,7 @@ fn without_weights_every_version_is_eligible() {
     let policy = Policy {
         weights: HashMap::from([(ModuleType::Dblb, vec![("v1".to_string(), 100)])]),
         sticky: false,
+        sticky_types: Default::default(),
     };
     let s = web(&servers, policy);
     let got = versions(&s, 1500);

@@ -1,0 +1,437 @@
+//! The rollout controller: a loop (every 500 ms, and at once after an API
+//! change) that, for every rollout,
+//! 1. analyses the canary against the baseline when a window ends, and
+//!    rolls back on a breach, or counts a pass;
+//! 2. moves to the next step once the step's hold is over and a window in
+//!    it passed (the last step's end makes the canary the baseline);
+//! 3. applies each module type's weights to the routing snapshot;
+//! 4. tells the instances of both versions (`SetTrafficWeight`, and
+//!    `PromoteVersion` / `Rollback` at the end), so their
+//!    `GetActiveVersion` agrees with the NLB.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use shared_types::pb::{self, ModuleType};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::analysis::{judge, Probe, Verdict, Window};
+use super::model::{EventKind, Record, Sample, State};
+use super::{finish, next_step};
+use crate::app::Nlb;
+use crate::routing::EndpointState;
+
+const TICK: Duration = Duration::from_millis(500);
+/// Deadline of one call to a module.
+const CALL_DEADLINE: Duration = Duration::from_secs(5);
+/// A failed call to an instance is tried again after this long.
+const RETRY_AFTER_MS: u64 = 15_000;
+/// Instances are told a finished rollout's outcome for this long after it
+/// ended (new instances, an NLB restart), not forever.
+const TELL_FINISHED_MS: u64 = 10 * 60 * 1000;
+
+/// What an instance should have been told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Told {
+    Weight(u32),
+    Promoted,
+    RolledBack,
+}
+
+#[derive(Default)]
+struct Controller {
+    /// Per rollout: its window and when it last closed (ms).
+    windows: HashMap<String, (Window, u64)>,
+    /// Per instance: (rollout id, what it was told).
+    told: HashMap<String, (String, Told)>,
+    /// Per instance: (rollout id, what failed, retry after ms).
+    failed: HashMap<String, (String, Told, u64)>,
+    /// Canary instances whose active version was set to the baseline.
+    prepared: HashSet<(String, String)>,
+    /// Module types whose weights the controller set.
+    weighted: HashSet<ModuleType>,
+}
+
+/// Starts the controller; it ends when `stop` turns true.
+pub fn spawn(nlb: Arc<Nlb>, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut c = Controller::default();
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = nlb.rollouts.wake.notified() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            c.step(&nlb).await;
+        }
+    })
+}
+
+fn now_ms() -> u64 {
+    shared_types::time::unix_millis(std::time::SystemTime::now())
+}
+
+impl Controller {
+    async fn step(&mut self, nlb: &Arc<Nlb>) {
+        let now = now_ms();
+        let records = nlb.rollouts.records();
+        self.analyse_and_advance(nlb, &records, now);
+        self.apply_weights(nlb);
+        self.tell_modules(nlb, now).await;
+        let live: HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
+        self.windows.retain(|id, _| live.contains(id.as_str()));
+    }
+
+    /// Closes due windows and moves rollouts on (one persisted change).
+    fn analyse_and_advance(&mut self, nlb: &Nlb, records: &[Record], now: u64) {
+        let mut verdicts: BTreeMap<String, (Verdict, Sample, Sample)> = BTreeMap::new();
+        let mut due_steps = Vec::new();
+        for r in records {
+            if r.state != State::Running {
+                // A paused rollout's next window starts when it resumes.
+                self.windows.remove(&r.id);
+                continue;
+            }
+            let probes = probes(nlb, r);
+            let interval = u64::from(r.spec.analysis.interval_seconds) * 1000;
+            match self.windows.get_mut(&r.id) {
+                None => {
+                    let mut w = Window::default();
+                    w.take(probes);
+                    self.windows.insert(r.id.clone(), (w, now));
+                }
+                Some((w, last)) if now.saturating_sub(*last) >= interval => {
+                    let samples = w.take(probes);
+                    *last = now;
+                    let sample = |v: &str| {
+                        samples.get(v).cloned().unwrap_or_else(|| Sample {
+                            version: v.to_string(),
+                            ..Sample::default()
+                        })
+                    };
+                    let (canary, baseline) = (sample(&r.spec.canary), sample(&r.spec.baseline));
+                    let verdict = judge(&r.spec.analysis, &canary, &baseline);
+                    verdicts.insert(r.id.clone(), (verdict, canary, baseline));
+                }
+                Some(_) => {}
+            }
+            let hold = u64::from(r.current_step().hold_seconds) * 1000;
+            if now.saturating_sub(r.step_started_ms) >= hold {
+                due_steps.push(r.id.clone());
+            }
+        }
+        if verdicts.is_empty() && due_steps.is_empty() {
+            return;
+        }
+        let mut moved = Vec::new();
+        nlb.rollouts.advance(|records, events| {
+            for (id, (verdict, canary, baseline)) in verdicts {
+                let Some(r) = records.get_mut(&id).filter(|r| r.state == State::Running) else {
+                    continue;
+                };
+                let brief = format!("{} | {}", canary.brief(), baseline.brief());
+                match verdict {
+                    Verdict::Pass => {
+                        r.passes += 1;
+                        let msg = format!("step {} at {}% passed: {brief}", r.step + 1, r.weight);
+                        let e = r.push_with(
+                            now,
+                            EventKind::AnalysisPassed,
+                            msg,
+                            Some(canary),
+                            Some(baseline),
+                        );
+                        events.push((id.clone(), e));
+                    }
+                    Verdict::Inconclusive(why) => {
+                        let e = r.push_with(
+                            now,
+                            EventKind::AnalysisInconclusive,
+                            why,
+                            Some(canary),
+                            Some(baseline),
+                        );
+                        events.push((id.clone(), e));
+                    }
+                    Verdict::Fail(why) => {
+                        let e = r.push_with(
+                            now,
+                            EventKind::AnalysisFailed,
+                            why.clone(),
+                            Some(canary),
+                            Some(baseline),
+                        );
+                        events.push((id.clone(), e));
+                        finish(
+                            r,
+                            now,
+                            State::RolledBack,
+                            format!("analysis failed: {why}"),
+                            events,
+                        );
+                    }
+                }
+            }
+            for id in due_steps {
+                let Some(r) = records.get_mut(&id).filter(|r| r.state == State::Running) else {
+                    continue;
+                };
+                let hold = u64::from(r.current_step().hold_seconds) * 1000;
+                if r.passes > 0 && now.saturating_sub(r.step_started_ms) >= hold {
+                    next_step(r, now, events);
+                    moved.push(id);
+                }
+            }
+            true
+        });
+        for id in moved {
+            // The next step's windows see only its own weight.
+            if let Some((w, last)) = self.windows.get_mut(&id) {
+                w.reset();
+                *last = now;
+            }
+        }
+    }
+
+    fn apply_weights(&mut self, nlb: &Nlb) {
+        let wanted = nlb.rollouts.weights();
+        for (t, weights) in &wanted {
+            nlb.registry.set_rollout_weights(*t, Some(weights.clone()));
+            self.weighted.insert(*t);
+        }
+        let gone: Vec<ModuleType> = self
+            .weighted
+            .iter()
+            .filter(|t| !wanted.contains_key(t))
+            .copied()
+            .collect();
+        for t in gone {
+            nlb.registry.set_rollout_weights(t, None);
+            self.weighted.remove(&t);
+        }
+    }
+
+    /// Calls every instance of both versions of each type's latest rollout
+    /// that has not been told its current state yet.
+    async fn tell_modules(&mut self, nlb: &Arc<Nlb>, now: u64) {
+        let records = nlb.rollouts.records();
+        let mut latest: BTreeMap<ModuleType, &Record> = BTreeMap::new();
+        for r in &records {
+            let t = r.spec.module_type();
+            if latest.get(&t).is_none_or(|l| r.started_ms >= l.started_ms) {
+                latest.insert(t, r);
+            }
+        }
+        let mut jobs = Vec::new();
+        for (t, r) in latest {
+            let told = match r.state {
+                State::Running | State::Paused => Told::Weight(r.weight),
+                State::Succeeded => Told::Promoted,
+                State::RolledBack => Told::RolledBack,
+            };
+            if !r.state.is_active()
+                && now.saturating_sub(r.finished_ms.unwrap_or(now)) > TELL_FINISHED_MS
+            {
+                continue;
+            }
+            for v in nlb.registry.list() {
+                if v.module_type != t || v.state == EndpointState::Draining {
+                    continue;
+                }
+                let version = &v.instance.version;
+                if *version != r.spec.baseline && *version != r.spec.canary {
+                    continue;
+                }
+                let id = v.instance.instance_id.clone();
+                if self.told.get(&id) == Some(&(r.id.clone(), told.clone())) {
+                    continue;
+                }
+                if let Some((rid, what, retry)) = self.failed.get(&id) {
+                    if *rid == r.id && *what == told && now < *retry {
+                        continue;
+                    }
+                }
+                let prepare = *version == r.spec.canary
+                    && matches!(told, Told::Weight(_))
+                    && !self.prepared.contains(&(r.id.clone(), id.clone()));
+                jobs.push(Job {
+                    rollout: r.id.clone(),
+                    instance: id,
+                    address: v.instance.address.clone(),
+                    baseline: r.spec.baseline.clone(),
+                    canary: r.spec.canary.clone(),
+                    told: told.clone(),
+                    prepare,
+                });
+            }
+        }
+        if jobs.is_empty() {
+            return;
+        }
+        let results = futures::future::join_all(jobs.into_iter().map(|job| {
+            let nlb = Arc::clone(nlb);
+            async move {
+                let result = job.run(&nlb).await;
+                (job, result)
+            }
+        }))
+        .await;
+        for (job, result) in results {
+            match result {
+                Ok(()) => {
+                    if job.prepare {
+                        self.prepared
+                            .insert((job.rollout.clone(), job.instance.clone()));
+                    }
+                    self.failed.remove(&job.instance);
+                    self.told.insert(job.instance, (job.rollout, job.told));
+                }
+                Err(why) => {
+                    let first = self
+                        .failed
+                        .get(&job.instance)
+                        .is_none_or(|(rid, what, _)| *rid != job.rollout || *what != job.told);
+                    if first {
+                        nlb.rollouts
+                            .note(&job.rollout, EventKind::ModuleCallFailed, why);
+                    }
+                    self.failed
+                        .insert(job.instance, (job.rollout, job.told, now + RETRY_AFTER_MS));
+                }
+            }
+        }
+    }
+}
+
+/// One instance to tell.
+struct Job {
+    rollout: String,
+    instance: String,
+    address: String,
+    baseline: String,
+    canary: String,
+    told: Told,
+    /// A canary instance hears first that the baseline is the active
+    /// version, as the NLB sees it.
+    prepare: bool,
+}
+
+impl Job {
+    async fn run(&self, nlb: &Nlb) -> Result<(), String> {
+        let m = &nlb.modules;
+        let id = self.instance.as_str();
+        let call_failed = |what: &str, e: tonic::Status| {
+            format!("{what} on {id} at {}: {}", self.address, e.message())
+        };
+        let refused = |what: &str, message: &str| format!("{what} on {id}: refused: {message}");
+        if self.prepare {
+            let req = m.changing(
+                pb::PromoteVersionRequest {
+                    instance_id: id.to_string(),
+                    version: self.baseline.clone(),
+                    immediate: true,
+                    promotion_rate: 0,
+                },
+                CALL_DEADLINE,
+            );
+            let r = m
+                .call(id, &self.address, CALL_DEADLINE, |mut c| async move {
+                    c.promote_version(req).await
+                })
+                .await
+                .map_err(|e| call_failed("PromoteVersion (baseline active)", e))?;
+            if !r.success {
+                return Err(refused("PromoteVersion (baseline active)", &r.message));
+            }
+        }
+        match self.told {
+            Told::Weight(w) => {
+                let req = m.changing(
+                    pb::SetTrafficWeightRequest {
+                        instance_id: id.to_string(),
+                        version: self.canary.clone(),
+                        weight: w as i32,
+                    },
+                    CALL_DEADLINE,
+                );
+                let r = m
+                    .call(id, &self.address, CALL_DEADLINE, |mut c| async move {
+                        c.set_traffic_weight(req).await
+                    })
+                    .await
+                    .map_err(|e| call_failed("SetTrafficWeight", e))?;
+                if !r.success {
+                    return Err(refused("SetTrafficWeight", &r.message));
+                }
+            }
+            Told::Promoted => {
+                let req = m.changing(
+                    pb::PromoteVersionRequest {
+                        instance_id: id.to_string(),
+                        version: self.canary.clone(),
+                        immediate: true,
+                        promotion_rate: 0,
+                    },
+                    CALL_DEADLINE,
+                );
+                let r = m
+                    .call(id, &self.address, CALL_DEADLINE, |mut c| async move {
+                        c.promote_version(req).await
+                    })
+                    .await
+                    .map_err(|e| call_failed("PromoteVersion", e))?;
+                if !r.success {
+                    return Err(refused("PromoteVersion", &r.message));
+                }
+            }
+            Told::RolledBack => {
+                let req = m.changing(
+                    pb::RollbackRequest {
+                        instance_id: id.to_string(),
+                        target_version: self.baseline.clone(),
+                    },
+                    CALL_DEADLINE,
+                );
+                let r = m
+                    .call(id, &self.address, CALL_DEADLINE, |mut c| async move {
+                        c.rollback(req).await
+                    })
+                    .await
+                    .map_err(|e| call_failed("Rollback", e))?;
+                if !r.success {
+                    return Err(refused("Rollback", &r.message));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The counters of every instance of the rollout's two versions.
+fn probes(nlb: &Nlb, r: &Record) -> Vec<Probe> {
+    let t = r.spec.module_type();
+    nlb.registry.read(|inner| {
+        inner
+            .instances
+            .values()
+            .filter(|i| i.module_type == t)
+            .filter(|i| i.info.version == r.spec.baseline || i.info.version == r.spec.canary)
+            .map(|i| {
+                let stats = i.stats.clone().unwrap_or_default();
+                Probe {
+                    instance_id: i.info.instance_id.clone(),
+                    version: i.info.version.clone(),
+                    requests: stats.total_requests.max(0) as u64,
+                    failed_requests: stats.failed_requests.max(0) as u64,
+                    connections: i.counters.total(),
+                    failed_connections: i.counters.failed_total(),
+                    p99_latency_ms: stats.p99_latency_ms,
+                }
+            })
+            .collect()
+    })
+}
