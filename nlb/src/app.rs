@@ -127,6 +127,10 @@ impl Nlb {
             dataplane,
             dataplane_started: AtomicBool::new(false),
         });
+        nlb.rollouts.set_metrics(
+            nlb.metrics.rollout_events.clone(),
+            nlb.metrics.rollout_canary_weight.clone(),
+        );
         nlb.refresh_gauges();
         nlb
     }

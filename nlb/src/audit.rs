@@ -22,6 +22,11 @@ pub const AUDITED: &[&str] = &[
     "RebalanceLoad",
     "TriggerScaling",
     "UnregisterModule",
+    "StartRollout",
+    "PromoteRollout",
+    "PauseRollout",
+    "ResumeRollout",
+    "RollbackRollout",
 ];
 
 /// Who is calling: the token's principal, the peer and the request id.

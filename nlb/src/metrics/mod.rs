@@ -61,6 +61,13 @@ pub struct NlbMetrics {
     /// `nlb_audit_events_total{method,result}`: operator changes by
     /// method and ok, failed, denied.
     pub audit_events: IntCounterVec,
+    /// `nlb_rollout_events_total{module_type,kind}`: rollout events
+    /// (started, step_started, analysis_passed, analysis_failed,
+    /// rolled_back, succeeded, ...).
+    pub rollout_events: IntCounterVec,
+    /// `nlb_rollout_canary_weight{module_type}`: the canary's percent of
+    /// new connections in the type's latest rollout.
+    pub rollout_canary_weight: IntGaugeVec,
 }
 
 fn counter_vec(reg: &PromRegistry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -197,6 +204,25 @@ impl NlbMetrics {
                 "Operator changes through the control API, by method and result",
                 &["method", "result"],
             ),
+            rollout_events: counter_vec(
+                &reg,
+                "nlb_rollout_events_total",
+                "Rollout events by module type and kind",
+                &["module_type", "kind"],
+            ),
+            rollout_canary_weight: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "nlb_rollout_canary_weight",
+                        "The canary's percent of new connections in each module type's latest rollout",
+                    ),
+                    &["module_type"],
+                )
+                .expect("valid metric");
+                reg.register(Box::new(g.clone()))
+                    .expect("metric registered once");
+                g
+            },
             prometheus: reg,
         }
         .with_known_labels()

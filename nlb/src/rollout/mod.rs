@@ -68,6 +68,9 @@ pub struct Rollouts {
     /// Wakes the controller after an API change.
     pub(crate) wake: Notify,
     path: PathBuf,
+    /// `nlb_rollout_events_total` and `nlb_rollout_canary_weight`, once
+    /// the NLB's metrics exist.
+    metrics: std::sync::OnceLock<(prometheus::IntCounterVec, prometheus::IntGaugeVec)>,
 }
 
 /// The rollouts file beside a state file: `nlb.state.json` ->
@@ -142,6 +145,16 @@ impl Rollouts {
             events,
             wake: Notify::new(),
             path,
+            metrics: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Counts events and shows weights in these metrics from now on.
+    pub fn set_metrics(&self, events: prometheus::IntCounterVec, weight: prometheus::IntGaugeVec) {
+        let _ = self.metrics.set((events, weight));
+        for (t, (weights, _)) in self.weights() {
+            let canary = weights.first().map_or(0, |(_, w)| *w);
+            weight_gauge(&self.metrics, t, canary);
         }
     }
 
@@ -182,8 +195,18 @@ impl Rollouts {
             *records = before;
             return Err(e);
         }
+        let types: BTreeMap<String, (ModuleType, u32)> = records
+            .values()
+            .map(|r| (r.id.clone(), (r.spec.module_type(), r.weight)))
+            .collect();
         drop(records);
         for (id, e) in events {
+            if let (Some((events, _)), Some((t, weight))) = (self.metrics.get(), types.get(&id)) {
+                events
+                    .with_label_values(&[t.short_name(), event_label(e.kind)])
+                    .inc();
+                weight_gauge(&self.metrics, *t, *weight);
+            }
             let _ = self.events.send(e.wire(&id));
         }
         self.wake.notify_one();
@@ -466,6 +489,36 @@ impl Rollouts {
             }
             true
         });
+    }
+}
+
+fn weight_gauge(
+    metrics: &std::sync::OnceLock<(prometheus::IntCounterVec, prometheus::IntGaugeVec)>,
+    t: ModuleType,
+    weight: u32,
+) {
+    if let Some((_, gauge)) = metrics.get() {
+        gauge
+            .with_label_values(&[t.short_name()])
+            .set(i64::from(weight));
+    }
+}
+
+/// The `kind` label of an event.
+pub fn event_label(kind: EventKind) -> &'static str {
+    match kind {
+        EventKind::Started => "started",
+        EventKind::StepStarted => "step_started",
+        EventKind::AnalysisPassed => "analysis_passed",
+        EventKind::AnalysisFailed => "analysis_failed",
+        EventKind::AnalysisInconclusive => "analysis_inconclusive",
+        EventKind::Paused => "paused",
+        EventKind::Resumed => "resumed",
+        EventKind::Promoted => "promoted",
+        EventKind::RolledBack => "rolled_back",
+        EventKind::Succeeded => "succeeded",
+        EventKind::ModuleCallFailed => "module_call_failed",
+        EventKind::ResumedAfterRestart => "resumed_after_restart",
     }
 }
 
