@@ -243,6 +243,9 @@ pub struct RoutingConfig {
     pub validate_timeout_ms: u64,
     /// Deadline for each module call made by `CheckHealth`, `TriggerScaling`.
     pub module_call_timeout_ms: u64,
+    /// A newly registered instance's capacity ramps from 10% to full over
+    /// this long, so it is not stampeded (0 = no ramp).
+    pub slow_start_seconds: u64,
 }
 
 impl Default for RoutingConfig {
@@ -251,6 +254,7 @@ impl Default for RoutingConfig {
             sticky: false,
             validate_timeout_ms: 500,
             module_call_timeout_ms: 2000,
+            slow_start_seconds: 30,
         }
     }
 }

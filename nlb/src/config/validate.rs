@@ -201,6 +201,13 @@ fn semantic(c: &NlbConfig, errors: &mut Vec<ConfigError>) {
         errors,
     );
     range(
+        c.routing.slow_start_seconds,
+        0,
+        3600,
+        "routing.slow_start_seconds",
+        errors,
+    );
+    range(
         c.metrics.retention_points,
         1,
         100_000,

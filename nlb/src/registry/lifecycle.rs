@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use super::instance::{Drain, HealthTimings, Instance, Instruction};
 use super::{Inner, Registry, RegistryError};
 use crate::config::check_host_port;
-use crate::routing::{EndpointState, RouteSpec};
+use crate::routing::{EndpointCounters, EndpointState, RouteSpec};
 
 /// A successful registration.
 #[derive(Debug, Clone, PartialEq)]
@@ -280,9 +280,17 @@ impl Registry {
                 Some(old) => {
                     inner.by_registration.remove(&old.registration_id);
                     replaced_address = Some(old.info.address);
-                    (uuid::Uuid::new_v4().to_string(), wall, Arc::default())
+                    (
+                        uuid::Uuid::new_v4().to_string(),
+                        wall,
+                        Arc::new(EndpointCounters::warming()),
+                    )
                 }
-                None => (uuid::Uuid::new_v4().to_string(), wall, Arc::default()),
+                None => (
+                    uuid::Uuid::new_v4().to_string(),
+                    wall,
+                    Arc::new(EndpointCounters::warming()),
+                ),
             };
             let takes_traffic = data_address.is_some();
             let instance = Instance {

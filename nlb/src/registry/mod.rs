@@ -95,6 +95,7 @@ impl OperatorRouting {
                 weights,
                 sticky: c.routing.sticky,
                 sticky_types: Default::default(),
+                slow_start_ms: c.routing.slow_start_seconds * 1000,
             },
         }
     }

@@ -431,6 +431,7 @@ fn identical_announcements_merge_and_weights_show_per_instance() {
                 .into(),
                 sticky: false,
                 sticky_types: Default::default(),
+                slow_start_ms: 0,
             },
             ..Default::default()
         },
@@ -585,6 +586,7 @@ fn deployment_started_is_when_the_weights_last_changed() {
             .into(),
             sticky: false,
             sticky_types: Default::default(),
+            slow_start_ms: 0,
         },
         ..Default::default()
     };

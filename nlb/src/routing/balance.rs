@@ -13,7 +13,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::endpoint::Endpoint;
+use super::endpoint::{mono_ms, Endpoint};
 use super::pattern::canonical_ip;
 
 /// A stable 64-bit hash (FNV-1a, then a splitmix finalizer), the same on every
@@ -73,10 +73,12 @@ pub fn choose_version<'w>(
 }
 
 /// Picks an instance: rendezvous hashing on the client address when sticky,
-/// else the less loaded of two random candidates.
+/// else the less loaded of two random candidates (young ones counting with
+/// part of their capacity for `slow_start_ms`).
 pub fn choose_endpoint<'e>(
     candidates: &[&'e Arc<Endpoint>],
     sticky_client: Option<IpAddr>,
+    slow_start_ms: u64,
 ) -> Option<&'e Arc<Endpoint>> {
     match candidates.len() {
         0 => None,
@@ -95,11 +97,9 @@ pub fn choose_endpoint<'e>(
                 b += 1;
             }
             let (ea, eb) = (candidates[a], candidates[b]);
-            Some(if eb.load_score() < ea.load_score() {
-                eb
-            } else {
-                ea
-            })
+            let now = if slow_start_ms > 0 { mono_ms() } else { 0 };
+            let score = |e: &Endpoint| e.load_score_warming(now, slow_start_ms);
+            Some(if score(eb) < score(ea) { eb } else { ea })
         }
     }
 }

@@ -25,6 +25,9 @@ pub struct EndpointCounters {
     /// Connections this endpoint failed, ever: connects that failed, and
     /// connections it ended without answering a byte (rollout analysis).
     failed_total: AtomicU64,
+    /// When it started taking traffic ([`mono_ms`]), for slow start; 0 =
+    /// always warm (static backends).
+    warm_from_ms: AtomicU64,
 }
 
 pub use shared_types::time::mono_ms;
@@ -55,6 +58,27 @@ impl EndpointCounters {
                 .ejected_until_ms
                 .compare_exchange(0, until_ms, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
+    }
+
+    /// Counters of a new instance: its slow start begins now.
+    pub fn warming() -> Self {
+        let c = EndpointCounters::default();
+        c.warm_from_ms.store(mono_ms(), Ordering::Relaxed);
+        c
+    }
+
+    /// The share of its capacity it counts with, `slow_start_ms` into its
+    /// life: 10% at first, growing evenly to 100%.
+    pub fn warmth(&self, now_ms: u64, slow_start_ms: u64) -> f64 {
+        let from = self.warm_from_ms.load(Ordering::Relaxed);
+        if slow_start_ms == 0 || from == 0 {
+            return 1.0;
+        }
+        let age = now_ms.saturating_sub(from);
+        if age >= slow_start_ms {
+            return 1.0;
+        }
+        (0.1 + 0.9 * age as f64 / slow_start_ms as f64).min(1.0)
     }
 
     /// Records a connection the endpoint closed or reset without answering
@@ -175,11 +199,18 @@ impl Endpoint {
 
     /// Active connections relative to effective capacity.
     pub fn load_score(&self) -> f64 {
+        self.load_score_warming(0, 0)
+    }
+
+    /// [`Endpoint::load_score`] with its slow start: a young instance
+    /// counts with a part of its capacity (see [`EndpointCounters::warmth`]).
+    pub fn load_score_warming(&self, now_ms: u64, slow_start_ms: u64) -> f64 {
         let nominal = if self.max_connections > 0 {
             f64::from(self.max_connections)
         } else {
             DEFAULT_CAPACITY
         };
-        self.counters.active() as f64 / (nominal * self.capacity_factor.clamp(0.05, 10.0))
+        let warmth = self.counters.warmth(now_ms, slow_start_ms);
+        self.counters.active() as f64 / (nominal * self.capacity_factor.clamp(0.05, 10.0) * warmth)
     }
 }

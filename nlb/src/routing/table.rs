@@ -57,6 +57,8 @@ pub struct Policy {
     /// Module types chosen that way whatever `sticky` says (a rollout that
     /// asked for stickiness).
     pub sticky_types: std::collections::HashSet<ModuleType>,
+    /// How long a new instance's capacity ramps up (0 = no ramp).
+    pub slow_start_ms: u64,
 }
 
 /// Why a connection could not be routed.
@@ -305,7 +307,7 @@ impl Snapshot {
             }
             _ => usable,
         };
-        let endpoint = choose_endpoint(&candidates, sticky)
+        let endpoint = choose_endpoint(&candidates, sticky, self.policy.slow_start_ms)
             .ok_or_else(|| no_server("no candidate left".to_string()))?;
         Ok(Selection { route, endpoint })
     }

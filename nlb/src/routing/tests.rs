@@ -177,6 +177,7 @@ fn weights(pairs: &[(&str, u32)]) -> Policy {
         )]),
         sticky: false,
         sticky_types: Default::default(),
+        slow_start_ms: 0,
     }
 }
 
@@ -184,6 +185,7 @@ fn sticky() -> Policy {
     Policy {
         sticky: true,
         sticky_types: Default::default(),
+        slow_start_ms: 0,
         ..Policy::default()
     }
 }
@@ -930,14 +932,14 @@ fn power_of_two_choices_never_picks_the_strictly_most_loaded() {
     let (low, high) = (alb("low"), alb("high"));
     let _g = (load(&low, 1), load(&high, 5));
     for _ in 0..500 {
-        assert_eq!(choose_endpoint(&[&high, &low], None).unwrap().id, "low");
+        assert_eq!(choose_endpoint(&[&high, &low], None, 0).unwrap().id, "low");
     }
     let three = [alb("idle"), alb("mid"), alb("max")];
     let _g = (load(&three[1], 3), load(&three[2], 9));
     let refs: Vec<&Arc<Endpoint>> = three.iter().collect();
     let mut idle = 0;
     for _ in 0..1000 {
-        let e = choose_endpoint(&refs, None).unwrap();
+        let e = choose_endpoint(&refs, None, 0).unwrap();
         assert_ne!(e.id, "max");
         idle += usize::from(e.id == "idle");
     }
@@ -954,7 +956,7 @@ fn load_is_relative_to_capacity() {
     let big = alb("big");
     let _g = (load(&small, 5), load(&big, 50));
     for _ in 0..200 {
-        assert_eq!(choose_endpoint(&[&small, &big], None).unwrap().id, "big");
+        assert_eq!(choose_endpoint(&[&small, &big], None, 0).unwrap().id, "big");
     }
     let slow = alb("slow");
     let fast = Arc::new(Endpoint {
@@ -963,7 +965,10 @@ fn load_is_relative_to_capacity() {
     });
     let _g = (load(&slow, 10), load(&fast, 20));
     for _ in 0..200 {
-        assert_eq!(choose_endpoint(&[&slow, &fast], None).unwrap().id, "fast");
+        assert_eq!(
+            choose_endpoint(&[&slow, &fast], None, 0).unwrap().id,
+            "fast"
+        );
     }
 }
 
@@ -1016,6 +1021,7 @@ fn without_weights_every_version_is_eligible() {
         weights: HashMap::from([(ModuleType::Dblb, vec![("v1".to_string(), 100)])]),
         sticky: false,
         sticky_types: Default::default(),
+        slow_start_ms: 0,
     };
     let s = web(&servers, policy);
     let got = versions(&s, 1500);
@@ -1251,4 +1257,61 @@ fn interned_keys_are_shared_and_unused_ones_pruned() {
         }
     }
     assert!(interner.len() <= 300, "{} keys held", interner.len());
+}
+
+#[test]
+fn a_new_instance_warms_up_from_a_tenth_of_its_capacity() {
+    let c = crate::routing::EndpointCounters::warming();
+    let from = crate::routing::endpoint::mono_ms();
+    assert!((c.warmth(from, 30_000) - 0.1).abs() < 0.01);
+    assert!((c.warmth(from + 15_000, 30_000) - 0.55).abs() < 0.01);
+    assert_eq!(c.warmth(from + 30_000, 30_000), 1.0);
+    assert_eq!(c.warmth(from, 0), 1.0, "no slow start");
+    // Static backends and old counters are always warm.
+    assert_eq!(
+        crate::routing::EndpointCounters::default().warmth(from, 30_000),
+        1.0
+    );
+}
+
+#[test]
+fn slow_start_keeps_a_new_instance_from_taking_every_connection() {
+    // Two busy instances with 100 connections each and one just registered.
+    let (old_a, old_b) = (alb("old-a"), alb("old-b"));
+    let fresh = Arc::new(Endpoint {
+        counters: Arc::new(crate::routing::EndpointCounters::warming()),
+        ..instance("fresh", ModuleType::Alb, "v1")
+    });
+    let _g = (load(&old_a, 100), load(&old_b, 100));
+    let refs = [&old_a, &fresh, &old_b];
+    // 60 new long-lived connections: without a ramp the idle instance wins
+    // every draw it is in until it has caught up with the others.
+    let mut guards = Vec::new();
+    let mut to_fresh = 0;
+    for _ in 0..60 {
+        let e = choose_endpoint(&refs, None, 30_000).unwrap();
+        to_fresh += usize::from(e.id == "fresh");
+        guards.push(e.counters.open_connection(0));
+    }
+    // At 10% of its capacity it counts as busy as the others (100 to 125)
+    // at 10 to 12.5 connections: it takes about that many, the rest go to
+    // the old ones.
+    assert!((10..=14).contains(&to_fresh), "{to_fresh}");
+    let mut without = 0;
+    let fresh2 = Arc::new(Endpoint {
+        counters: Arc::new(crate::routing::EndpointCounters::warming()),
+        ..instance("fresh2", ModuleType::Alb, "v1")
+    });
+    let refs = [&old_a, &fresh2, &old_b];
+    let mut guards2 = Vec::new();
+    for _ in 0..60 {
+        let e = choose_endpoint(&refs, None, 0).unwrap();
+        without += usize::from(e.id == "fresh2");
+        guards2.push(e.counters.open_connection(0));
+    }
+    // Without a ramp it wins every draw it is in (two in three).
+    assert!(
+        without >= 25,
+        "without a ramp the new one takes most: {without}"
+    );
 }
