@@ -7,9 +7,9 @@
 //! | 2 | usage error: bad flags, or a credential file (token, CA, cert, key) that cannot be used |
 //! | 3 | the NLB cannot be reached: connect failure, `UNAVAILABLE`, `DEADLINE_EXCEEDED` |
 //! | 4 | `UNAUTHENTICATED` or `PERMISSION_DENIED` |
-//! | 5 | `NOT_FOUND` (an unknown instance, or no instance of the type asked for) |
+//! | 5 | `NOT_FOUND` (an unknown instance or rollout, or no instance of the type asked for) |
 //! | 6 | the input is invalid: `INVALID_ARGUMENT`, validation errors, an input file that is missing or not valid |
-//! | 7 | a negative answer: a dry run that is not routed, a health check that is not healthy |
+//! | 7 | a negative answer: a dry run that is not routed, a health check that is not healthy, a watched rollout that ends rolled back |
 
 use std::process::ExitCode;
 

@@ -12,7 +12,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use prost_types::Timestamp;
 use serde_json::{json, Map, Value};
-use shared_types::pb::{self, HealthStatus, ModuleType, Protocol, StatusCode};
+use shared_types::pb::{
+    self, HealthStatus, ModuleType, Protocol, RolloutEventKind, RolloutState, StatusCode,
+};
 
 use super::output::rfc3339;
 
@@ -38,6 +40,48 @@ pub fn contract_code(n: i32) -> String {
                 .unwrap_or(name)
                 .to_string()
         },
+    )
+}
+
+/// A rollout state without its prefix (`RUNNING`, `ROLLED_BACK`), or the number.
+pub fn rollout_state_name(n: i32) -> String {
+    RolloutState::try_from(n).map_or_else(
+        |_| n.to_string(),
+        |s| unprefixed(s.as_str_name(), "ROLLOUT_STATE_"),
+    )
+}
+
+/// A rollout event kind without its prefix (`ANALYSIS_FAILED`), or the number.
+pub fn rollout_event_kind_name(n: i32) -> String {
+    RolloutEventKind::try_from(n).map_or_else(
+        |_| n.to_string(),
+        |k| unprefixed(k.as_str_name(), "ROLLOUT_EVENT_KIND_"),
+    )
+}
+
+fn unprefixed(name: &str, prefix: &str) -> String {
+    name.strip_prefix(prefix).unwrap_or(name).to_string()
+}
+
+/// A known enum value's name in lowercase (as every enum in the JSON), or
+/// the number.
+fn lowercase_name(known: bool, n: i32, name: String) -> Value {
+    if known {
+        json!(name.to_ascii_lowercase())
+    } else {
+        json!(n)
+    }
+}
+
+pub fn rollout_state(n: i32) -> Value {
+    lowercase_name(RolloutState::try_from(n).is_ok(), n, rollout_state_name(n))
+}
+
+pub fn rollout_event_kind(n: i32) -> Value {
+    lowercase_name(
+        RolloutEventKind::try_from(n).is_ok(),
+        n,
+        rollout_event_kind_name(n),
     )
 }
 
@@ -361,6 +405,84 @@ pub fn update_config(r: &pb::UpdateNlbConfigResponse) -> Value {
     })
 }
 
+pub fn rollout_step(s: &pb::RolloutStep) -> Value {
+    json!({
+        "canary_weight": s.canary_weight,
+        "hold_seconds": s.hold_seconds,
+    })
+}
+
+pub fn rollout_analysis(a: Option<&pb::RolloutAnalysis>) -> Value {
+    let Some(a) = a else { return Value::Null };
+    json!({
+        "interval_seconds": a.interval_seconds,
+        "min_requests": a.min_requests,
+        "max_error_rate": a.max_error_rate,
+        "max_error_rate_increase": a.max_error_rate_increase,
+        "max_p99_latency_ms": a.max_p99_latency_ms,
+        "max_p99_latency_ratio": a.max_p99_latency_ratio,
+    })
+}
+
+pub fn rollout_sample(s: Option<&pb::RolloutSample>) -> Value {
+    let Some(s) = s else { return Value::Null };
+    json!({
+        "version": s.version,
+        "instances": s.instances,
+        "requests": s.requests,
+        "failures": s.failures,
+        "error_rate": s.error_rate,
+        "p99_latency_ms": s.p99_latency_ms,
+    })
+}
+
+pub fn rollout_event(e: &pb::RolloutEvent) -> Value {
+    json!({
+        "sequence": e.sequence,
+        "rollout_id": e.rollout_id,
+        "at": timestamp(e.at.as_ref()),
+        "kind": rollout_event_kind(e.kind),
+        "step": e.step,
+        "canary_weight": e.canary_weight,
+        "message": e.message,
+        "canary": rollout_sample(e.canary.as_ref()),
+        "baseline": rollout_sample(e.baseline.as_ref()),
+    })
+}
+
+pub fn rollout(r: &pb::Rollout) -> Value {
+    json!({
+        "rollout_id": r.rollout_id,
+        "module_type": module_type(r.module_type),
+        "baseline_version": r.baseline_version,
+        "canary_version": r.canary_version,
+        "steps": r.steps.iter().map(rollout_step).collect::<Vec<_>>(),
+        "analysis": rollout_analysis(r.analysis.as_ref()),
+        "sticky": r.sticky,
+        "state": rollout_state(r.state),
+        "current_step": r.current_step,
+        "canary_weight": r.canary_weight,
+        "started_at": timestamp(r.started_at.as_ref()),
+        "step_started_at": timestamp(r.step_started_at.as_ref()),
+        "finished_at": timestamp(r.finished_at.as_ref()),
+        "reason": r.reason,
+        "events": r.events.iter().map(rollout_event).collect::<Vec<_>>(),
+        "blue_green": r.blue_green,
+    })
+}
+
+/// The answer of StartRollout, GetRollout, PromoteRollout, PauseRollout,
+/// ResumeRollout and RollbackRollout: `{"rollout": ...}`.
+pub fn rollout_response(r: Option<&pb::Rollout>) -> Value {
+    json!({ "rollout": r.map_or(Value::Null, rollout) })
+}
+
+pub fn list_rollouts(r: &pb::ListRolloutsResponse) -> Value {
+    json!({
+        "rollouts": r.rollouts.iter().map(rollout).collect::<Vec<_>>(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -417,5 +539,64 @@ mod tests {
         let v = config_update(&c);
         assert_eq!(v["data"]["sticky"], true);
         assert_eq!(v["data"]["validate_timeout_ms"], 500);
+    }
+
+    #[test]
+    fn rollouts_have_lowercase_enums_and_every_field() {
+        let sample = pb::RolloutSample {
+            version: "v2".into(),
+            instances: 2,
+            requests: 120,
+            failures: 3,
+            error_rate: 0.025,
+            p99_latency_ms: 40.0,
+        };
+        let r = pb::Rollout {
+            rollout_id: "r-1".into(),
+            module_type: ModuleType::Alb as i32,
+            state: RolloutState::RolledBack as i32,
+            steps: vec![pb::RolloutStep {
+                canary_weight: 10,
+                hold_seconds: 60,
+            }],
+            started_at: Some(Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 5_000_000,
+            }),
+            events: vec![pb::RolloutEvent {
+                sequence: 2,
+                kind: RolloutEventKind::AnalysisFailed as i32,
+                canary: Some(sample),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let v = rollout(&r);
+        assert_eq!(v["state"], "rolled_back");
+        assert_eq!(v["module_type"], "alb");
+        assert_eq!(v["started_at"], "2023-11-14T22:13:20.005Z");
+        assert_eq!(v["finished_at"], Value::Null);
+        assert_eq!(v["analysis"], Value::Null);
+        assert_eq!(v["steps"][0]["hold_seconds"], 60);
+        let e = &v["events"][0];
+        assert_eq!(e["kind"], "analysis_failed");
+        assert_eq!(e["sequence"], 2);
+        assert_eq!(e["canary"]["requests"], 120);
+        assert_eq!(e["canary"]["error_rate"], 0.025);
+        assert_eq!(e["baseline"], Value::Null);
+        assert_eq!(keys(&v).len(), 16, "every field of Rollout: {v}");
+        assert_eq!(keys(e).len(), 9, "every field of RolloutEvent: {e}");
+        assert_eq!(rollout_state(42), json!(42));
+        assert_eq!(rollout_state_name(RolloutState::Running as i32), "RUNNING");
+        assert_eq!(
+            rollout_event_kind_name(RolloutEventKind::ResumedAfterRestart as i32),
+            "RESUMED_AFTER_RESTART"
+        );
+        assert_eq!(rollout_event_kind_name(99), "99");
+        assert_eq!(rollout_response(None), json!({"rollout": null}));
+    }
+
+    fn keys(v: &Value) -> Vec<&String> {
+        v.as_object().expect("an object").keys().collect()
     }
 }

@@ -133,11 +133,10 @@ impl Controller {
                 let Some(r) = records.get_mut(&id).filter(|r| r.state == State::Running) else {
                     continue;
                 };
-                let brief = format!("{} | {}", canary.brief(), baseline.brief());
                 match verdict {
                     Verdict::Pass => {
                         r.passes += 1;
-                        let msg = format!("step {} at {}% passed: {brief}", r.step + 1, r.weight);
+                        let msg = format!("step {} at {}% passed", r.step + 1, r.weight);
                         let e = r.push_with(
                             now,
                             EventKind::AnalysisPassed,

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::time::SystemTime;
 
 use shared_types::pb;
-use tokio::signal::unix::{signal, SignalKind};
 
+use super::StopSignals;
 use crate::ctl::cli::MetricsArgs;
 use crate::ctl::client::Ctl;
 use crate::ctl::exit::{CtlError, Exit};
@@ -94,11 +94,7 @@ fn render_update(u: &pb::StreamNlbMetricsResponse) -> String {
 async fn watch(ctl: &Ctl, out: &mut Out, a: &MetricsArgs) -> Result<Exit, CtlError> {
     const WHAT: &str = "metrics --watch";
     // Handlers first: a Ctrl-C from here on ends the watch cleanly.
-    let handler = |kind, name| {
-        signal(kind).map_err(|e| CtlError::Other(format!("cannot handle {name}: {e}")))
-    };
-    let mut interrupt = handler(SignalKind::interrupt(), "SIGINT")?;
-    let mut terminate = handler(SignalKind::terminate(), "SIGTERM")?;
+    let mut stop = StopSignals::install()?;
     let mut client = ctl.client().await?;
     let req = pb::StreamNlbMetricsRequest {
         interval_seconds: a.interval.unwrap_or(0),
@@ -110,8 +106,7 @@ async fn watch(ctl: &Ctl, out: &mut Out, a: &MetricsArgs) -> Result<Exit, CtlErr
         r = client.stream_nlb_metrics(req) => {
             r.map_err(|s| ctl.failed(WHAT, s))?.into_inner()
         }
-        _ = interrupt.recv() => return Ok(Exit::Ok),
-        _ = terminate.recv() => return Ok(Exit::Ok),
+        () = stop.recv() => return Ok(Exit::Ok),
     };
     loop {
         tokio::select! {
@@ -129,8 +124,7 @@ async fn watch(ctl: &Ctl, out: &mut Out, a: &MetricsArgs) -> Result<Exit, CtlErr
                 }
                 Err(s) => return Err(ctl.failed(WHAT, s)),
             },
-            _ = interrupt.recv() => return Ok(Exit::Ok),
-            _ = terminate.recv() => return Ok(Exit::Ok),
+            () = stop.recv() => return Ok(Exit::Ok),
         }
     }
 }

@@ -5,12 +5,14 @@ mod config;
 mod load;
 mod metrics;
 mod modules;
+mod rollout;
 mod routes;
 mod status;
 
 use shared_types::pb;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
-use super::cli::{Command, ConfigCmd, ModulesCmd, QueryArgs, RoutesCmd};
+use super::cli::{Command, ConfigCmd, ModulesCmd, QueryArgs, RolloutCmd, RoutesCmd};
 use super::client::Ctl;
 use super::exit::{CtlError, Exit};
 use super::output::Out;
@@ -37,6 +39,49 @@ pub async fn dispatch(command: &Command, ctl: &Ctl, out: &mut Out) -> Result<Exi
         }
         Command::Config(ConfigCmd::Apply { section, file }) => {
             config::update(ctl, out, section, file, false).await
+        }
+        Command::Rollout(RolloutCmd::Start(a)) => rollout::start(ctl, out, a).await,
+        Command::Rollout(RolloutCmd::Status { id }) => rollout::status(ctl, out, id).await,
+        Command::Rollout(RolloutCmd::List(a)) => rollout::list(ctl, out, a).await,
+        Command::Rollout(RolloutCmd::Promote { id, full }) => {
+            rollout::promote(ctl, out, id, *full).await
+        }
+        Command::Rollout(RolloutCmd::Pause { id, reason }) => {
+            rollout::pause(ctl, out, id, reason.as_deref()).await
+        }
+        Command::Rollout(RolloutCmd::Resume { id }) => rollout::resume(ctl, out, id).await,
+        Command::Rollout(RolloutCmd::Rollback { id, reason }) => {
+            rollout::rollback(ctl, out, id, reason.as_deref()).await
+        }
+        Command::Rollout(RolloutCmd::Watch { id, after }) => {
+            rollout::watch(ctl, out, id, *after).await
+        }
+    }
+}
+
+/// Ctrl-C (SIGINT) and SIGTERM, which end a watch cleanly (exit 0).
+pub(super) struct StopSignals {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl StopSignals {
+    /// Installs the handlers: from here on a Ctrl-C ends the watch, not the process.
+    pub(super) fn install() -> Result<Self, CtlError> {
+        let handler = |kind, name| {
+            signal(kind).map_err(|e| CtlError::Other(format!("cannot handle {name}: {e}")))
+        };
+        Ok(StopSignals {
+            interrupt: handler(SignalKind::interrupt(), "SIGINT")?,
+            terminate: handler(SignalKind::terminate(), "SIGTERM")?,
+        })
+    }
+
+    /// Resolves when either signal arrives.
+    pub(super) async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
         }
     }
 }
