@@ -138,6 +138,9 @@ pub enum Behaviour {
     /// Reads one HTTP/1.x request head and answers `200` with the banner
     /// line as the body, then closes.
     Http,
+    /// Reads what the client sends first, then closes without answering a
+    /// byte: an instance that fails every connection (the NLB counts it).
+    Unanswered,
 }
 
 #[derive(Default)]
@@ -186,6 +189,7 @@ impl DataServer {
                     let got = match behaviour {
                         Behaviour::Echo => serve_echo(stream, &banner).await,
                         Behaviour::Http => serve_http(stream, &banner).await,
+                        Behaviour::Unanswered => serve_unanswered(stream).await,
                     };
                     st.received.lock().expect("lock").push(got);
                     st.open.fetch_sub(1, Ordering::SeqCst);
@@ -246,6 +250,14 @@ async fn serve_echo(mut s: TcpStream, banner: &str) -> Vec<u8> {
     }
     let _ = s.shutdown().await;
     got
+}
+
+async fn serve_unanswered(mut s: TcpStream) -> Vec<u8> {
+    let mut buf = vec![0u8; 16 * 1024];
+    match tokio::time::timeout(CALL_DEADLINE, s.read(&mut buf)).await {
+        Ok(Ok(n)) => buf[..n].to_vec(),
+        _ => Vec::new(),
+    }
 }
 
 async fn serve_http(mut s: TcpStream, banner: &str) -> Vec<u8> {

@@ -22,6 +22,7 @@ pub mod nlbctl;
 pub mod origin;
 pub mod pki;
 pub mod process;
+pub mod rollout;
 
 use std::fs::File;
 use std::net::TcpListener as StdListener;

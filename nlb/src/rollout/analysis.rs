@@ -86,11 +86,6 @@ impl Window {
             })
             .collect()
     }
-
-    /// Forgets every instance: the next window starts from scratch.
-    pub fn reset(&mut self) {
-        self.last.clear();
-    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

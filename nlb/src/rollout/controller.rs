@@ -188,11 +188,9 @@ impl Controller {
             true
         });
         for id in moved {
-            // The next step's windows see only its own weight.
-            if let Some((w, last)) = self.windows.get_mut(&id) {
-                w.reset();
-                *last = now;
-            }
+            // The next step's windows see only its own weight: the next
+            // tick starts a window (unjudged) from the counters then.
+            self.windows.remove(&id);
         }
     }
 
@@ -229,6 +227,9 @@ impl Controller {
         for (t, r) in latest {
             let told = match r.state {
                 State::Running | State::Paused => Told::Weight(r.weight),
+                // A blue/green switch that keeps part of the traffic on blue
+                // leaves blue active, green at its weight.
+                State::Succeeded if r.weight < 100 => Told::Weight(r.weight),
                 State::Succeeded => Told::Promoted,
                 State::RolledBack => Told::RolledBack,
             };

@@ -555,7 +555,20 @@ pub(crate) fn finish(
     r.state = state;
     r.finished_ms = Some(now);
     r.reason = reason;
-    let (kind, msg) = if state == State::Succeeded {
+    let (kind, msg) = if state == State::Succeeded && r.spec.blue_green && r.weight < 100 {
+        // A blue/green switch keeps the weights it asked for.
+        (
+            EventKind::Succeeded,
+            format!(
+                "{} takes {}% and {} {}%: {}",
+                r.spec.canary,
+                r.weight,
+                r.spec.baseline,
+                100 - r.weight,
+                r.reason
+            ),
+        )
+    } else if state == State::Succeeded {
         r.weight = 100;
         (
             EventKind::Succeeded,
