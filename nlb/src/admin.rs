@@ -79,6 +79,7 @@ pub fn status_json(nlb: &Nlb) -> serde_json::Value {
         },
         "checks": checks.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
         "modules": modules,
+        "scaling_events": nlb.scaling.recent(),
     })
 }
 

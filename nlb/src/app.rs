@@ -82,6 +82,8 @@ pub struct Nlb {
     pub rollouts: crate::rollout::Rollouts,
     /// Why the rollouts file could not be read: the NLB then does not start.
     pub rollouts_error: Option<String>,
+    /// The autoscaler's latest decisions.
+    pub scaling: crate::scaling::ScalingLog,
 }
 
 impl Nlb {
@@ -108,6 +110,7 @@ impl Nlb {
         let nlb = Arc::new(Nlb {
             rollouts,
             rollouts_error,
+            scaling: crate::scaling::ScalingLog::default(),
             registry,
             series: SeriesStore::new(
                 c.metrics.retention_points,

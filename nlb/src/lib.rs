@@ -30,6 +30,7 @@ pub mod registry;
 pub mod request_id;
 pub mod rollout;
 pub mod routing;
+pub mod scaling;
 pub mod security;
 pub mod server;
 pub mod tls;

@@ -157,6 +157,7 @@ pub async fn start(nlb: Arc<Nlb>) -> Result<Running, StartError> {
         Arc::clone(&nlb),
         stopped.clone(),
     ));
+    loops.push(crate::scaling::spawn(Arc::clone(&nlb), stopped.clone()));
     loops.push(security::spawn_watcher(Arc::clone(&nlb), stopped));
     health
         .set_serving::<NlbServiceServer<ControlService>>()

@@ -306,6 +306,7 @@ async fn get_nlb_config_returns_every_section_with_its_checksum() {
             "auth",
             "listeners",
             "dataplane",
+            "autoscaling",
         ]
     );
     for c in &resp.configs {

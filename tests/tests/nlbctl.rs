@@ -524,7 +524,7 @@ async fn status_health_and_config() {
     // Every section: a valid config file.
     let run = ctl(at, "config show").await;
     let all: serde_yaml_ng::Mapping = serde_yaml_ng::from_str(&run.stdout).expect("a YAML mapping");
-    assert_eq!(all.len(), 14, "{}", run.stdout);
+    assert_eq!(all.len(), 15, "{}", run.stdout);
     assert_eq!(all["backends"]["pg"][0].as_str(), Some("127.0.0.1:5432"));
     let j = ctl_json(at, "config show", 0).await;
     assert_eq!(

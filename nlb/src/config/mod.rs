@@ -59,6 +59,7 @@ pub const SECTIONS: &[&str] = &[
     "auth",
     "listeners",
     "dataplane",
+    "autoscaling",
 ];
 
 /// Whether changing `section` needs a restart.

@@ -33,6 +33,67 @@ pub struct NlbConfig {
     pub listeners: Vec<ListenerConfig>,
     /// How the data plane treats connections (limits, timeouts, logging).
     pub dataplane: DataplaneConfig,
+    /// The NLB's autoscaler: per module type, how many instances to keep.
+    pub autoscaling: AutoscalingConfig,
+}
+
+/// The autoscaler (see docs/operations.md, "Autoscaling").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AutoscalingConfig {
+    /// How often each module type is evaluated.
+    pub evaluation_interval_seconds: u64,
+    /// Module type (`alb`, ...) -> its policy. A type not listed is never
+    /// scaled by the NLB.
+    pub types: BTreeMap<String, TypeScaling>,
+}
+
+impl Default for AutoscalingConfig {
+    fn default() -> Self {
+        AutoscalingConfig {
+            evaluation_interval_seconds: 15,
+            types: BTreeMap::new(),
+        }
+    }
+}
+
+/// One module type's autoscaling policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TypeScaling {
+    pub enabled: bool,
+    pub min_instances: u32,
+    pub max_instances: u32,
+    /// Active connections per instance to aim at (0 = not used).
+    pub target_connections: u32,
+    /// Average CPU percent to aim at (0 = not used).
+    pub target_cpu_percent: u32,
+    /// No change while every used metric is within this share of its
+    /// target.
+    pub tolerance: f64,
+    /// After any change, no scale-up for this long.
+    pub scale_up_cooldown_seconds: u64,
+    /// After any change, no scale-down for this long.
+    pub scale_down_cooldown_seconds: u64,
+    /// A scale-down goes to the highest count recommended over this long
+    /// (so a dip does not remove instances a peak needs).
+    pub window_seconds: u64,
+}
+
+impl Default for TypeScaling {
+    fn default() -> Self {
+        TypeScaling {
+            enabled: true,
+            min_instances: 1,
+            max_instances: 10,
+            target_connections: 0,
+            target_cpu_percent: 0,
+            tolerance: 0.1,
+            scale_up_cooldown_seconds: 60,
+            scale_down_cooldown_seconds: 300,
+            window_seconds: 300,
+        }
+    }
 }
 
 impl Default for NlbConfig {
@@ -52,6 +113,7 @@ impl Default for NlbConfig {
             auth: AuthConfig::default(),
             listeners: Vec::new(),
             dataplane: DataplaneConfig::default(),
+            autoscaling: AutoscalingConfig::default(),
         }
     }
 }

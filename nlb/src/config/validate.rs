@@ -238,6 +238,7 @@ fn semantic(c: &NlbConfig, errors: &mut Vec<ConfigError>) {
     check_backends(&c.backends, errors);
     check_routes(&c.routes, &c.backends, errors);
     check_weights(&c.traffic_weights, errors);
+    check_autoscaling(&c.autoscaling, errors);
     check_listeners(&c.listeners, &[&c.grpc.listen, &c.admin.listen], errors);
     check_dataplane(&c.dataplane, errors);
 }
@@ -515,6 +516,80 @@ pub fn check_routes(
 }
 
 /// Per module type, version percentages summing to 100.
+fn check_autoscaling(a: &crate::config::AutoscalingConfig, errors: &mut Vec<ConfigError>) {
+    range(
+        a.evaluation_interval_seconds,
+        1,
+        3600,
+        "autoscaling.evaluation_interval_seconds",
+        errors,
+    );
+    for (t, p) in &a.types {
+        let key = |k: &str| format!("autoscaling.types.{t}.{k}");
+        match ModuleType::parse_name(t) {
+            Ok(ModuleType::Unspecified | ModuleType::Nlb) => errors.push(ConfigError::new(
+                format!("autoscaling.types.{t}"),
+                "not a module type the NLB can scale (alb, dblb, ailb, rtmp)",
+            )),
+            Ok(_) => {}
+            Err(e) => errors.push(ConfigError::new(
+                format!("autoscaling.types.{t}"),
+                e.to_string(),
+            )),
+        }
+        range(
+            u64::from(p.max_instances),
+            1,
+            10_000,
+            &key("max_instances"),
+            errors,
+        );
+        if p.min_instances > p.max_instances {
+            errors.push(ConfigError::new(
+                key("min_instances"),
+                format!(
+                    "{} is above max_instances {}",
+                    p.min_instances, p.max_instances
+                ),
+            ));
+        }
+        if p.target_connections == 0 && p.target_cpu_percent == 0 {
+            errors.push(ConfigError::new(
+                format!("autoscaling.types.{t}"),
+                "no target: set target_connections, target_cpu_percent or both",
+            ));
+        }
+        range(
+            u64::from(p.target_cpu_percent),
+            0,
+            100,
+            &key("target_cpu_percent"),
+            errors,
+        );
+        if !(p.tolerance.is_finite() && (0.0..1.0).contains(&p.tolerance)) {
+            errors.push(ConfigError::new(
+                key("tolerance"),
+                format!("{} is outside 0 to 1 (a share of the target)", p.tolerance),
+            ));
+        }
+        range(
+            p.scale_up_cooldown_seconds,
+            0,
+            86_400,
+            &key("scale_up_cooldown_seconds"),
+            errors,
+        );
+        range(
+            p.scale_down_cooldown_seconds,
+            0,
+            86_400,
+            &key("scale_down_cooldown_seconds"),
+            errors,
+        );
+        range(p.window_seconds, 0, 86_400, &key("window_seconds"), errors);
+    }
+}
+
 pub fn check_weights(
     weights: &BTreeMap<String, BTreeMap<String, u32>>,
     errors: &mut Vec<ConfigError>,

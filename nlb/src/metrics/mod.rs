@@ -68,6 +68,11 @@ pub struct NlbMetrics {
     /// `nlb_rollout_canary_weight{module_type}`: the canary's percent of
     /// new connections in the type's latest rollout.
     pub rollout_canary_weight: IntGaugeVec,
+    /// `nlb_scaling_decisions_total{module_type,direction,result}`.
+    pub scaling_decisions: IntCounterVec,
+    /// `nlb_scaling_recommended_instances{module_type}`: the autoscaler's
+    /// latest recommendation.
+    pub scaling_recommended: IntGaugeVec,
 }
 
 fn counter_vec(reg: &PromRegistry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -210,6 +215,25 @@ impl NlbMetrics {
                 "Rollout events by module type and kind",
                 &["module_type", "kind"],
             ),
+            scaling_decisions: counter_vec(
+                &reg,
+                "nlb_scaling_decisions_total",
+                "Autoscaler decisions by module type, direction (up, down) and result (ok, failed)",
+                &["module_type", "direction", "result"],
+            ),
+            scaling_recommended: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "nlb_scaling_recommended_instances",
+                        "The autoscaler's latest recommended instance count per module type",
+                    ),
+                    &["module_type"],
+                )
+                .expect("valid metric");
+                reg.register(Box::new(g.clone()))
+                    .expect("metric registered once");
+                g
+            },
             rollout_canary_weight: {
                 let g = IntGaugeVec::new(
                     Opts::new(

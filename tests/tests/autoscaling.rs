@@ -1,0 +1,226 @@
+//! The NLB's autoscaler against real SDK modules: load rises (connections
+//! the modules report in their heartbeats), the NLB asks a module's
+//! `ModuleService.Scale` for more instances; load falls, and after its
+//! window and cooldown it asks for fewer. Every decision is a metric and
+//! an event in `/status`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use shared_types::pb::{ModuleType, Protocol, ScalingConfig};
+use std::sync::Mutex;
+use switchyard_sdk::config::{HeartbeatConfig, Listen, NlbLink};
+use switchyard_sdk::{
+    Connection, Descriptor, Module, ModuleError, Runner, ScaleOutcome, Scaler, SdkConfig,
+};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+/// Holds each connection until the client closes it.
+struct Holder;
+
+#[switchyard_sdk::async_trait]
+impl Module for Holder {
+    fn descriptor(&self) -> Descriptor {
+        Descriptor {
+            module_type: ModuleType::Alb,
+            name: "holder",
+            version: "1.0.0".into(),
+            protocols: vec![Protocol::Tcp],
+            capabilities: Default::default(),
+        }
+    }
+
+    async fn serve(&self, mut conn: Connection) {
+        let mut buf = [0u8; 64];
+        while matches!(conn.stream.read(&mut buf).await, Ok(n) if n > 0) {}
+    }
+}
+
+/// Records every `Scale` it is asked for (when, and how many).
+#[derive(Default, Clone)]
+struct Recorder {
+    asked: Arc<Mutex<Vec<(tokio::time::Instant, ScalingConfig, bool)>>>,
+}
+
+#[switchyard_sdk::async_trait]
+impl Scaler for Recorder {
+    async fn scale(
+        &self,
+        config: &ScalingConfig,
+        immediate: bool,
+    ) -> Result<ScaleOutcome, ModuleError> {
+        self.asked
+            .lock()
+            .unwrap()
+            .push((tokio::time::Instant::now(), *config, immediate));
+        Ok(ScaleOutcome {
+            current_instances: 2,
+            desired_instances: config.min_instances,
+        })
+    }
+}
+
+fn module_config(nlb: &str, id: &str) -> SdkConfig {
+    SdkConfig {
+        nlb: NlbLink {
+            addr: nlb.into(),
+            ..NlbLink::default()
+        },
+        listen: Listen {
+            grpc: "127.0.0.1:0".into(),
+            data: "127.0.0.1:0".into(),
+            admin: "127.0.0.1:0".into(),
+        },
+        instance_id: id.into(),
+        heartbeat: HeartbeatConfig {
+            interval_seconds: 1,
+            ..HeartbeatConfig::default()
+        },
+        ..SdkConfig::default()
+    }
+}
+
+async fn until<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {secs} s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn load_scales_a_type_up_and_its_end_scales_it_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("nlb.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "grpc: {{listen: '127.0.0.1:0'}}\n\
+             admin: {{listen: '127.0.0.1:0'}}\n\
+             state_file: {:?}\n\
+             health: {{active_checks: false}}\n\
+             autoscaling:\n  evaluation_interval_seconds: 1\n  types:\n    alb:\n\
+             \x20     min_instances: 1\n      max_instances: 4\n      target_connections: 2\n\
+             \x20     scale_up_cooldown_seconds: 2\n      scale_down_cooldown_seconds: 2\n\
+             \x20     window_seconds: 3\n",
+            dir.path().join("state.json").display().to_string()
+        ),
+    )
+    .unwrap();
+    let store =
+        nlb::config::ConfigStore::load(Some(file), Box::new(|_| None)).expect("config loads");
+    let running = nlb::start(nlb::Nlb::new(store)).await.expect("NLB starts");
+    let nlb_addr = running.grpc_addr.to_string();
+
+    let recorder = Recorder::default();
+    let a = Runner::new(Holder, module_config(&nlb_addr, "holder-a"))
+        .scaler(recorder.clone())
+        .start()
+        .await
+        .unwrap();
+    let b = Runner::new(Holder, module_config(&nlb_addr, "holder-b"))
+        .scaler(recorder.clone())
+        .start()
+        .await
+        .unwrap();
+    until("both modules registered and healthy", 30, || {
+        let views = running.nlb.registry.list();
+        (views.len() == 2
+            && views
+                .iter()
+                .all(|v| v.state == nlb::routing::EndpointState::Healthy))
+        .then_some(())
+    })
+    .await;
+
+    // Load: ten long-lived connections, five on each (two per instance is
+    // the target), which the modules report in their heartbeats.
+    let mut conns = Vec::new();
+    for i in 0..10 {
+        let to = if i % 2 == 0 { a.data_addr } else { b.data_addr };
+        conns.push(TcpStream::connect(to).await.unwrap());
+    }
+    let up = until("a scale-up to the maximum, 4", 60, || {
+        recorder
+            .asked
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(_, c, _)| c.min_instances == 4)
+            .cloned()
+    })
+    .await;
+    assert_eq!(up.1.max_instances, 4, "{:?}", up.1);
+    assert!(up.2, "asked to scale at once");
+    assert_eq!(up.1.target_connections, 2);
+
+    // The load ends: fewer, after the window and the cooldown.
+    let closed_at = tokio::time::Instant::now();
+    drop(conns);
+    let down = until("a scale-down to the minimum, 1", 60, || {
+        recorder
+            .asked
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(at, c, _)| *at > closed_at && c.min_instances == 1)
+            .cloned()
+    })
+    .await;
+    assert_eq!(down.1.max_instances, 1);
+
+    // Never anything but 4 while loaded, nor below the minimum.
+    let asked: Vec<i32> = recorder
+        .asked
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, c, _)| c.min_instances)
+        .collect();
+    assert!(asked.iter().all(|n| *n == 4 || *n == 1), "{asked:?}");
+    let first_down = asked.iter().position(|n| *n == 1).unwrap();
+    assert!(asked[..first_down].iter().all(|n| *n == 4), "{asked:?}");
+
+    // Each decision is a metric and an event.
+    let metrics = running.nlb.metrics.render();
+    let count = |direction: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("nlb_scaling_decisions_total{")
+                    && l.contains("module_type=\"alb\"")
+                    && l.contains(&format!("direction=\"{direction}\""))
+                    && l.contains("result=\"ok\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(count("up") >= 1.0 && count("down") >= 1.0, "{metrics}");
+    let status = nlb::admin::status_json(&running.nlb);
+    let events = status["scaling_events"].as_array().unwrap();
+    let ups: Vec<_> = events.iter().filter(|e| e["to"] == 4).collect();
+    assert!(
+        ups.iter().any(|e| e["from"] == 2
+            && e["result"] == "ok"
+            && e["reason"]
+                .as_str()
+                .unwrap()
+                .contains("connections per instance against a target of 2")),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().any(|e| e["to"] == 1 && e["from"] == 2),
+        "{events:?}"
+    );
+
+    a.stop(switchyard_sdk::StopReason::Signal);
+    b.stop(switchyard_sdk::StopReason::Signal);
+    running.shutdown(Duration::from_secs(2)).await;
+}
