@@ -84,6 +84,8 @@ pub struct Nlb {
     pub rollouts_error: Option<String>,
     /// The autoscaler's latest decisions.
     pub scaling: crate::scaling::ScalingLog,
+    /// A forced rebalance is following up (one at a time).
+    pub rebalancing: AtomicBool,
 }
 
 impl Nlb {
@@ -111,6 +113,7 @@ impl Nlb {
             rollouts,
             rollouts_error,
             scaling: crate::scaling::ScalingLog::default(),
+            rebalancing: AtomicBool::new(false),
             registry,
             series: SeriesStore::new(
                 c.metrics.retention_points,

@@ -476,3 +476,78 @@ async fn the_module_call_token_goes_only_with_calls_that_change_a_module() {
         ]
     );
 }
+
+#[tokio::test]
+async fn a_forced_rebalance_asks_again_until_every_instance_is_within_its_bound() {
+    let t = TestNlb::start().await;
+    let regs = two_albs(&t).await;
+    let mut on_1 = t.hold("alb-1", 10);
+    let force = pb::RebalanceLoadRequest {
+        force: true,
+        target_instances: vec![],
+        strategy: "even".into(),
+    };
+    let resp = t
+        .client
+        .clone()
+        .rebalance_load(force.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        resp.message.contains("alb-1 sheds 5") && resp.message.contains("checked again every 3 s"),
+        "{}",
+        resp.message
+    );
+    let shed_of = |hb: &pb::HeartbeatResponse| {
+        (hb.instructions.get("action").map(String::as_str) == Some("shed"))
+            .then(|| hb.instructions["shed_connections"].clone())
+    };
+    assert_eq!(
+        shed_of(&t.heartbeat("alb-1", &regs["alb-1"]).await).as_deref(),
+        Some("5")
+    );
+
+    // alb-1 sheds nothing: it is told again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let hb = t.heartbeat("alb-1", &regs["alb-1"]).await;
+        if let Some(n) = shed_of(&hb) {
+            assert_eq!(n, "5");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not told to shed again"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A second forced call while one follows up does not start another.
+    let resp = t
+        .client
+        .clone()
+        .rebalance_load(force)
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(resp.message.contains("already running"), "{}", resp.message);
+
+    // It sheds four; their clients come back on alb-2: 6 and 4 is within
+    // the bound (target 5, plus 10% and one).
+    on_1.truncate(6);
+    let _on_2 = t.hold("alb-2", 4);
+    // Drain any instruction already on its way, then none comes any more.
+    let _ = t.heartbeat("alb-1", &regs["alb-1"]).await;
+    let quiet_until = tokio::time::Instant::now() + Duration::from_secs(8);
+    while tokio::time::Instant::now() < quiet_until {
+        for id in ["alb-1", "alb-2"] {
+            let hb = t.heartbeat(id, &regs[id]).await;
+            assert_eq!(shed_of(&hb), None, "{id} told to shed within its bound");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        !t.nlb.rebalancing.load(std::sync::atomic::Ordering::Relaxed),
+        "the follow-up ended"
+    );
+}

@@ -104,6 +104,28 @@ impl ControlService {
             }
         }
         tracing::info!(force = req.force, shed = out.shed.len(), "{message}");
+        if req.force && !out.shed.is_empty() {
+            if self
+                .nlb
+                .rebalancing
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
+            {
+                message.push_str("; a forced rebalance already running goes on");
+            } else {
+                message.push_str(&format!(
+                    "; checked again every {} s, up to {} times, until every instance is within its bound",
+                    REBALANCE_PERIOD.as_secs(),
+                    REBALANCE_ROUNDS
+                ));
+                let nlb = std::sync::Arc::clone(&self.nlb);
+                let targets = req.target_instances.clone();
+                tokio::spawn(async move {
+                    follow_up(&nlb, strategy, &targets).await;
+                    nlb.rebalancing
+                        .store(false, std::sync::atomic::Ordering::Release);
+                });
+            }
+        }
         Ok(pb::RebalanceLoadResponse {
             success: true,
             message,
@@ -241,4 +263,40 @@ impl ControlService {
             error: None,
         })
     }
+}
+
+/// How often a forced rebalance looks again.
+pub const REBALANCE_PERIOD: std::time::Duration = std::time::Duration::from_secs(3);
+/// How many times it looks again at most.
+pub const REBALANCE_ROUNDS: u32 = 20;
+
+/// After a forced `RebalanceLoad`: while an instance is still above its
+/// bound (its target plus 10% and one connection), tell it again to shed
+/// the excess in its next heartbeat, every [`REBALANCE_PERIOD`], at most
+/// [`REBALANCE_ROUNDS`] times; stop once every instance is within it.
+async fn follow_up(nlb: &crate::app::Nlb, strategy: Strategy, targets: &[String]) {
+    for round in 1..=REBALANCE_ROUNDS {
+        tokio::time::sleep(REBALANCE_PERIOD).await;
+        if nlb.shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let out = nlb.registry.rebalance(strategy, true, targets);
+        if out.shed.is_empty() {
+            tracing::info!(
+                round,
+                "forced rebalance done: every instance is within its bound"
+            );
+            return;
+        }
+        let list: Vec<String> = out
+            .shed
+            .iter()
+            .map(|(id, n)| format!("{id} sheds {n}"))
+            .collect();
+        tracing::info!(round, "forced rebalance, still over: {}", list.join(", "));
+    }
+    tracing::warn!(
+        rounds = REBALANCE_ROUNDS,
+        "forced rebalance gave up: some instance is still above its bound (its connections may not be idle)"
+    );
 }
