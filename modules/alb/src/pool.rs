@@ -202,7 +202,9 @@ impl EndpointPool {
                 }
             }
         }
-        let (mut sender, usage) = self.open_h1(false).await?;
+        // Opening is the rare path: boxed, so its (large) future does not
+        // make every request's future larger.
+        let (mut sender, usage) = Box::pin(self.open_h1(false)).await?;
         usage.start();
         match sender.send_request(req).await {
             Ok(resp) => Ok(self.lease_h1(resp, sender, usage, shard)),
@@ -250,7 +252,7 @@ impl EndpointPool {
                 match self.shared_h2(shard) {
                     Some(x) => x,
                     None => {
-                        let (sender, usage) = self.open_h2().await?;
+                        let (sender, usage) = Box::pin(self.open_h2()).await?;
                         self.shards[shard].lock().h2 = Some((sender.clone(), usage.clone()));
                         (sender, usage)
                     }

@@ -250,17 +250,36 @@ impl<T: Unpin> http_body::Body for Keeping<T> {
     }
 }
 
-/// What the log and metrics need about one request.
+/// What the log and metrics need about one request. Nothing in it is
+/// copied per request: the host is the request's own header value (or the
+/// `:authority`), route and cluster names are shared with the route table,
+/// and the path is kept only when the access log is on.
 pub struct Exchange {
     pub started: Instant,
     pub client: SocketAddr,
     pub method: Method,
-    pub host: String,
-    pub path: String,
-    pub route: Option<String>,
-    pub cluster: Option<String>,
-    pub endpoint: Option<String>,
+    /// The host the request is for (`:authority`, else `Host`), as routing
+    /// and the origin see it; `None` when it names none.
+    pub host: Option<HeaderValue>,
+    /// Whether `host` is the request's own `Host` header, which the origin
+    /// then gets as it is.
+    pub host_is_header: bool,
+    /// The path, for the access log (`None` when it is off).
+    pub path: Option<String>,
+    pub route: Option<Arc<str>>,
+    pub cluster: Option<Arc<str>>,
+    pub endpoint: Option<Arc<crate::cluster::Endpoint>>,
     pub attempts: u32,
+}
+
+impl Exchange {
+    /// The host as text (empty when the request names none).
+    pub fn host(&self) -> &str {
+        self.host
+            .as_ref()
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or_default()
+    }
 }
 
 /// Where one attempt goes, and what it carries along.
@@ -282,24 +301,23 @@ fn idempotent(m: &Method) -> bool {
     )
 }
 
-/// The host a request is for: HTTP/2's `:authority`, else `Host`.
-fn host_of<B>(req: &Request<B>) -> Option<String> {
-    req.uri()
-        .authority()
+/// The host a request is for: HTTP/2's `:authority` (or an absolute
+/// HTTP/1 target's), else `Host`; and whether it is the `Host` header
+/// itself. `None` when it names no host.
+fn host_of<B>(req: &Request<B>) -> (Option<HeaderValue>, bool) {
+    if let Some(a) = req.uri().authority() {
         // Never a `user@` part: it names no host.
-        .map(|a| {
-            a.as_str()
-                .rsplit('@')
-                .next()
-                .unwrap_or_default()
-                .to_string()
-        })
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
+        let host = a.as_str().rsplit('@').next().unwrap_or_default();
+        if host.is_empty() {
+            return (None, false);
+        }
+        return (HeaderValue::from_str(host).ok(), false);
+    }
+    match req.headers().get(header::HOST) {
+        // The header value itself (a reference count, not a copy).
+        Some(h) if !h.is_empty() && h.to_str().is_ok() => (Some(h.clone()), true),
+        _ => (None, false),
+    }
 }
 
 impl Alb {
@@ -312,25 +330,29 @@ impl Alb {
         tunnels: &Tunnels,
     ) -> Response<ProxyBody> {
         let rid = headers::request_id(req.headers());
+        let (limits, access_log) = self.request_settings();
+        let (host, host_is_header) = host_of(&req);
         let mut ex = Exchange {
             started: Instant::now(),
             client: peer.addr,
             method: req.method().clone(),
-            host: host_of(&req).unwrap_or_default(),
-            path: req.uri().path().to_string(),
+            host,
+            host_is_header,
+            path: access_log.then(|| req.uri().path().to_string()),
             route: None,
             cluster: None,
             endpoint: None,
             attempts: 0,
         };
-        let max_body = self.limits().max_body_bytes;
-        let mut resp = match self.admit(&req, &mut ex, ctx) {
+        let max_body = limits.max_body_bytes;
+        let mut resp = match self.admit(&req, &mut ex, ctx, &limits) {
             Err(early) => hold_request(req, *early),
             Ok(upstream) => {
                 if headers::is_websocket_upgrade(req.headers()) && req.version() == Version::HTTP_11
                 {
-                    self.upgrade(req, &mut ex, (peer, tunnels), &upstream, &rid)
-                        .await
+                    // Rare: boxed, so it does not make every request's
+                    // future larger.
+                    Box::pin(self.upgrade(req, &mut ex, (peer, tunnels), &upstream, &rid)).await
                 } else {
                     self.forward(req, &mut ex, peer, &upstream, &rid, max_body)
                         .await
@@ -338,7 +360,7 @@ impl Alb {
             }
         };
         resp.headers_mut().insert(X_REQUEST_ID, rid);
-        self.finish(&ex, resp.status(), ctx);
+        self.finish(&ex, resp.status(), ctx, access_log);
         resp
     }
 
@@ -349,9 +371,9 @@ impl Alb {
         req: &Request<Incoming>,
         ex: &mut Exchange,
         ctx: &Context,
+        limits: &crate::config::Limits,
     ) -> Result<Arc<Upstream>, Box<Response<ProxyBody>>> {
         let metrics = self.metrics();
-        let limits = self.limits();
         let too_large = |why: String| {
             metrics
                 .refused
@@ -410,16 +432,20 @@ impl Alb {
             }
         }
         let routes = self.routes();
-        let host = (!ex.host.is_empty()).then_some(ex.host.as_str());
+        let host = Some(ex.host()).filter(|h| !h.is_empty());
         let Some(route) = routes.find(host, req.uri().path(), req.headers()) else {
             metrics.refused.with_label_values(&["no_route"]).inc();
             return Err(Box::new(local(
                 StatusCode::NOT_FOUND,
-                format!("no route for host {:?} and path {:?}", ex.host, ex.path),
+                format!(
+                    "no route for host {:?} and path {:?}",
+                    ex.host(),
+                    req.uri().path()
+                ),
             )));
         };
-        ex.route = Some(route.id().to_string());
-        ex.cluster = Some(route.cluster().to_string());
+        ex.route = Some(route.shared_id().clone());
+        ex.cluster = Some(route.shared_cluster().clone());
         // Keys are built only when limits exist: the common case pays
         // nothing for rate limiting.
         let limited = if ctx.limits.is_empty() {
@@ -429,7 +455,7 @@ impl Alb {
             // The host as routing sees it (no port, no trailing dot), so a
             // port or a dot cannot slip past a host's limit.
             let mut buf = [0u8; crate::routes::MAX_HOST_LEN];
-            let host = crate::routes::normalize_host(&ex.host, &mut buf).unwrap_or("");
+            let host = crate::routes::normalize_host(ex.host(), &mut buf).unwrap_or("");
             let host_key = format!("host:{host}");
             ctx.limits
                 .check(&["*", &route_key, &host_key], Some(ex.client.ip()))
@@ -493,27 +519,21 @@ impl Alb {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        let mut r = Request::builder()
-            .method(parts.method.clone())
-            .uri(upstream.uri(endpoint, path)?)
-            .version(upstream.protocol.version())
-            .body(body)?;
+        let mut r = Request::new(body);
+        *r.method_mut() = parts.method.clone();
+        *r.uri_mut() = upstream.uri(endpoint, path)?;
+        *r.version_mut() = upstream.protocol.version();
+        // A copy of the map as it is (its hash table too), not a rebuild
+        // header by header.
         let h = r.headers_mut();
-        // Room for the forwarding headers up front: one allocation, not a
-        // regrowth as they are added.
-        *h = http::HeaderMap::with_capacity(parts.headers.len() + 6);
-        for (name, value) in &parts.headers {
-            h.append(name, value.clone());
-        }
+        *h = parts.headers.clone();
         headers::strip_hop_by_hop(h, keep_upgrade);
-        let host = (!ex.host.is_empty())
-            .then(|| HeaderValue::from_str(&ex.host).ok())
-            .flatten();
-        headers::add_forwarding(h, &peer.names, peer.tls, host.as_ref());
+        headers::add_forwarding(h, &peer.names, peer.tls, ex.host.as_ref());
         h.insert(X_REQUEST_ID, rid.clone());
-        // The origin gets the host the request was routed on.
-        if let Some(v) = host {
-            h.insert(header::HOST, v);
+        // The origin gets the host the request was routed on (already
+        // there when it is the request's own `Host`).
+        if let (Some(v), false) = (&ex.host, ex.host_is_header) {
+            h.insert(header::HOST, v.clone());
         }
         Ok(r)
     }
@@ -528,7 +548,7 @@ impl Alb {
         max_body: u64,
     ) -> Response<ProxyBody> {
         let metrics = self.metrics();
-        let cluster_name = ex.cluster.clone().unwrap_or_default();
+        let cluster_name = upstream.cluster.name();
         let (parts, incoming) = req.into_parts();
         let empty_body = incoming.is_end_stream();
         // Whether reading the client's body failed: then the failure is the
@@ -564,14 +584,11 @@ impl Alb {
                 );
             };
             if ex.attempts > 0 {
-                metrics
-                    .retries
-                    .with_label_values(&[cluster_name.as_str()])
-                    .inc();
+                metrics.retries.with_label_values(&[cluster_name]).inc();
             }
             tried.push(pick.index);
             ex.attempts += 1;
-            ex.endpoint = Some(pick.endpoint.address().to_string());
+            ex.endpoint = Some(pick.endpoint.clone());
             let this_body = match body.take() {
                 Some(b) => b,
                 None => Full::new(Bytes::new()).map_err(|e| match e {}).boxed(),
@@ -662,7 +679,7 @@ impl Alb {
                     metrics
                         .upstream_errors
                         .with_label_values(&[
-                            cluster_name.as_str(),
+                            cluster_name,
                             if connect { "connect" } else { "protocol" },
                         ])
                         .inc();
@@ -685,7 +702,7 @@ impl Alb {
                     upstream.cluster.report(pick.index, Outcome::Timeout);
                     metrics
                         .upstream_errors
-                        .with_label_values(&[cluster_name.as_str(), "timeout"])
+                        .with_label_values(&[cluster_name, "timeout"])
                         .inc();
                     let failure = local(
                         StatusCode::GATEWAY_TIMEOUT,
@@ -729,7 +746,7 @@ impl Alb {
         upstream: &Arc<Upstream>,
         rid: &HeaderValue,
     ) -> Response<ProxyBody> {
-        let cluster_name = ex.cluster.clone().unwrap_or_default();
+        let cluster_name = upstream.cluster.name();
         let Some(pick) = upstream.cluster.pick(&[]) else {
             self.metrics()
                 .refused
@@ -741,7 +758,7 @@ impl Alb {
             );
         };
         ex.attempts = 1;
-        ex.endpoint = Some(pick.endpoint.address().to_string());
+        ex.endpoint = Some(pick.endpoint.clone());
         let downstream = hyper::upgrade::on(&mut req);
         let (parts, _) = req.into_parts();
         let empty = Full::new(Bytes::new()).map_err(|e| match e {}).boxed();
@@ -810,23 +827,23 @@ impl Alb {
     }
 
     /// Metrics, stats and the access log line.
-    fn finish(&self, ex: &Exchange, status: StatusCode, ctx: &Context) {
+    fn finish(&self, ex: &Exchange, status: StatusCode, ctx: &Context, access_log: bool) {
         let elapsed = ex.started.elapsed();
         let route = ex.route.as_deref().unwrap_or("-");
         self.route_metrics(route)
             .record(status.as_u16(), elapsed.as_secs_f64());
         ctx.stats.record_request(elapsed, status.as_u16() < 500);
-        if self.access_log() {
+        if access_log {
             tracing::info!(
                 target: "access",
                 client = %ex.client,
                 method = %ex.method,
-                host = %ex.host,
-                path = %ex.path,
+                host = ex.host(),
+                path = ex.path.as_deref().unwrap_or_default(),
                 status = status.as_u16(),
                 route,
                 cluster = ex.cluster.as_deref().unwrap_or("-"),
-                endpoint = ex.endpoint.as_deref().unwrap_or("-"),
+                endpoint = ex.endpoint.as_ref().map_or("-", |e| e.address()),
                 attempts = ex.attempts,
                 duration_ms = elapsed.as_secs_f64() * 1000.0,
             );
