@@ -14,7 +14,6 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use switchyard_sdk::data::Closing;
 use switchyard_sdk::{Connection, Context};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -67,7 +66,11 @@ pub async fn serve(alb: Arc<Alb>, conn: Connection) {
         Some(config) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(config);
             match tokio::time::timeout(header_timeout, acceptor.accept(conn.stream)).await {
-                Ok(Ok(stream)) => serve_http(alb, stream, client, true, closing, ctx).await,
+                // Boxed: a TLS connection's future is large, and the
+                // plaintext one should not carry its size.
+                Ok(Ok(stream)) => {
+                    Box::pin(serve_http(alb, stream, client, true, closing, ctx)).await
+                }
                 Ok(Err(e)) => {
                     alb.metrics()
                         .refused
@@ -106,19 +109,16 @@ async fn serve_http<S>(
     let mut stream = FirstRequest::new(stream, header_timeout, arrived.clone());
     let refused = alb.metrics().refused.with_label_values(&["header_timeout"]);
     stream.on_timeout = Some(Box::new(move || refused.inc()));
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout + Duration::from_secs(1))
-        // Room above the limit, so a head just over it reaches the ALB's own
-        // 431 (with a body saying why) rather than hyper's bare one.
-        .max_buf_size(limits.max_header_bytes.saturating_mul(2).max(8192))
-        .max_headers(limits.max_headers);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    // HTTP/2 (prior knowledge, or after ALPN `h2`) or HTTP/1, from the first
+    // bytes; they are given back to the protocol that serves the rest.
+    let http2 = match read_version(&mut stream).await {
+        Ok(Some(h2)) => h2,
+        Ok(None) => return, // closed (or answered 408) before a byte came
+        Err(e) => {
+            tracing::debug!(%client, error = %e, "connection ended before its first request");
+            return;
+        }
+    };
     let tunnels: Tunnels = Arc::default();
     // One per-connection value each request clones (never one shared with
     // other threads' connections, whose count would bounce between cores).
@@ -137,20 +137,44 @@ async fn serve_http<S>(
         let c = on_conn.clone();
         async move { Ok::<_, Infallible>(c.alb.handle(req, &c.peer, &c.ctx, &c.tunnels).await) }
     });
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(%client, error = %e, "connection ended with an error");
+    // The connection until it ends, or until the SDK asks it to finish:
+    // then the requests in flight finish, the client is told to go (GOAWAY,
+    // Connection: close), and it ends.
+    macro_rules! drive {
+        ($conn:expr) => {{
+            let conn = $conn;
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(%client, error = %e, "connection ended with an error");
+                    }
+                }
+                _ = closing.wait() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
             }
-        }
-        _ = closing.wait() => {
-            // Finish the requests in flight, tell the client to go (GOAWAY,
-            // Connection: close), then end.
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
+        }};
+    }
+    let io = TokioIo::new(stream);
+    if http2 {
+        drive!(
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+                .serve_connection(io, svc)
+        );
+    } else {
+        drive!(hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout + Duration::from_secs(1))
+            // Room above the limit, so a head just over it reaches the ALB's
+            // own 431 (with a body saying why) rather than hyper's bare one.
+            .max_buf_size(limits.max_header_bytes.saturating_mul(2).max(8192))
+            .max_headers(limits.max_headers)
+            .serve_connection(io, svc)
+            .with_upgrades());
     }
     // A WebSocket outlives hyper's connection: the connection is done when
     // its tunnels are, or when the SDK wants it closed.
@@ -163,6 +187,45 @@ async fn serve_http<S>(
         }
     }
 }
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads until the first bytes tell HTTP/2 (the whole preface) from HTTP/1
+/// (anything else), and gives what it read back to `stream`: `Some(true)`
+/// for HTTP/2, `None` if the connection ended before a byte came. One
+/// read is usually enough, and it reads as much as a request head needs,
+/// so hyper's first read finds it waiting rather than making a second
+/// system call.
+async fn read_version<S>(stream: &mut FirstRequest<S>) -> std::io::Result<Option<bool>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::with_capacity(FIRST_READ);
+    let http2 = loop {
+        let before = buf.len();
+        if stream.read_buf(&mut buf).await? == 0 {
+            if buf.is_empty() {
+                return Ok(None);
+            }
+            // Ended mid-way: hyper reads the rest, and the end.
+            break false;
+        }
+        let n = buf.len().min(H2_PREFACE.len());
+        if buf[before.min(n)..n] != H2_PREFACE[before.min(n)..n] {
+            break false;
+        }
+        if n == H2_PREFACE.len() {
+            break true;
+        }
+    };
+    stream.unread(buf);
+    Ok(Some(http2))
+}
+
+/// How much the first read takes: a typical request head, whole.
+const FIRST_READ: usize = 2048;
 
 /// What the requests of one connection share.
 struct OnConnection {
