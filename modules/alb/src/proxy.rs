@@ -135,7 +135,12 @@ async fn serve_http<S>(
     let svc = service_fn(move |req: Request<Incoming>| {
         arrived.mark();
         let c = on_conn.clone();
-        async move { Ok::<_, Infallible>(c.alb.handle(req, &c.peer, &c.ctx, &c.tunnels).await) }
+        // Boxed: the request's future is a few KiB, and hyper moves the
+        // future it gets (into its dispatcher; for HTTP/2 into a spawned
+        // task, which moves it three times). A box moves as a pointer.
+        Box::pin(async move {
+            Ok::<_, Infallible>(c.alb.handle(req, &c.peer, &c.ctx, &c.tunnels).await)
+        })
     });
     // The connection until it ends, or until the SDK asks it to finish:
     // then the requests in flight finish, the client is told to go (GOAWAY,
