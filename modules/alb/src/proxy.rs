@@ -107,7 +107,7 @@ async fn serve_http<S>(
     // later, so it never wins the race) covers later requests.
     let arrived = Arrived::default();
     let mut stream = FirstRequest::new(stream, header_timeout, arrived.clone());
-    let refused = alb.metrics().refused.with_label_values(&["header_timeout"]);
+    let refused = alb.metrics().refused_header_timeout.clone();
     stream.on_timeout = Some(Box::new(move || refused.inc()));
     // HTTP/2 (prior knowledge, or after ALPN `h2`) or HTTP/1, from the first
     // bytes; they are given back to the protocol that serves the rest.
