@@ -267,8 +267,16 @@ fn joined(parts: &[&[u8]]) -> Option<HeaderValue> {
 
 /// The request's id: the client's `x-request-id` when it is a sane token
 /// (1 to 128 characters of letters, digits and `-_.:`), else a new random
-/// one of 32 hex digits.
+/// one of 32 hex digits. Marked sensitive, which HTTP/2 sends as "never
+/// indexed": a value new with each message only churns the HPACK table,
+/// evicting the headers that do repeat (and costing their re-encoding).
 pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    let mut id = request_id_value(headers);
+    id.set_sensitive(true);
+    id
+}
+
+fn request_id_value(headers: &HeaderMap) -> HeaderValue {
     if let Some(v) = headers.get(X_REQUEST_ID) {
         let ok = (1..=128).contains(&v.len())
             && v.as_bytes()
@@ -400,5 +408,8 @@ mod tests {
         let made = request_id(&map(&[("x-request-id", "has space")]));
         assert_eq!(made.len(), 32);
         assert_eq!(request_id(&HeaderMap::new()).len(), 32);
+        // Never indexed by HPACK: each id is new.
+        assert!(request_id(&HeaderMap::new()).is_sensitive());
+        assert!(request_id(&map(&[("x-request-id", "abc-123")])).is_sensitive());
     }
 }

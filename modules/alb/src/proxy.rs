@@ -636,12 +636,19 @@ impl Alb {
         let mut body = Some(body);
         let mut tried: Vec<usize> = Vec::new();
         let attempts = upstream.cluster.spec().retry.attempts.max(1);
-        upstream.cluster.request_started();
+        upstream.cluster.request_started_at(ex.started);
         // The answer of the last failed attempt: what the client gets if no
         // untried endpoint is left for a retry.
         let mut last_failure: Option<Response<ProxyBody>> = None;
         loop {
-            let Some(pick) = upstream.cluster.pick(&tried) else {
+            // The first attempt picks at the request's start (one clock
+            // reading fewer); a retry reads the clock again.
+            let now = if ex.attempts == 0 {
+                ex.started
+            } else {
+                Instant::now()
+            };
+            let Some(pick) = upstream.cluster.pick_at(&tried, now) else {
                 if let Some(failure) = last_failure {
                     return failure;
                 }
@@ -896,11 +903,13 @@ impl Alb {
 
     /// Metrics, stats and the access log line.
     fn finish(&self, ex: &Exchange, status: StatusCode, ctx: &Context, access_log: bool) {
-        let elapsed = ex.started.elapsed();
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(ex.started);
         let route = ex.route.as_deref().unwrap_or("-");
         self.route_metrics(route)
             .record(status.as_u16(), elapsed.as_secs_f64());
-        ctx.stats.record_request(elapsed, status.as_u16() < 500);
+        ctx.stats
+            .record_request_at(elapsed, status.as_u16() < 500, now);
         if access_log {
             tracing::info!(
                 target: "access",
