@@ -318,6 +318,39 @@ impl<T: Unpin> http_body::Body for Keeping<T> {
     }
 }
 
+/// An upstream answer's body as the client gets it (hyper's errors boxed),
+/// with what must live as long as it (the endpoint's in-flight count).
+struct Forwarded<B, T> {
+    body: B,
+    _kept: T,
+}
+
+impl<B, T> http_body::Body for Forwarded<B, T>
+where
+    B: http_body::Body<Data = Bytes, Error = hyper::Error> + Unpin,
+    T: Unpin,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        std::pin::Pin::new(&mut self.body)
+            .poll_frame(cx)
+            .map(|frame| frame.map(|r| r.map_err(BoxError::from)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// What the log and metrics need about one request. Nothing in it is
 /// copied per request: the host is the request's own header value (or the
 /// `:authority`), route and cluster names are shared with the route table,
@@ -716,14 +749,13 @@ impl Alb {
                         },
                     );
                     let again = matches!(status, 502..=504) && retry(false);
-                    let resp = self.downstream_response(resp);
                     if !again {
                         // In flight until the last byte of the answer: a
                         // long download or a gRPC stream counts for
                         // least_request as long as it lasts.
-                        return keeping(resp, in_flight);
+                        return self.downstream_response(resp, Some(in_flight));
                     }
-                    (resp, true)
+                    (self.downstream_response(resp, ()), true)
                 }
                 Ok(Err(e)) => {
                     // The client's body over the limit is the client's
@@ -797,10 +829,13 @@ impl Alb {
         }
     }
 
-    /// The upstream's response as the client gets it.
-    fn downstream_response<B>(&self, resp: Response<B>) -> Response<ProxyBody>
+    /// The upstream's response as the client gets it; `kept` is dropped
+    /// after its body (one box for both, where mapping the error and
+    /// keeping took one each).
+    fn downstream_response<B, T>(&self, resp: Response<B>, kept: T) -> Response<ProxyBody>
     where
-        B: http_body::Body<Data = Bytes, Error = hyper::Error> + Send + Sync + 'static,
+        B: http_body::Body<Data = Bytes, Error = hyper::Error> + Send + Sync + Unpin + 'static,
+        T: Send + Sync + Unpin + 'static,
     {
         let (mut parts, body) = resp.into_parts();
         // The client's connection has its own version: an HTTP/1.0 origin
@@ -808,7 +843,7 @@ impl Alb {
         parts.version = Version::HTTP_11;
         let upgrade = parts.status == StatusCode::SWITCHING_PROTOCOLS;
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
-        Response::from_parts(parts, body.map_err(BoxError::from).boxed())
+        Response::from_parts(parts, Forwarded { body, _kept: kept }.boxed())
     }
 
     /// A WebSocket (HTTP/1.1 upgrade): forwarded with its upgrade headers;
@@ -898,7 +933,7 @@ impl Alb {
             // (drain, shed, counts) until the tunnel ends.
             tunnels.lock().push(tunnel);
         }
-        self.downstream_response(resp)
+        self.downstream_response(resp, ())
     }
 
     /// Metrics, stats and the access log line.
