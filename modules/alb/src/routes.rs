@@ -831,7 +831,12 @@ impl RouteTable {
     /// module docs for the cost.
     pub fn find(&self, host: Option<&str>, path: &str, headers: &HeaderMap) -> Option<&Route> {
         let mut buf = [0u8; MAX_HOST_LEN];
-        let host = host.and_then(|h| normalize_host(h, &mut buf));
+        // A table whose routes all match any host needs no host.
+        let host = if self.exact.is_empty() && self.wildcard.is_empty() {
+            None
+        } else {
+            host.and_then(|h| normalize_host(h, &mut buf))
+        };
         let mut best = u32::MAX;
         if let Some(name) = host {
             if let Some(list) = self.exact.get(name) {
