@@ -144,10 +144,14 @@ pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
 /// A client as the forwarding headers name it, worked out once per
 /// connection: its address as text, and as a `Forwarded` node (an IPv6
 /// address is quoted and bracketed, RFC 7239 §6).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ClientNames {
     ip: HeaderValue,
     node: Vec<u8>,
+    /// The last `Forwarded` value made for a request that brought none,
+    /// with the host and scheme it names: a connection's requests name the
+    /// same host, so the value is made once, not once a request.
+    forwarded: parking_lot::Mutex<Option<(Option<HeaderValue>, bool, HeaderValue)>>,
 }
 
 impl ClientNames {
@@ -163,6 +167,17 @@ impl ClientNames {
         ClientNames {
             ip: HeaderValue::from_str(&text).expect("an IP address is a valid header value"),
             node,
+            forwarded: parking_lot::Mutex::new(None),
+        }
+    }
+
+    /// The `Forwarded` value last made for `host` and `https`, if any.
+    fn cached_forwarded(&self, host: Option<&[u8]>, https: bool) -> Option<HeaderValue> {
+        match &*self.forwarded.lock() {
+            Some((h, p, v)) if *p == https && h.as_ref().map(HeaderValue::as_bytes) == host => {
+                Some(v.clone())
+            }
+            _ => None,
         }
     }
 }
@@ -221,15 +236,33 @@ pub fn add_forwarding(
         headers.insert(X_FORWARDED_HOST, h.clone());
     }
     // A host goes into `Forwarded` only as a plain token inside quotes.
-    let host = host.map(HeaderValue::as_bytes).filter(|h| {
-        h.iter()
+    let host_value = host.filter(|h| {
+        h.as_bytes()
+            .iter()
             .all(|&b| b.is_ascii_graphic() && b != b'"' && b != b';' && b != b',')
     });
+    let host = host_value.map(HeaderValue::as_bytes);
     let entry = headers.entry(FORWARDED);
     let prior = match &entry {
         Entry::Occupied(o) => Some(o.get().as_bytes()).filter(|p| !p.trim_ascii().is_empty()),
         Entry::Vacant(_) => None,
     };
+    // The usual case, no `Forwarded` from the client: the value made for
+    // this connection's last request, when it names the same host.
+    if prior.is_none() {
+        if let Some(v) = client.cached_forwarded(host, https) {
+            match entry {
+                Entry::Occupied(mut o) => {
+                    o.insert(v);
+                }
+                Entry::Vacant(slot) => {
+                    slot.insert(v);
+                }
+            }
+            return;
+        }
+    }
+    let remember = prior.is_none();
     let mut parts: [&[u8]; 9] = [b""; 9];
     if let Some(p) = prior {
         parts[0] = p;
@@ -245,6 +278,9 @@ pub fn add_forwarding(
     parts[7] = b";proto=";
     parts[8] = proto;
     if let Some(v) = joined(&parts) {
+        if remember {
+            *client.forwarded.lock() = Some((host_value.cloned(), https, v.clone()));
+        }
         match entry {
             Entry::Occupied(mut o) => {
                 o.insert(v);
@@ -386,6 +422,45 @@ mod tests {
             None,
         );
         assert_eq!(h["forwarded"], "for=\"[2001:db8::1]\";proto=http");
+    }
+
+    #[test]
+    fn a_connection_reuses_its_forwarded_value_only_for_the_same_host() {
+        let names = ClientNames::new("203.0.113.7".parse().unwrap());
+        let a = HeaderValue::from_static("a.example");
+        let b = HeaderValue::from_static("b.example");
+        let forwarded = |host: &HeaderValue, prior: Option<&str>, https: bool| {
+            let mut h = HeaderMap::new();
+            if let Some(p) = prior {
+                h.insert(FORWARDED, HeaderValue::from_str(p).unwrap());
+            }
+            add_forwarding(&mut h, &names, https, Some(host));
+            h[FORWARDED].to_str().unwrap().to_string()
+        };
+        assert_eq!(
+            forwarded(&a, None, false),
+            "for=203.0.113.7;host=\"a.example\";proto=http"
+        );
+        assert_eq!(
+            forwarded(&a, None, false),
+            "for=203.0.113.7;host=\"a.example\";proto=http"
+        );
+        assert_eq!(
+            forwarded(&b, None, false),
+            "for=203.0.113.7;host=\"b.example\";proto=http"
+        );
+        assert_eq!(
+            forwarded(&b, None, true),
+            "for=203.0.113.7;host=\"b.example\";proto=https"
+        );
+        assert_eq!(
+            forwarded(&b, Some("for=192.0.2.1"), true),
+            "for=192.0.2.1, for=203.0.113.7;host=\"b.example\";proto=https"
+        );
+        assert_eq!(
+            forwarded(&b, None, true),
+            "for=203.0.113.7;host=\"b.example\";proto=https"
+        );
     }
 
     #[test]
