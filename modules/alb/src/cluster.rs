@@ -1139,6 +1139,11 @@ impl Cluster {
             return None;
         }
         let ok = |i: usize| Some(i) != except && ok(i);
+        // One endpoint: nothing to draw (least_request's second draw, which
+        // can never succeed, took five random numbers a request).
+        if self.endpoints.len() == 1 {
+            return ok(0).then_some(0);
+        }
         // Draws over the whole cluster, kept only when acceptable: exactly the
         // weighted draw among the acceptable ones, in O(log n) when most are.
         for _ in 0..REDRAWS {

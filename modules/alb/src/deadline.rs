@@ -63,6 +63,11 @@ pub struct FirstRequest<S> {
     http2: bool,
     /// Fired: counted by the caller.
     pub on_timeout: Option<Box<dyn FnOnce() + Send>>,
+    /// Bytes read before hyper took the connection (to tell HTTP/1 from
+    /// HTTP/2), handed back before anything else is read; and how many of
+    /// them have been.
+    replay: Vec<u8>,
+    replayed: usize,
 }
 
 impl<S> FirstRequest<S> {
@@ -76,7 +81,17 @@ impl<S> FirstRequest<S> {
             http1: false,
             http2: false,
             on_timeout: None,
+            replay: Vec::new(),
+            replayed: 0,
         }
+    }
+
+    /// Gives `bytes` (read from this stream) back: the next reads return
+    /// them first. They were seen once already; the 408 logic does not see
+    /// them again.
+    pub fn unread(&mut self, bytes: Vec<u8>) {
+        self.replay = bytes;
+        self.replayed = 0;
     }
 }
 
@@ -87,6 +102,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for FirstRequest<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if this.replayed < this.replay.len() && matches!(this.state, State::Waiting(_) | State::Off)
+        {
+            let rest = &this.replay[this.replayed..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.replayed += n;
+            if this.replayed == this.replay.len() {
+                this.replay = Vec::new();
+                this.replayed = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
         loop {
             match &mut this.state {
                 State::Off => return Pin::new(&mut this.inner).poll_read(cx, buf),
@@ -231,6 +258,27 @@ mod tests {
             "the partial head was read, then the end"
         );
         assert!(fired.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unread_bytes_come_back_first_then_the_stream() {
+        let (client, server) = tokio::io::duplex(4096);
+        let mut s = FirstRequest::new(server, Duration::from_secs(10), Arrived::default());
+        let (_cr, mut cw) = tokio::io::split(client);
+        cw.write_all(b"GET / HT").await.unwrap();
+        let mut first = vec![0u8; 64];
+        let n = s.read(&mut first).await.unwrap();
+        first.truncate(n);
+        s.unread(first);
+        cw.write_all(b"TP/1.1\r\n").await.unwrap();
+        let mut buf = [0u8; 4];
+        assert_eq!(s.read(&mut buf).await.unwrap(), 4);
+        assert_eq!(&buf, b"GET ");
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"/ HT");
+        let n = s.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"TP/1.1\r\n");
     }
 
     #[tokio::test(start_paused = true)]

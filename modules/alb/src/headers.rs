@@ -5,7 +5,7 @@
 
 use std::net::IpAddr;
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 
 /// Headers that describe one hop, never forwarded. (`Trailer` is not one:
 /// it announces the trailers that follow, end to end.)
@@ -25,6 +25,41 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
+/// Which of [`HOP_BY_HOP`] `name` is (`Some(7)` for `Upgrade`). A match on
+/// the name's text: a length switch and one comparison, where comparing
+/// with each of the names would cost seven.
+fn hop_index(name: &HeaderName) -> Option<usize> {
+    match name.as_str() {
+        "connection" => Some(0),
+        "keep-alive" => Some(1),
+        "proxy-connection" => Some(2),
+        "proxy-authenticate" => Some(3),
+        "proxy-authorization" => Some(4),
+        "te" => Some(5),
+        "transfer-encoding" => Some(6),
+        "upgrade" => Some(7),
+        _ => None,
+    }
+}
+
+/// Whether a `Connection` token names a header that is removed anyway (or
+/// no header at all: `close`), so there is nothing more to look for.
+fn removed_anyway(token: &str, keep_upgrade: bool) -> bool {
+    [
+        "close",
+        "keep-alive",
+        "connection",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "transfer-encoding",
+    ]
+    .iter()
+    .any(|h| token.eq_ignore_ascii_case(h))
+        || (keep_upgrade && token.eq_ignore_ascii_case("upgrade"))
+}
+
 /// Removes the hop-by-hop headers and those the `Connection` header names.
 /// `keep_upgrade`: a WebSocket upgrade keeps `Connection: upgrade` and
 /// `Upgrade`. `TE: trailers` is kept for gRPC (the only TE value HTTP/2
@@ -32,32 +67,39 @@ const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // One pass over the names finds which hop-by-hop headers are there
     // (most messages carry none, or only `Connection`).
-    let mut present = [false; 7];
-    let mut upgrade = false;
+    let mut present = [false; 8];
+    let mut any = false;
     for k in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
+        if let Some(i) = hop_index(k) {
             present[i] = true;
+            any = true;
         }
-        upgrade |= k == header::UPGRADE;
     }
-    let connection = present[0];
-    if !upgrade && !present.contains(&true) {
+    if !any {
         if keep_upgrade {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
         return;
     }
-    let named: Vec<HeaderName> = if !connection {
-        Vec::new()
-    } else {
-        headers
+    // The headers `Connection` names beyond the usual ones (`close`,
+    // `keep-alive`): rare, so a list is made only for them.
+    let mut named: Vec<HeaderName> = Vec::new();
+    if present[0] {
+        for token in headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect()
-    };
+            .map(str::trim)
+        {
+            if token.is_empty() || removed_anyway(token, keep_upgrade) {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                named.push(name);
+            }
+        }
+    }
     let te_trailers = present[5]
         && headers.get_all(header::TE).iter().any(|v| {
             v.to_str().is_ok_and(|s| {
@@ -66,13 +108,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             })
         });
     for name in named {
-        // Those always removed, and `close`, are no headers to look for.
-        if (keep_upgrade && name == header::UPGRADE)
-            || HOP_BY_HOP.contains(&name)
-            || name == "close"
-        {
-            continue;
-        }
         headers.remove(name);
     }
     for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
@@ -80,7 +115,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
+    } else if present[7] {
         headers.remove(header::UPGRADE);
     }
     if te_trailers {
@@ -94,27 +129,37 @@ pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
         .get(header::UPGRADE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if !upgrade {
+        return false;
+    }
     let connection = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    upgrade && connection
+    connection
 }
 
 /// A client as the forwarding headers name it, worked out once per
 /// connection: its address as text, and as a `Forwarded` node (an IPv6
 /// address is quoted and bracketed, RFC 7239 §6).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ClientNames {
     ip: HeaderValue,
     node: Vec<u8>,
+    /// The last `Forwarded` value made for a request that brought none,
+    /// with the host and scheme it names: a connection's requests name the
+    /// same host, so the value is made once, not once a request.
+    forwarded: parking_lot::Mutex<Option<(Option<HeaderValue>, bool, HeaderValue)>>,
 }
 
 impl ClientNames {
     pub fn new(ip: IpAddr) -> Self {
-        let text = ip.to_string();
+        let text = match ip {
+            IpAddr::V4(v4) => ipv4_text(v4),
+            IpAddr::V6(_) => ip.to_string(),
+        };
         let node = match ip {
             IpAddr::V4(_) => text.clone().into_bytes(),
             IpAddr::V6(_) => [b"\"[", text.as_bytes(), b"]\""].concat(),
@@ -122,8 +167,38 @@ impl ClientNames {
         ClientNames {
             ip: HeaderValue::from_str(&text).expect("an IP address is a valid header value"),
             node,
+            forwarded: parking_lot::Mutex::new(None),
         }
     }
+
+    /// The `Forwarded` value last made for `host` and `https`, if any.
+    fn cached_forwarded(&self, host: Option<&[u8]>, https: bool) -> Option<HeaderValue> {
+        match &*self.forwarded.lock() {
+            Some((h, p, v)) if *p == https && h.as_ref().map(HeaderValue::as_bytes) == host => {
+                Some(v.clone())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// An IPv4 address as text, without `fmt` (which costs a thousand-odd
+/// instructions, once per connection).
+fn ipv4_text(ip: std::net::Ipv4Addr) -> String {
+    let mut s = String::with_capacity(15);
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            s.push('.');
+        }
+        if octet >= 100 {
+            s.push(char::from(b'0' + octet / 100));
+        }
+        if octet >= 10 {
+            s.push(char::from(b'0' + octet / 10 % 10));
+        }
+        s.push(char::from(b'0' + octet % 10));
+    }
+    s
 }
 
 /// Appends this hop to `X-Forwarded-For` and `Forwarded`, and sets
@@ -136,14 +211,22 @@ pub fn add_forwarding(
     host: Option<&HeaderValue>,
 ) {
     let proto: &[u8] = if https { b"https" } else { b"http" };
-    let xff = match headers.get(X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
-        Some(prior) if !prior.trim_ascii().is_empty() => {
-            joined(&[prior, b", ", client.ip.as_bytes()])
+    // One lookup per header (the entry), not a `get` and an `insert`.
+    match headers.entry(X_FORWARDED_FOR) {
+        Entry::Occupied(mut prior) => {
+            let p = prior.get().as_bytes();
+            let v = if p.trim_ascii().is_empty() {
+                Some(client.ip.clone())
+            } else {
+                joined(&[p, b", ", client.ip.as_bytes()])
+            };
+            if let Some(v) = v {
+                prior.insert(v);
+            }
         }
-        _ => Some(client.ip.clone()),
-    };
-    if let Some(v) = xff {
-        headers.insert(X_FORWARDED_FOR, v);
+        Entry::Vacant(slot) => {
+            slot.insert(client.ip.clone());
+        }
     }
     headers.insert(
         X_FORWARDED_PROTO,
@@ -153,14 +236,33 @@ pub fn add_forwarding(
         headers.insert(X_FORWARDED_HOST, h.clone());
     }
     // A host goes into `Forwarded` only as a plain token inside quotes.
-    let host = host.map(HeaderValue::as_bytes).filter(|h| {
-        h.iter()
+    let host_value = host.filter(|h| {
+        h.as_bytes()
+            .iter()
             .all(|&b| b.is_ascii_graphic() && b != b'"' && b != b';' && b != b',')
     });
-    let prior = headers
-        .get(FORWARDED)
-        .map(HeaderValue::as_bytes)
-        .filter(|p| !p.trim_ascii().is_empty());
+    let host = host_value.map(HeaderValue::as_bytes);
+    let entry = headers.entry(FORWARDED);
+    let prior = match &entry {
+        Entry::Occupied(o) => Some(o.get().as_bytes()).filter(|p| !p.trim_ascii().is_empty()),
+        Entry::Vacant(_) => None,
+    };
+    // The usual case, no `Forwarded` from the client: the value made for
+    // this connection's last request, when it names the same host.
+    if prior.is_none() {
+        if let Some(v) = client.cached_forwarded(host, https) {
+            match entry {
+                Entry::Occupied(mut o) => {
+                    o.insert(v);
+                }
+                Entry::Vacant(slot) => {
+                    slot.insert(v);
+                }
+            }
+            return;
+        }
+    }
+    let remember = prior.is_none();
     let mut parts: [&[u8]; 9] = [b""; 9];
     if let Some(p) = prior {
         parts[0] = p;
@@ -176,7 +278,17 @@ pub fn add_forwarding(
     parts[7] = b";proto=";
     parts[8] = proto;
     if let Some(v) = joined(&parts) {
-        headers.insert(FORWARDED, v);
+        if remember {
+            *client.forwarded.lock() = Some((host_value.cloned(), https, v.clone()));
+        }
+        match entry {
+            Entry::Occupied(mut o) => {
+                o.insert(v);
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(v);
+            }
+        }
     }
 }
 
@@ -191,8 +303,16 @@ fn joined(parts: &[&[u8]]) -> Option<HeaderValue> {
 
 /// The request's id: the client's `x-request-id` when it is a sane token
 /// (1 to 128 characters of letters, digits and `-_.:`), else a new random
-/// one of 32 hex digits.
+/// one of 32 hex digits. Marked sensitive, which HTTP/2 sends as "never
+/// indexed": a value new with each message only churns the HPACK table,
+/// evicting the headers that do repeat (and costing their re-encoding).
 pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    let mut id = request_id_value(headers);
+    id.set_sensitive(true);
+    id
+}
+
+fn request_id_value(headers: &HeaderMap) -> HeaderValue {
     if let Some(v) = headers.get(X_REQUEST_ID) {
         let ok = (1..=128).contains(&v.len())
             && v.as_bytes()
@@ -203,10 +323,12 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
         }
     }
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let random = (u128::from(fastrand::u64(..)) << 64) | u128::from(fastrand::u64(..));
     let mut id = [0u8; 32];
-    for (i, digit) in id.iter_mut().enumerate() {
-        *digit = HEX[((random >> (124 - 4 * i)) & 0xf) as usize];
+    for half in id.chunks_exact_mut(16) {
+        let random = fastrand::u64(..);
+        for (i, digit) in half.iter_mut().enumerate() {
+            *digit = HEX[((random >> (60 - 4 * i)) & 0xf) as usize];
+        }
     }
     HeaderValue::from_bytes(&id).expect("hex digits are a valid header value")
 }
@@ -241,6 +363,24 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["accept"]);
+    }
+
+    #[test]
+    fn connection_tokens_match_whatever_their_case() {
+        let mut h = map(&[
+            ("connection", "Keep-Alive, CLOSE, X-Secret, Upgrade"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("upgrade", "websocket"),
+            ("accept", "*/*"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["accept"]);
+        // Nothing hop-by-hop: untouched.
+        let mut h = map(&[("accept", "*/*"), ("x-forwarded-for", "192.0.2.1")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 2);
     }
 
     #[test]
@@ -285,10 +425,66 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_reuses_its_forwarded_value_only_for_the_same_host() {
+        let names = ClientNames::new("203.0.113.7".parse().unwrap());
+        let a = HeaderValue::from_static("a.example");
+        let b = HeaderValue::from_static("b.example");
+        let forwarded = |host: &HeaderValue, prior: Option<&str>, https: bool| {
+            let mut h = HeaderMap::new();
+            if let Some(p) = prior {
+                h.insert(FORWARDED, HeaderValue::from_str(p).unwrap());
+            }
+            add_forwarding(&mut h, &names, https, Some(host));
+            h[FORWARDED].to_str().unwrap().to_string()
+        };
+        assert_eq!(
+            forwarded(&a, None, false),
+            "for=203.0.113.7;host=\"a.example\";proto=http"
+        );
+        assert_eq!(
+            forwarded(&a, None, false),
+            "for=203.0.113.7;host=\"a.example\";proto=http"
+        );
+        assert_eq!(
+            forwarded(&b, None, false),
+            "for=203.0.113.7;host=\"b.example\";proto=http"
+        );
+        assert_eq!(
+            forwarded(&b, None, true),
+            "for=203.0.113.7;host=\"b.example\";proto=https"
+        );
+        assert_eq!(
+            forwarded(&b, Some("for=192.0.2.1"), true),
+            "for=192.0.2.1, for=203.0.113.7;host=\"b.example\";proto=https"
+        );
+        assert_eq!(
+            forwarded(&b, None, true),
+            "for=203.0.113.7;host=\"b.example\";proto=https"
+        );
+    }
+
+    #[test]
+    fn ipv4_text_is_what_display_says() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.30.40",
+            "255.255.255.255",
+            "1.100.9.199",
+        ] {
+            let a: std::net::Ipv4Addr = ip.parse().unwrap();
+            assert_eq!(ipv4_text(a), a.to_string());
+        }
+    }
+
+    #[test]
     fn request_ids_are_kept_when_sane_and_made_otherwise() {
         assert_eq!(request_id(&map(&[("x-request-id", "abc-123")])), "abc-123");
         let made = request_id(&map(&[("x-request-id", "has space")]));
         assert_eq!(made.len(), 32);
         assert_eq!(request_id(&HeaderMap::new()).len(), 32);
+        // Never indexed by HPACK: each id is new.
+        assert!(request_id(&HeaderMap::new()).is_sensitive());
+        assert!(request_id(&map(&[("x-request-id", "abc-123")])).is_sensitive());
     }
 }

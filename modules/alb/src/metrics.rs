@@ -19,10 +19,20 @@ pub struct AlbMetrics {
     /// `no_cluster`, `no_endpoint`, `tls_handshake`, `header_timeout`,
     /// `header_too_large`, `client_body`).
     pub refused: IntCounterVec,
+    /// `refused{reason="header_timeout"}`, resolved once: every connection
+    /// holds it (a label lookup hashes and locks).
+    pub refused_header_timeout: prometheus::IntCounter,
 }
 
 impl AlbMetrics {
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "alb_refused_total",
+                "Requests and connections the ALB answered itself, by reason",
+            ),
+            &["reason"],
+        )?;
         let m = AlbMetrics {
             requests: IntCounterVec::new(
                 Opts::new(
@@ -60,14 +70,10 @@ impl AlbMetrics {
                 ),
                 &["result"],
             )?,
-            refused: IntCounterVec::new(
-                Opts::new(
-                    "alb_refused_total",
-                    "Requests and connections the ALB answered itself, by reason",
-                ),
-                &["reason"],
-            )?,
+            refused_header_timeout: refused.with_label_values(&["header_timeout"]),
+            refused,
         };
+
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.duration.clone()))?;
         registry.register(Box::new(m.upstream_errors.clone()))?;

@@ -202,7 +202,9 @@ impl EndpointPool {
                 }
             }
         }
-        let (mut sender, usage) = self.open_h1(false).await?;
+        // Opening is the rare path: boxed, so its (large) future does not
+        // make every request's future larger.
+        let (mut sender, usage) = Box::pin(self.open_h1(false)).await?;
         usage.start();
         match sender.send_request(req).await {
             Ok(resp) => Ok(self.lease_h1(resp, sender, usage, shard)),
@@ -250,7 +252,7 @@ impl EndpointPool {
                 match self.shared_h2(shard) {
                     Some(x) => x,
                     None => {
-                        let (sender, usage) = self.open_h2().await?;
+                        let (sender, usage) = Box::pin(self.open_h2()).await?;
                         self.shards[shard].lock().h2 = Some((sender.clone(), usage.clone()));
                         (sender, usage)
                     }
@@ -366,24 +368,38 @@ where
     tokio::pin!(conn);
     let sleep = tokio::time::sleep(idle_timeout);
     tokio::pin!(sleep);
-    loop {
-        tokio::select! {
-            r = conn.as_mut() => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "upstream connection ended");
-                }
-                return;
+    // The timer is polled only to arm it (at first and after a reset) and
+    // once it has fired: an armed timer wakes this task by itself, and
+    // polling it on every wake of the connection (several per request)
+    // cost a hundred-odd instructions each time.
+    let mut armed = false;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "upstream connection ended");
             }
-            () = sleep.as_mut() => {
-                let now = now_ms();
-                match usage.closes_at(idle_timeout) {
-                    Some(at) if at <= now => return,
-                    Some(at) => sleep.as_mut().reset(Instant::now() + Duration::from_millis(at - now)),
-                    None => sleep.as_mut().reset(Instant::now() + idle_timeout),
-                }
-            }
+            return Poll::Ready(());
         }
-    }
+        loop {
+            if armed && !sleep.is_elapsed() {
+                return Poll::Pending;
+            }
+            if std::future::Future::poll(sleep.as_mut(), cx).is_pending() {
+                armed = true;
+                return Poll::Pending;
+            }
+            let now = now_ms();
+            match usage.closes_at(idle_timeout) {
+                Some(at) if at <= now => return Poll::Ready(()),
+                Some(at) => sleep
+                    .as_mut()
+                    .reset(Instant::now() + Duration::from_millis(at - now)),
+                None => sleep.as_mut().reset(Instant::now() + idle_timeout),
+            }
+            armed = false;
+        }
+    })
+    .await
 }
 
 /// A connection: TCP or TLS over TCP.

@@ -14,7 +14,6 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use switchyard_sdk::data::Closing;
 use switchyard_sdk::{Connection, Context};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -67,7 +66,11 @@ pub async fn serve(alb: Arc<Alb>, conn: Connection) {
         Some(config) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(config);
             match tokio::time::timeout(header_timeout, acceptor.accept(conn.stream)).await {
-                Ok(Ok(stream)) => serve_http(alb, stream, client, true, closing, ctx).await,
+                // Boxed: a TLS connection's future is large, and the
+                // plaintext one should not carry its size.
+                Ok(Ok(stream)) => {
+                    Box::pin(serve_http(alb, stream, client, true, closing, ctx)).await
+                }
                 Ok(Err(e)) => {
                     alb.metrics()
                         .refused
@@ -104,21 +107,18 @@ async fn serve_http<S>(
     // later, so it never wins the race) covers later requests.
     let arrived = Arrived::default();
     let mut stream = FirstRequest::new(stream, header_timeout, arrived.clone());
-    let refused = alb.metrics().refused.with_label_values(&["header_timeout"]);
+    let refused = alb.metrics().refused_header_timeout.clone();
     stream.on_timeout = Some(Box::new(move || refused.inc()));
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout + Duration::from_secs(1))
-        // Room above the limit, so a head just over it reaches the ALB's own
-        // 431 (with a body saying why) rather than hyper's bare one.
-        .max_buf_size(limits.max_header_bytes.saturating_mul(2).max(8192))
-        .max_headers(limits.max_headers);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    // HTTP/2 (prior knowledge, or after ALPN `h2`) or HTTP/1, from the first
+    // bytes; they are given back to the protocol that serves the rest.
+    let http2 = match read_version(&mut stream).await {
+        Ok(Some(h2)) => h2,
+        Ok(None) => return, // closed (or answered 408) before a byte came
+        Err(e) => {
+            tracing::debug!(%client, error = %e, "connection ended before its first request");
+            return;
+        }
+    };
     let tunnels: Tunnels = Arc::default();
     // One per-connection value each request clones (never one shared with
     // other threads' connections, whose count would bounce between cores).
@@ -135,22 +135,51 @@ async fn serve_http<S>(
     let svc = service_fn(move |req: Request<Incoming>| {
         arrived.mark();
         let c = on_conn.clone();
-        async move { Ok::<_, Infallible>(c.alb.handle(req, &c.peer, &c.ctx, &c.tunnels).await) }
+        // Boxed: the request's future is a few KiB, and hyper moves the
+        // future it gets (into its dispatcher; for HTTP/2 into a spawned
+        // task, which moves it three times). A box moves as a pointer.
+        Box::pin(async move {
+            Ok::<_, Infallible>(c.alb.handle(req, &c.peer, &c.ctx, &c.tunnels).await)
+        })
     });
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(%client, error = %e, "connection ended with an error");
+    // The connection until it ends, or until the SDK asks it to finish:
+    // then the requests in flight finish, the client is told to go (GOAWAY,
+    // Connection: close), and it ends.
+    macro_rules! drive {
+        ($conn:expr) => {{
+            let conn = $conn;
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(%client, error = %e, "connection ended with an error");
+                    }
+                }
+                _ = closing.wait() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
             }
-        }
-        _ = closing.wait() => {
-            // Finish the requests in flight, tell the client to go (GOAWAY,
-            // Connection: close), then end.
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
+        }};
+    }
+    let io = TokioIo::new(stream);
+    if http2 {
+        drive!(
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+                .serve_connection(io, svc)
+        );
+    } else {
+        drive!(hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout + Duration::from_secs(1))
+            // Room above the limit, so a head just over it reaches the ALB's
+            // own 431 (with a body saying why) rather than hyper's bare one.
+            .max_buf_size(limits.max_header_bytes.saturating_mul(2).max(8192))
+            .max_headers(limits.max_headers)
+            .serve_connection(io, svc)
+            .with_upgrades());
     }
     // A WebSocket outlives hyper's connection: the connection is done when
     // its tunnels are, or when the SDK wants it closed.
@@ -163,6 +192,45 @@ async fn serve_http<S>(
         }
     }
 }
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads until the first bytes tell HTTP/2 (the whole preface) from HTTP/1
+/// (anything else), and gives what it read back to `stream`: `Some(true)`
+/// for HTTP/2, `None` if the connection ended before a byte came. One
+/// read is usually enough, and it reads as much as a request head needs,
+/// so hyper's first read finds it waiting rather than making a second
+/// system call.
+async fn read_version<S>(stream: &mut FirstRequest<S>) -> std::io::Result<Option<bool>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::with_capacity(FIRST_READ);
+    let http2 = loop {
+        let before = buf.len();
+        if stream.read_buf(&mut buf).await? == 0 {
+            if buf.is_empty() {
+                return Ok(None);
+            }
+            // Ended mid-way: hyper reads the rest, and the end.
+            break false;
+        }
+        let n = buf.len().min(H2_PREFACE.len());
+        if buf[before.min(n)..n] != H2_PREFACE[before.min(n)..n] {
+            break false;
+        }
+        if n == H2_PREFACE.len() {
+            break true;
+        }
+    };
+    stream.unread(buf);
+    Ok(Some(http2))
+}
+
+/// How much the first read takes: a typical request head, whole.
+const FIRST_READ: usize = 2048;
 
 /// What the requests of one connection share.
 struct OnConnection {
@@ -250,17 +318,69 @@ impl<T: Unpin> http_body::Body for Keeping<T> {
     }
 }
 
-/// What the log and metrics need about one request.
+/// An upstream answer's body as the client gets it (hyper's errors boxed),
+/// with what must live as long as it (the endpoint's in-flight count).
+struct Forwarded<B, T> {
+    body: B,
+    _kept: T,
+}
+
+impl<B, T> http_body::Body for Forwarded<B, T>
+where
+    B: http_body::Body<Data = Bytes, Error = hyper::Error> + Unpin,
+    T: Unpin,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        std::pin::Pin::new(&mut self.body)
+            .poll_frame(cx)
+            .map(|frame| frame.map(|r| r.map_err(BoxError::from)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// What the log and metrics need about one request. Nothing in it is
+/// copied per request: the host is the request's own header value (or the
+/// `:authority`), route and cluster names are shared with the route table,
+/// and the path is kept only when the access log is on.
 pub struct Exchange {
     pub started: Instant,
     pub client: SocketAddr,
     pub method: Method,
-    pub host: String,
-    pub path: String,
-    pub route: Option<String>,
-    pub cluster: Option<String>,
-    pub endpoint: Option<String>,
+    /// The host the request is for (`:authority`, else `Host`), as routing
+    /// and the origin see it; `None` when it names none.
+    pub host: Option<HeaderValue>,
+    /// Whether `host` is the request's own `Host` header, which the origin
+    /// then gets as it is.
+    pub host_is_header: bool,
+    /// The path, for the access log (`None` when it is off).
+    pub path: Option<String>,
+    pub route: Option<Arc<str>>,
+    pub cluster: Option<Arc<str>>,
+    pub endpoint: Option<Arc<crate::cluster::Endpoint>>,
     pub attempts: u32,
+}
+
+impl Exchange {
+    /// The host as text (empty when the request names none).
+    pub fn host(&self) -> &str {
+        self.host
+            .as_ref()
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or_default()
+    }
 }
 
 /// Where one attempt goes, and what it carries along.
@@ -282,24 +402,23 @@ fn idempotent(m: &Method) -> bool {
     )
 }
 
-/// The host a request is for: HTTP/2's `:authority`, else `Host`.
-fn host_of<B>(req: &Request<B>) -> Option<String> {
-    req.uri()
-        .authority()
+/// The host a request is for: HTTP/2's `:authority` (or an absolute
+/// HTTP/1 target's), else `Host`; and whether it is the `Host` header
+/// itself. `None` when it names no host.
+fn host_of<B>(req: &Request<B>) -> (Option<HeaderValue>, bool) {
+    if let Some(a) = req.uri().authority() {
         // Never a `user@` part: it names no host.
-        .map(|a| {
-            a.as_str()
-                .rsplit('@')
-                .next()
-                .unwrap_or_default()
-                .to_string()
-        })
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
+        let host = a.as_str().rsplit('@').next().unwrap_or_default();
+        if host.is_empty() {
+            return (None, false);
+        }
+        return (HeaderValue::from_str(host).ok(), false);
+    }
+    match req.headers().get(header::HOST) {
+        // The header value itself (a reference count, not a copy).
+        Some(h) if !h.is_empty() && h.to_str().is_ok() => (Some(h.clone()), true),
+        _ => (None, false),
+    }
 }
 
 impl Alb {
@@ -312,25 +431,29 @@ impl Alb {
         tunnels: &Tunnels,
     ) -> Response<ProxyBody> {
         let rid = headers::request_id(req.headers());
+        let (limits, access_log) = self.request_settings();
+        let (host, host_is_header) = host_of(&req);
         let mut ex = Exchange {
             started: Instant::now(),
             client: peer.addr,
             method: req.method().clone(),
-            host: host_of(&req).unwrap_or_default(),
-            path: req.uri().path().to_string(),
+            host,
+            host_is_header,
+            path: access_log.then(|| req.uri().path().to_string()),
             route: None,
             cluster: None,
             endpoint: None,
             attempts: 0,
         };
-        let max_body = self.limits().max_body_bytes;
-        let mut resp = match self.admit(&req, &mut ex, ctx) {
+        let max_body = limits.max_body_bytes;
+        let mut resp = match self.admit(&req, &mut ex, ctx, &limits) {
             Err(early) => hold_request(req, *early),
             Ok(upstream) => {
                 if headers::is_websocket_upgrade(req.headers()) && req.version() == Version::HTTP_11
                 {
-                    self.upgrade(req, &mut ex, (peer, tunnels), &upstream, &rid)
-                        .await
+                    // Rare: boxed, so it does not make every request's
+                    // future larger.
+                    Box::pin(self.upgrade(req, &mut ex, (peer, tunnels), &upstream, &rid)).await
                 } else {
                     self.forward(req, &mut ex, peer, &upstream, &rid, max_body)
                         .await
@@ -338,7 +461,7 @@ impl Alb {
             }
         };
         resp.headers_mut().insert(X_REQUEST_ID, rid);
-        self.finish(&ex, resp.status(), ctx);
+        self.finish(&ex, resp.status(), ctx, access_log);
         resp
     }
 
@@ -349,9 +472,9 @@ impl Alb {
         req: &Request<Incoming>,
         ex: &mut Exchange,
         ctx: &Context,
+        limits: &crate::config::Limits,
     ) -> Result<Arc<Upstream>, Box<Response<ProxyBody>>> {
         let metrics = self.metrics();
-        let limits = self.limits();
         let too_large = |why: String| {
             metrics
                 .refused
@@ -410,16 +533,20 @@ impl Alb {
             }
         }
         let routes = self.routes();
-        let host = (!ex.host.is_empty()).then_some(ex.host.as_str());
+        let host = Some(ex.host()).filter(|h| !h.is_empty());
         let Some(route) = routes.find(host, req.uri().path(), req.headers()) else {
             metrics.refused.with_label_values(&["no_route"]).inc();
             return Err(Box::new(local(
                 StatusCode::NOT_FOUND,
-                format!("no route for host {:?} and path {:?}", ex.host, ex.path),
+                format!(
+                    "no route for host {:?} and path {:?}",
+                    ex.host(),
+                    req.uri().path()
+                ),
             )));
         };
-        ex.route = Some(route.id().to_string());
-        ex.cluster = Some(route.cluster().to_string());
+        ex.route = Some(route.shared_id().clone());
+        ex.cluster = Some(route.shared_cluster().clone());
         // Keys are built only when limits exist: the common case pays
         // nothing for rate limiting.
         let limited = if ctx.limits.is_empty() {
@@ -429,7 +556,7 @@ impl Alb {
             // The host as routing sees it (no port, no trailing dot), so a
             // port or a dot cannot slip past a host's limit.
             let mut buf = [0u8; crate::routes::MAX_HOST_LEN];
-            let host = crate::routes::normalize_host(&ex.host, &mut buf).unwrap_or("");
+            let host = crate::routes::normalize_host(ex.host(), &mut buf).unwrap_or("");
             let host_key = format!("host:{host}");
             ctx.limits
                 .check(&["*", &route_key, &host_key], Some(ex.client.ip()))
@@ -493,27 +620,21 @@ impl Alb {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        let mut r = Request::builder()
-            .method(parts.method.clone())
-            .uri(upstream.uri(endpoint, path)?)
-            .version(upstream.protocol.version())
-            .body(body)?;
+        let mut r = Request::new(body);
+        *r.method_mut() = parts.method.clone();
+        *r.uri_mut() = upstream.uri(endpoint, path)?;
+        *r.version_mut() = upstream.protocol.version();
+        // A copy of the map as it is (its hash table too), not a rebuild
+        // header by header.
         let h = r.headers_mut();
-        // Room for the forwarding headers up front: one allocation, not a
-        // regrowth as they are added.
-        *h = http::HeaderMap::with_capacity(parts.headers.len() + 6);
-        for (name, value) in &parts.headers {
-            h.append(name, value.clone());
-        }
+        *h = parts.headers.clone();
         headers::strip_hop_by_hop(h, keep_upgrade);
-        let host = (!ex.host.is_empty())
-            .then(|| HeaderValue::from_str(&ex.host).ok())
-            .flatten();
-        headers::add_forwarding(h, &peer.names, peer.tls, host.as_ref());
+        headers::add_forwarding(h, &peer.names, peer.tls, ex.host.as_ref());
         h.insert(X_REQUEST_ID, rid.clone());
-        // The origin gets the host the request was routed on.
-        if let Some(v) = host {
-            h.insert(header::HOST, v);
+        // The origin gets the host the request was routed on (already
+        // there when it is the request's own `Host`).
+        if let (Some(v), false) = (&ex.host, ex.host_is_header) {
+            h.insert(header::HOST, v.clone());
         }
         Ok(r)
     }
@@ -528,7 +649,7 @@ impl Alb {
         max_body: u64,
     ) -> Response<ProxyBody> {
         let metrics = self.metrics();
-        let cluster_name = ex.cluster.clone().unwrap_or_default();
+        let cluster_name = upstream.cluster.name();
         let (parts, incoming) = req.into_parts();
         let empty_body = incoming.is_end_stream();
         // Whether reading the client's body failed: then the failure is the
@@ -548,12 +669,19 @@ impl Alb {
         let mut body = Some(body);
         let mut tried: Vec<usize> = Vec::new();
         let attempts = upstream.cluster.spec().retry.attempts.max(1);
-        upstream.cluster.request_started();
+        upstream.cluster.request_started_at(ex.started);
         // The answer of the last failed attempt: what the client gets if no
         // untried endpoint is left for a retry.
         let mut last_failure: Option<Response<ProxyBody>> = None;
         loop {
-            let Some(pick) = upstream.cluster.pick(&tried) else {
+            // The first attempt picks at the request's start (one clock
+            // reading fewer); a retry reads the clock again.
+            let now = if ex.attempts == 0 {
+                ex.started
+            } else {
+                Instant::now()
+            };
+            let Some(pick) = upstream.cluster.pick_at(&tried, now) else {
                 if let Some(failure) = last_failure {
                     return failure;
                 }
@@ -564,14 +692,11 @@ impl Alb {
                 );
             };
             if ex.attempts > 0 {
-                metrics
-                    .retries
-                    .with_label_values(&[cluster_name.as_str()])
-                    .inc();
+                metrics.retries.with_label_values(&[cluster_name]).inc();
             }
             tried.push(pick.index);
             ex.attempts += 1;
-            ex.endpoint = Some(pick.endpoint.address().to_string());
+            ex.endpoint = Some(pick.endpoint.clone());
             let this_body = match body.take() {
                 Some(b) => b,
                 None => Full::new(Bytes::new()).map_err(|e| match e {}).boxed(),
@@ -624,14 +749,13 @@ impl Alb {
                         },
                     );
                     let again = matches!(status, 502..=504) && retry(false);
-                    let resp = self.downstream_response(resp);
                     if !again {
                         // In flight until the last byte of the answer: a
                         // long download or a gRPC stream counts for
                         // least_request as long as it lasts.
-                        return keeping(resp, in_flight);
+                        return self.downstream_response(resp, Some(in_flight));
                     }
-                    (resp, true)
+                    (self.downstream_response(resp, ()), true)
                 }
                 Ok(Err(e)) => {
                     // The client's body over the limit is the client's
@@ -662,7 +786,7 @@ impl Alb {
                     metrics
                         .upstream_errors
                         .with_label_values(&[
-                            cluster_name.as_str(),
+                            cluster_name,
                             if connect { "connect" } else { "protocol" },
                         ])
                         .inc();
@@ -685,7 +809,7 @@ impl Alb {
                     upstream.cluster.report(pick.index, Outcome::Timeout);
                     metrics
                         .upstream_errors
-                        .with_label_values(&[cluster_name.as_str(), "timeout"])
+                        .with_label_values(&[cluster_name, "timeout"])
                         .inc();
                     let failure = local(
                         StatusCode::GATEWAY_TIMEOUT,
@@ -705,10 +829,13 @@ impl Alb {
         }
     }
 
-    /// The upstream's response as the client gets it.
-    fn downstream_response<B>(&self, resp: Response<B>) -> Response<ProxyBody>
+    /// The upstream's response as the client gets it; `kept` is dropped
+    /// after its body (one box for both, where mapping the error and
+    /// keeping took one each).
+    fn downstream_response<B, T>(&self, resp: Response<B>, kept: T) -> Response<ProxyBody>
     where
-        B: http_body::Body<Data = Bytes, Error = hyper::Error> + Send + Sync + 'static,
+        B: http_body::Body<Data = Bytes, Error = hyper::Error> + Send + Sync + Unpin + 'static,
+        T: Send + Sync + Unpin + 'static,
     {
         let (mut parts, body) = resp.into_parts();
         // The client's connection has its own version: an HTTP/1.0 origin
@@ -716,7 +843,7 @@ impl Alb {
         parts.version = Version::HTTP_11;
         let upgrade = parts.status == StatusCode::SWITCHING_PROTOCOLS;
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
-        Response::from_parts(parts, body.map_err(BoxError::from).boxed())
+        Response::from_parts(parts, Forwarded { body, _kept: kept }.boxed())
     }
 
     /// A WebSocket (HTTP/1.1 upgrade): forwarded with its upgrade headers;
@@ -729,7 +856,7 @@ impl Alb {
         upstream: &Arc<Upstream>,
         rid: &HeaderValue,
     ) -> Response<ProxyBody> {
-        let cluster_name = ex.cluster.clone().unwrap_or_default();
+        let cluster_name = upstream.cluster.name();
         let Some(pick) = upstream.cluster.pick(&[]) else {
             self.metrics()
                 .refused
@@ -741,7 +868,7 @@ impl Alb {
             );
         };
         ex.attempts = 1;
-        ex.endpoint = Some(pick.endpoint.address().to_string());
+        ex.endpoint = Some(pick.endpoint.clone());
         let downstream = hyper::upgrade::on(&mut req);
         let (parts, _) = req.into_parts();
         let empty = Full::new(Bytes::new()).map_err(|e| match e {}).boxed();
@@ -806,27 +933,29 @@ impl Alb {
             // (drain, shed, counts) until the tunnel ends.
             tunnels.lock().push(tunnel);
         }
-        self.downstream_response(resp)
+        self.downstream_response(resp, ())
     }
 
     /// Metrics, stats and the access log line.
-    fn finish(&self, ex: &Exchange, status: StatusCode, ctx: &Context) {
-        let elapsed = ex.started.elapsed();
+    fn finish(&self, ex: &Exchange, status: StatusCode, ctx: &Context, access_log: bool) {
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(ex.started);
         let route = ex.route.as_deref().unwrap_or("-");
         self.route_metrics(route)
             .record(status.as_u16(), elapsed.as_secs_f64());
-        ctx.stats.record_request(elapsed, status.as_u16() < 500);
-        if self.access_log() {
+        ctx.stats
+            .record_request_at(elapsed, status.as_u16() < 500, now);
+        if access_log {
             tracing::info!(
                 target: "access",
                 client = %ex.client,
                 method = %ex.method,
-                host = %ex.host,
-                path = %ex.path,
+                host = ex.host(),
+                path = ex.path.as_deref().unwrap_or_default(),
                 status = status.as_u16(),
                 route,
                 cluster = ex.cluster.as_deref().unwrap_or("-"),
-                endpoint = ex.endpoint.as_deref().unwrap_or("-"),
+                endpoint = ex.endpoint.as_ref().map_or("-", |e| e.address()),
                 attempts = ex.attempts,
                 duration_ms = elapsed.as_secs_f64() * 1000.0,
             );

@@ -55,6 +55,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use regex::{Regex, RegexBuilder};
@@ -624,6 +625,10 @@ fn compile_headers(
 #[derive(Debug, Clone)]
 pub struct Route {
     spec: RouteSpec,
+    /// The id and the cluster, shared: a request keeps them for its log
+    /// line without copying them.
+    shared_id: Arc<str>,
+    shared_cluster: Arc<str>,
     /// Normalized and deduplicated; `[Any]` when the spec lists no host.
     hosts: Vec<HostPattern>,
     path: CompiledPath,
@@ -672,6 +677,8 @@ impl Route {
             ));
         }
         Ok(Route {
+            shared_id: Arc::from(spec.id.as_str()),
+            shared_cluster: Arc::from(spec.cluster.as_str()),
             spec,
             hosts,
             path,
@@ -687,6 +694,16 @@ impl Route {
     /// The upstream cluster the route sends to.
     pub fn cluster(&self) -> &str {
         &self.spec.cluster
+    }
+
+    /// [`id`](Self::id), shared.
+    pub fn shared_id(&self) -> &Arc<str> {
+        &self.shared_id
+    }
+
+    /// [`cluster`](Self::cluster), shared.
+    pub fn shared_cluster(&self) -> &Arc<str> {
+        &self.shared_cluster
     }
 
     /// The route as configured.
@@ -814,7 +831,12 @@ impl RouteTable {
     /// module docs for the cost.
     pub fn find(&self, host: Option<&str>, path: &str, headers: &HeaderMap) -> Option<&Route> {
         let mut buf = [0u8; MAX_HOST_LEN];
-        let host = host.and_then(|h| normalize_host(h, &mut buf));
+        // A table whose routes all match any host needs no host.
+        let host = if self.exact.is_empty() && self.wildcard.is_empty() {
+            None
+        } else {
+            host.and_then(|h| normalize_host(h, &mut buf))
+        };
         let mut best = u32::MAX;
         if let Some(name) = host {
             if let Some(list) = self.exact.get(name) {

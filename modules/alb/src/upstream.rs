@@ -2,7 +2,6 @@
 //! per endpoint (keep-alive, HTTP/1.1 or HTTP/2, optional TLS with a client
 //! certificate) and its active health checks.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,7 +34,7 @@ pub struct Upstream {
 /// Every cluster by name, with the signal that stops their health checks
 /// when this set is replaced.
 pub struct Upstreams {
-    pub by_name: HashMap<String, Arc<Upstream>>,
+    pub by_name: crate::alb::NameMap<Arc<Upstream>>,
     _stop: watch::Sender<bool>,
 }
 
@@ -44,7 +43,7 @@ impl Upstreams {
     /// runtime); they stop when this value is dropped.
     pub fn build(specs: &[ClusterSpec], start_checks: bool) -> Result<Self, String> {
         let (stop, stopped) = watch::channel(false);
-        let mut by_name = HashMap::new();
+        let mut by_name = crate::alb::NameMap::default();
         for spec in specs {
             let up = Arc::new(Upstream::new(spec)?);
             if start_checks && spec.health_check.is_some() {

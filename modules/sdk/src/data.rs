@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
@@ -62,18 +62,45 @@ impl Connection {
 
 /// A connection's "please finish" signal.
 #[derive(Clone)]
-pub struct Closing(watch::Receiver<bool>);
+pub struct Closing(Arc<CloseSignal>);
+
+/// A flag and the tasks waiting for it: a watch channel's worth for one
+/// bool, at a fraction of its setup cost (paid on every connection).
+#[derive(Default)]
+struct CloseSignal {
+    closing: AtomicBool,
+    changed: Notify,
+}
+
+impl CloseSignal {
+    fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+        self.changed.notify_waiters();
+    }
+
+    fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+}
 
 impl Closing {
     /// Resolves once the connection should finish (at once if it already
     /// should).
     pub async fn wait(&mut self) {
-        // An error means the SDK dropped the sender: it is going away.
-        let _ = self.0.wait_for(|c| *c).await;
+        loop {
+            let changed = self.0.changed.notified();
+            tokio::pin!(changed);
+            // Registered before the flag is read: a close in between wakes it.
+            changed.as_mut().enable();
+            if self.0.is_closing() {
+                return;
+            }
+            changed.await;
+        }
     }
 
     pub fn is_closing(&self) -> bool {
-        *self.0.borrow()
+        self.0.is_closing()
     }
 }
 
@@ -152,8 +179,16 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
 }
 
 struct Entry {
-    closing: watch::Sender<bool>,
+    closing: Arc<CloseSignal>,
     abort: Option<AbortHandle>,
+}
+
+impl Drop for Entry {
+    /// The SDK lets go of the connection (it is going away): as a dropped
+    /// watch sender did, this tells the connection to finish.
+    fn drop(&mut self) {
+        self.closing.close();
+    }
 }
 
 /// The live data connections.
@@ -195,12 +230,12 @@ impl Connections {
 
     fn track(self: &Arc<Self>) -> (Tracked, Closing) {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = watch::channel(false);
+        let signal = Arc::new(CloseSignal::default());
         self.count.fetch_add(1, Ordering::Relaxed);
         self.live.lock().insert(
             id,
             Entry {
-                closing: tx,
+                closing: signal.clone(),
                 abort: None,
             },
         );
@@ -209,7 +244,7 @@ impl Connections {
                 conns: self.clone(),
                 id,
             },
-            Closing(rx),
+            Closing(signal),
         )
     }
 
@@ -226,12 +261,12 @@ impl Connections {
             let live = self.live.lock();
             let picked: Vec<u64> = live
                 .iter()
-                .filter(|(_, e)| !*e.closing.borrow())
+                .filter(|(_, e)| !e.closing.is_closing())
                 .take(n)
                 .map(|(id, _)| *id)
                 .collect();
             for id in &picked {
-                let _ = live[id].closing.send(true);
+                live[id].closing.close();
             }
             picked
         };
@@ -249,7 +284,7 @@ impl Connections {
     /// Asks every connection to finish.
     pub fn close_all(&self) {
         for e in self.live.lock().values() {
-            let _ = e.closing.send(true);
+            e.closing.close();
         }
     }
 
@@ -430,9 +465,13 @@ pub async fn accept_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let local = listener.local_addr().ok();
+    // One wait for the stop signal across all accepts (a new one per
+    // accept cost a watch poll and its waker registration each time).
+    let stopped = stop.wait_for(|s| *s);
+    tokio::pin!(stopped);
     loop {
         let accepted = tokio::select! {
-            _ = stop.wait_for(|s| *s) => break,
+            _ = &mut stopped => break,
             r = listener.accept() => r,
         };
         let (stream, peer) = match accepted {
