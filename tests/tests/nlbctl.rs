@@ -544,6 +544,7 @@ async fn status_health_and_config() {
             "auth",
             "listeners",
             "dataplane",
+            "autoscaling",
         ]
     );
     assert_eq!(j["configs"][6]["data"]["pg"][0], "127.0.0.1:5432");

@@ -66,6 +66,7 @@ pub struct SdkConfig {
     pub shutdown: ShutdownConfig,
     pub data: DataConfig,
     pub auth: AuthConfig,
+    pub scaling: ScalingSettings,
     /// The module's own section, handed to it as YAML.
     pub module: Value,
 }
@@ -85,6 +86,7 @@ impl Default for SdkConfig {
             shutdown: ShutdownConfig::default(),
             data: DataConfig::default(),
             auth: AuthConfig::default(),
+            scaling: ScalingSettings::default(),
             module: Value::Null,
         }
     }
@@ -271,6 +273,92 @@ pub struct AuthConfig {
     pub tokens_file: Option<PathBuf>,
 }
 
+/// What carries out `Scale` (`crate::scale`): `none`, `docker` or
+/// `kubernetes`. A scaler the module's `main` gives the `Runner` wins.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScalingSettings {
+    pub backend: String,
+    pub docker: DockerScaling,
+    pub kubernetes: KubernetesScaling,
+}
+
+impl Default for ScalingSettings {
+    fn default() -> Self {
+        ScalingSettings {
+            backend: "none".into(),
+            docker: DockerScaling::default(),
+            kubernetes: KubernetesScaling::default(),
+        }
+    }
+}
+
+/// The scaling backends.
+pub const SCALING_BACKENDS: &[&str] = &["none", "docker", "kubernetes"];
+
+/// The Docker backend: containers of this module's compose service, made
+/// through the Docker Engine API.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DockerScaling {
+    /// The Engine API's unix socket, or `tcp://host:port` (plain HTTP: a
+    /// socket proxy on a private network).
+    pub socket: PathBuf,
+    /// The compose project; empty: this container's
+    /// `com.docker.compose.project` label.
+    pub project: String,
+    /// The compose service; empty: this container's
+    /// `com.docker.compose.service` label.
+    pub service: String,
+    /// How long a container stopped by a scale-down may drain before Docker
+    /// kills it (match `shutdown.drain_timeout_seconds`).
+    pub stop_timeout_seconds: u64,
+}
+
+impl Default for DockerScaling {
+    fn default() -> Self {
+        DockerScaling {
+            socket: PathBuf::from("/var/run/docker.sock"),
+            project: String::new(),
+            service: String::new(),
+            stop_timeout_seconds: 30,
+        }
+    }
+}
+
+/// Where a pod finds its service account.
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// The Kubernetes backend: the replicas of the module's Deployment.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesScaling {
+    /// `https://host:port` (or `http://` behind a local proxy); empty:
+    /// `https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT`.
+    pub api: String,
+    /// Empty: the pod's own namespace (the service account's `namespace`).
+    pub namespace: String,
+    /// The Deployment that runs this module (required).
+    pub deployment: String,
+    /// The bearer token, read again at each call (tokens rotate).
+    pub token_file: PathBuf,
+    /// The CA the API server's certificate is checked against.
+    pub ca_file: PathBuf,
+}
+
+impl Default for KubernetesScaling {
+    fn default() -> Self {
+        let sa = Path::new(SERVICE_ACCOUNT_DIR);
+        KubernetesScaling {
+            api: String::new(),
+            namespace: String::new(),
+            deployment: String::new(),
+            token_file: sa.join("token"),
+            ca_file: sa.join("ca.crt"),
+        }
+    }
+}
+
 /// Every `MODULE_*` variable the SDK reads, with the key it overrides.
 pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("MODULE_NLB_ADDR", "nlb.addr"),
@@ -286,6 +374,31 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("MODULE_NLB_TLS_KEY", "nlb.tls.key_file"),
     ("MODULE_NLB_TLS_SERVER_NAME", "nlb.tls.server_name"),
     ("MODULE_TOKENS_FILE", "auth.tokens_file"),
+    ("MODULE_SCALING_BACKEND", "scaling.backend"),
+    ("MODULE_SCALING_DOCKER_SOCKET", "scaling.docker.socket"),
+    ("MODULE_SCALING_DOCKER_PROJECT", "scaling.docker.project"),
+    ("MODULE_SCALING_DOCKER_SERVICE", "scaling.docker.service"),
+    (
+        "MODULE_SCALING_DOCKER_STOP_TIMEOUT",
+        "scaling.docker.stop_timeout_seconds",
+    ),
+    ("MODULE_SCALING_KUBERNETES_API", "scaling.kubernetes.api"),
+    (
+        "MODULE_SCALING_KUBERNETES_NAMESPACE",
+        "scaling.kubernetes.namespace",
+    ),
+    (
+        "MODULE_SCALING_KUBERNETES_DEPLOYMENT",
+        "scaling.kubernetes.deployment",
+    ),
+    (
+        "MODULE_SCALING_KUBERNETES_TOKEN_FILE",
+        "scaling.kubernetes.token_file",
+    ),
+    (
+        "MODULE_SCALING_KUBERNETES_CA_FILE",
+        "scaling.kubernetes.ca_file",
+    ),
 ];
 
 /// The token this module presents to the NLB (wins over `nlb.token_file`).
@@ -311,9 +424,15 @@ impl SdkConfig {
                 Self::parse(&text)?
             }
         };
-        config.apply_env(env);
-        config.validate()?;
-        Ok(config)
+        let mut errors = config.apply_env(env);
+        if let Err(more) = config.validate() {
+            errors.extend(more);
+        }
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(errors)
+        }
     }
 
     /// Parses YAML text (an empty file is all defaults).
@@ -330,7 +449,10 @@ impl SdkConfig {
         })
     }
 
-    fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) {
+    /// Applies the `MODULE_*` overrides; a value that does not parse is a
+    /// problem naming the variable.
+    fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Vec<ConfigError> {
+        let mut errors = Vec::new();
         for (var, key) in ENV_OVERRIDES {
             let Some(v) = env(var) else { continue };
             let path = || Some(PathBuf::from(&v)).filter(|p| !p.as_os_str().is_empty());
@@ -348,9 +470,28 @@ impl SdkConfig {
                 "nlb.tls.key_file" => self.nlb.tls.key_file = path(),
                 "nlb.tls.server_name" => self.nlb.tls.server_name = v.clone(),
                 "auth.tokens_file" => self.auth.tokens_file = path(),
+                "scaling.backend" => self.scaling.backend = v.clone(),
+                "scaling.docker.socket" => self.scaling.docker.socket = PathBuf::from(&v),
+                "scaling.docker.project" => self.scaling.docker.project = v.clone(),
+                "scaling.docker.service" => self.scaling.docker.service = v.clone(),
+                "scaling.docker.stop_timeout_seconds" => match v.trim().parse() {
+                    Ok(n) => self.scaling.docker.stop_timeout_seconds = n,
+                    Err(_) => errors.push(ConfigError::new(
+                        *var,
+                        format!("{v:?} is not a number of seconds ({key})"),
+                    )),
+                },
+                "scaling.kubernetes.api" => self.scaling.kubernetes.api = v.clone(),
+                "scaling.kubernetes.namespace" => self.scaling.kubernetes.namespace = v.clone(),
+                "scaling.kubernetes.deployment" => self.scaling.kubernetes.deployment = v.clone(),
+                "scaling.kubernetes.token_file" => {
+                    self.scaling.kubernetes.token_file = PathBuf::from(&v)
+                }
+                "scaling.kubernetes.ca_file" => self.scaling.kubernetes.ca_file = PathBuf::from(&v),
                 other => unreachable!("ENV_OVERRIDES names {other} without a setter"),
             }
         }
+        errors
     }
 
     /// Checks every key; returns all problems.
@@ -483,6 +624,7 @@ impl SdkConfig {
                     .to_string(),
             );
         }
+        self.scaling.validate(&mut err);
         if errors.is_empty() {
             Ok(())
         } else {
@@ -503,6 +645,101 @@ impl SdkConfig {
         };
         join_host_port(host, listen.port())
     }
+}
+
+impl ScalingSettings {
+    /// Checks the section; the backend's own keys only when it is chosen.
+    fn validate(&self, err: &mut dyn FnMut(&str, String)) {
+        if !SCALING_BACKENDS.contains(&self.backend.as_str()) {
+            err(
+                "scaling.backend",
+                format!(
+                    "{:?} is not a backend: use none, docker or kubernetes",
+                    self.backend
+                ),
+            );
+        }
+        if self.backend == "docker" {
+            let d = &self.docker;
+            let socket = d.socket.to_string_lossy();
+            if socket.is_empty() {
+                err(
+                    "scaling.docker.socket",
+                    "is empty: give the Docker Engine API's socket (/var/run/docker.sock)".into(),
+                );
+            } else if let Some(rest) = socket.strip_prefix("tcp://") {
+                if crate::scale::http::parse_url(&format!("http://{rest}")).is_err() {
+                    err(
+                        "scaling.docker.socket",
+                        format!("{socket:?} is not tcp://host:port"),
+                    );
+                }
+            } else if !d.socket.is_absolute() {
+                err(
+                    "scaling.docker.socket",
+                    format!("{socket:?} is not an absolute path or tcp://host:port"),
+                );
+            }
+            for (key, v) in [
+                ("scaling.docker.project", &d.project),
+                ("scaling.docker.service", &d.service),
+            ] {
+                if v.chars().any(|c| c.is_whitespace() || c == '=' || c == '/') {
+                    err(key, format!("{v:?} is not a compose name"));
+                }
+            }
+            if d.stop_timeout_seconds > 86_400 {
+                err(
+                    "scaling.docker.stop_timeout_seconds",
+                    format!("{} is more than a day (86400)", d.stop_timeout_seconds),
+                );
+            }
+        }
+        if self.backend == "kubernetes" {
+            let k = &self.kubernetes;
+            if k.deployment.is_empty() {
+                err(
+                    "scaling.kubernetes.deployment",
+                    "is required: the name of the Deployment that runs this module".into(),
+                );
+            } else if !dns_label(&k.deployment, 253) {
+                err(
+                    "scaling.kubernetes.deployment",
+                    format!("{:?} is not a Kubernetes object name", k.deployment),
+                );
+            }
+            if !k.namespace.is_empty() && !dns_label(&k.namespace, 63) {
+                err(
+                    "scaling.kubernetes.namespace",
+                    format!("{:?} is not a Kubernetes namespace name", k.namespace),
+                );
+            }
+            if !k.api.is_empty() && crate::scale::http::parse_url(&k.api).is_err() {
+                err(
+                    "scaling.kubernetes.api",
+                    format!("{:?} is not https://host:port (or http://host:port)", k.api),
+                );
+            }
+            for (key, p) in [
+                ("scaling.kubernetes.token_file", &k.token_file),
+                ("scaling.kubernetes.ca_file", &k.ca_file),
+            ] {
+                if p.as_os_str().is_empty() {
+                    err(key, "is empty".into());
+                }
+            }
+        }
+    }
+}
+
+/// A DNS-1123 name: lowercase letters, digits, `-` and `.`, starting and
+/// ending with a letter or digit.
+fn dns_label(s: &str, max: usize) -> bool {
+    (1..=max).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.ends_with(|c: char| c.is_ascii_alphanumeric())
 }
 
 /// This host as others reach it, for a module listening on every address:
@@ -626,10 +863,20 @@ mod tests {
             ("MODULE_NLB_TLS_KEY", "/tls/k.pem"),
             ("MODULE_NLB_TLS_SERVER_NAME", "nlb.internal"),
             ("MODULE_TOKENS_FILE", "/run/tokens.yaml"),
+            ("MODULE_SCALING_BACKEND", "kubernetes"),
+            ("MODULE_SCALING_DOCKER_SOCKET", "/run/docker.sock"),
+            ("MODULE_SCALING_DOCKER_PROJECT", "edge"),
+            ("MODULE_SCALING_DOCKER_SERVICE", "alb"),
+            ("MODULE_SCALING_DOCKER_STOP_TIMEOUT", "45"),
+            ("MODULE_SCALING_KUBERNETES_API", "https://10.0.0.1:6443"),
+            ("MODULE_SCALING_KUBERNETES_NAMESPACE", "edge"),
+            ("MODULE_SCALING_KUBERNETES_DEPLOYMENT", "alb"),
+            ("MODULE_SCALING_KUBERNETES_TOKEN_FILE", "/sa/token"),
+            ("MODULE_SCALING_KUBERNETES_CA_FILE", "/sa/ca.crt"),
         ]);
         let file = "nlb: {addr: 'other:1'}\ninstance_id: from-file\n";
         let mut c = SdkConfig::parse(file).unwrap();
-        c.apply_env(&env);
+        assert!(c.apply_env(&env).is_empty());
         c.validate().unwrap();
         assert_eq!(c.nlb.addr, "nlb:7000");
         assert_eq!(c.listen.grpc, "127.0.0.1:1");
@@ -650,6 +897,79 @@ mod tests {
             c.auth.tokens_file.as_deref(),
             Some(Path::new("/run/tokens.yaml"))
         );
+        let s = &c.scaling;
+        assert_eq!(s.backend, "kubernetes");
+        assert_eq!(s.docker.socket, Path::new("/run/docker.sock"));
+        assert_eq!(
+            (s.docker.project.as_str(), s.docker.service.as_str()),
+            ("edge", "alb")
+        );
+        assert_eq!(s.docker.stop_timeout_seconds, 45);
+        assert_eq!(s.kubernetes.api, "https://10.0.0.1:6443");
+        assert_eq!(s.kubernetes.namespace, "edge");
+        assert_eq!(s.kubernetes.deployment, "alb");
+        assert_eq!(s.kubernetes.token_file, Path::new("/sa/token"));
+        assert_eq!(s.kubernetes.ca_file, Path::new("/sa/ca.crt"));
+        // Every variable in the table has been set above.
+        assert_eq!(ENV_OVERRIDES.len(), 23);
+    }
+
+    #[test]
+    fn scaling_defaults_to_none_and_its_keys_are_checked_by_backend() {
+        let c = SdkConfig::default();
+        assert_eq!(c.scaling.backend, "none");
+        assert_eq!(c.scaling.docker.socket, Path::new("/var/run/docker.sock"));
+        assert_eq!(c.scaling.docker.stop_timeout_seconds, 30);
+        assert_eq!(
+            c.scaling.kubernetes.token_file,
+            Path::new("/var/run/secrets/kubernetes.io/serviceaccount/token")
+        );
+        assert_eq!(
+            c.scaling.kubernetes.ca_file,
+            Path::new("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")
+        );
+        let keys = |yaml: &str| -> Vec<String> {
+            match SdkConfig::parse(yaml).unwrap().validate() {
+                Ok(()) => Vec::new(),
+                Err(e) => e.into_iter().map(|e| e.key).collect(),
+            }
+        };
+        assert_eq!(keys("scaling: {backend: swarm}\n"), ["scaling.backend"]);
+        assert_eq!(
+            keys("scaling: {backend: kubernetes}\n"),
+            ["scaling.kubernetes.deployment"]
+        );
+        assert_eq!(
+            keys("scaling: {backend: kubernetes, kubernetes: {deployment: Alb_1, namespace: 'a b', api: 'kubernetes:443'}}\n"),
+            [
+                "scaling.kubernetes.deployment",
+                "scaling.kubernetes.namespace",
+                "scaling.kubernetes.api"
+            ]
+        );
+        assert!(keys("scaling: {backend: kubernetes, kubernetes: {deployment: alb, api: 'https://10.0.0.1:6443'}}\n").is_empty());
+        assert_eq!(
+            keys("scaling: {backend: docker, docker: {socket: '', project: 'a b', stop_timeout_seconds: 100000}}\n"),
+            [
+                "scaling.docker.socket",
+                "scaling.docker.project",
+                "scaling.docker.stop_timeout_seconds"
+            ]
+        );
+        assert_eq!(
+            keys("scaling: {backend: docker, docker: {socket: 'tcp://proxy:port'}}\n"),
+            ["scaling.docker.socket"]
+        );
+        assert!(
+            keys("scaling: {backend: docker, docker: {socket: 'tcp://docker-proxy:2375'}}\n")
+                .is_empty()
+        );
+        // A backend not chosen is not checked.
+        assert!(keys("scaling: {docker: {socket: ''}}\n").is_empty());
+        // A variable that does not parse is named.
+        let env = env_of(&[("MODULE_SCALING_DOCKER_STOP_TIMEOUT", "soon")]);
+        let e = SdkConfig::load(None, &env).unwrap_err();
+        assert_eq!(e[0].key, "MODULE_SCALING_DOCKER_STOP_TIMEOUT");
     }
 
     #[test]

@@ -44,6 +44,10 @@ pub enum ModuleError {
     /// It failed inside the module (INTERNAL).
     #[error("{0}")]
     Failed(String),
+    /// Something the module depends on did not answer; worth retrying
+    /// (UNAVAILABLE).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl ModuleError {
@@ -53,6 +57,7 @@ impl ModuleError {
             ModuleError::NotFound(_) => tonic::Code::NotFound,
             ModuleError::Unsupported(_) => tonic::Code::FailedPrecondition,
             ModuleError::Failed(_) => tonic::Code::Internal,
+            ModuleError::Unavailable(_) => tonic::Code::Unavailable,
         }
     }
 }

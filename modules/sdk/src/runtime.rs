@@ -181,6 +181,11 @@ impl Shared {
         }
     }
 
+    /// The scaler's backend (`none` without one): the `scaler` capability.
+    pub fn scaler_name(&self) -> &str {
+        self.scaler.as_ref().map_or("none", |s| s.backend())
+    }
+
     fn admin_address(&self) -> String {
         self.link.lock().admin_address.clone()
     }
@@ -202,6 +207,7 @@ impl Shared {
         if self.config.data.proxy_protocol {
             caps.insert("proxy_protocol".into(), "v2".into());
         }
+        caps.insert("scaler".into(), self.scaler_name().to_string());
         caps.insert(
             "protocols".into(),
             self.descriptor
@@ -315,7 +321,8 @@ impl Runner {
         self
     }
 
-    /// What `Scale` calls (without one, `Scale` is FAILED_PRECONDITION).
+    /// What `Scale` calls, instead of the one the `scaling:` config section
+    /// chooses (without either, `Scale` is FAILED_PRECONDITION).
     pub fn scaler(mut self, scaler: impl Scaler) -> Self {
         self.scaler = Some(Arc::new(scaler));
         self
@@ -359,6 +366,11 @@ impl Runner {
         } else {
             config.version.clone()
         };
+        let scaler = match self.scaler {
+            Some(s) => Some(s),
+            None => crate::scale::from_config(&config.scaling, &*self.env)
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        };
         let auth = ModuleAuth::new(config.auth.tokens_file.as_deref(), &*self.env)
             .map_err(|e| anyhow::anyhow!("auth: {e}"))?;
         if auth.is_open() {
@@ -385,7 +397,7 @@ impl Runner {
             grpc_address: config.advertised(grpc_addr, &outward),
             data_address: config.advertised(data_addr, &outward),
             auth,
-            scaler: self.scaler,
+            scaler,
             conns: Arc::new(Connections::default()),
             versions: Mutex::new(Versions::new(&version)),
             link: Mutex::new(Link::new(config.advertised(admin_addr, &outward))),
@@ -408,6 +420,7 @@ impl Runner {
             data = %data_addr,
             admin = %admin_addr,
             nlb = %shared.config.nlb.addr,
+            scaler = shared.scaler_name(),
             "module starting"
         );
         shared

@@ -499,9 +499,11 @@ impl ModuleService for Service {
         scale::validate(&config).map_err(module_error)?;
         let Some(scaler) = &self.shared.scaler else {
             return Err(Status::failed_precondition(format!(
-                "module {} ({}) has no scaler: it cannot start or stop instances of itself; \
-                 scale it with what runs it (docker compose --scale, a Kubernetes \
-                 Deployment) or give it a Scaler",
+                "module {} ({}) has no scaler (scaling.backend is none), so it cannot start \
+                 or stop instances of itself: set scaling.backend (MODULE_SCALING_BACKEND) to \
+                 docker (with the Docker socket mounted) or kubernetes (with \
+                 scaling.kubernetes.deployment), or scale it with what runs it \
+                 (docker compose up --scale, kubectl scale); see Scaling in docs/modules.md",
                 self.shared.ctx.instance_id, self.shared.descriptor.name
             )));
         };

@@ -150,6 +150,8 @@ async fn scale_goes_to_the_scaler_and_the_nlb_target_reaches_it() {
         .await
         .unwrap();
     let shared = running.shared.clone();
+    // A scaler the module's main gives is announced as `custom`.
+    assert_eq!(shared.capabilities()["scaler"], "custom");
     until("registered", || shared.link.lock().registration_id.clone()).await;
 
     // The operator asks the NLB; the NLB asks the module (with its token);
@@ -228,6 +230,87 @@ async fn scale_goes_to_the_scaler_and_the_nlb_target_reaches_it() {
         .wait()
         .await
         .expect("the module stops by its shutdown sequence");
+}
+
+/// Asks the module's ModuleService to scale to two instances.
+async fn scale_to_two(
+    running: &Running,
+) -> Result<tonic::Response<switchyard_sdk::pb::ScaleResponse>, Status> {
+    module_client(running)
+        .await
+        .scale(ScaleRequest {
+            instance_id: String::new(),
+            config: Some(ScalingConfig {
+                min_instances: 2,
+                max_instances: 2,
+                ..ScalingConfig::default()
+            }),
+            immediate: true,
+        })
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_scaler_scale_says_how_to_configure_one() {
+    // No NLB needed: the module answers ModuleService while it retries.
+    let running = Runner::new(Quiet, config("127.0.0.1:1", "quiet-none"))
+        .env(|_| None)
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(running.shared.capabilities()["scaler"], "none");
+    let e = scale_to_two(&running).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    for said in [
+        "no scaler",
+        "scaling.backend",
+        "MODULE_SCALING_BACKEND",
+        "docker",
+        "kubernetes",
+    ] {
+        assert!(e.message().contains(said), "{said}: {}", e.message());
+    }
+    running.stop(StopReason::Shutdown {
+        graceful: false,
+        timeout: Duration::ZERO,
+    });
+    running.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_configured_scaler_is_installed_and_announced() {
+    let mut c = config("127.0.0.1:1", "quiet-docker");
+    c.scaling.backend = "docker".into();
+    c.scaling.docker.socket = "/nonexistent/docker.sock".into();
+    let running = Runner::new(Quiet, c).env(|_| None).start().await.unwrap();
+    assert_eq!(running.shared.capabilities()["scaler"], "docker");
+    // Scale reaches it: the socket is not there, and the answer names it.
+    let e = scale_to_two(&running).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    assert!(
+        e.message().contains("/nonexistent/docker.sock"),
+        "{}",
+        e.message()
+    );
+    running.stop(StopReason::Shutdown {
+        graceful: false,
+        timeout: Duration::ZERO,
+    });
+    running.wait().await.unwrap();
+
+    // Kubernetes outside a pod, with no API address: the module does not
+    // start, and says which key to set.
+    let mut c = config("127.0.0.1:1", "quiet-k8s");
+    c.scaling.backend = "kubernetes".into();
+    c.scaling.kubernetes.deployment = "quiet".into();
+    c.scaling.kubernetes.namespace = "edge".into();
+    let e = Runner::new(Quiet, c)
+        .env(|_| None)
+        .start()
+        .await
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("scaling.kubernetes.api"), "{e}");
 }
 
 /// An NLB that knows only the reference RPCs: no `HeartbeatStream`.

@@ -201,8 +201,10 @@ impl ControlService {
                 ))
             })?;
         let mut config = req.config.unwrap_or_default();
+        // Exactly the target: scalers keep the count within min..=max, so a
+        // larger max would leave a scale-down undone.
         config.min_instances = target;
-        config.max_instances = config.max_instances.max(target);
+        config.max_instances = target;
         let deadline =
             Duration::from_millis(self.nlb.config.current().routing.module_call_timeout_ms);
         let msg = pb::ScaleRequest {

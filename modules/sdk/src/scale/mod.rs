@@ -1,9 +1,20 @@
 //! `Scale` goes to a pluggable [`Scaler`]: whatever can add or remove
-//! instances of this module where it runs (an orchestrator's API, a compose
-//! command). Without one, `Scale` answers FAILED_PRECONDITION.
+//! instances of this module where it runs. The SDK has two, chosen by the
+//! `scaling:` config section ([`from_config`]): [`docker`] (containers of
+//! the module's compose service, through the Docker Engine API) and
+//! [`kubernetes`] (the replicas of the module's Deployment). A module's
+//! `main` may give its own instead. Without one, `Scale` answers
+//! FAILED_PRECONDITION.
+
+pub mod docker;
+pub mod http;
+pub mod kubernetes;
+
+use std::sync::Arc;
 
 use shared_types::pb::{ModuleInstance, ScalingConfig};
 
+use crate::config::ScalingSettings;
 use crate::module::ModuleError;
 
 /// What a scaling request did.
@@ -32,6 +43,41 @@ pub trait Scaler: Send + Sync + 'static {
     /// The NLB's heartbeat says `should_scale` with this many instances
     /// desired (a `TriggerScaling` target).
     async fn desired(&self, _instances: i32) {}
+
+    /// The name announced in the registration capabilities
+    /// (`scaler=<backend>`).
+    fn backend(&self) -> &str {
+        "custom"
+    }
+}
+
+/// How many instances a scaling config asks for, given how many there are:
+/// `now` brought within `min..=max` (the NLB sends min = max = its target).
+pub fn target(config: &ScalingConfig, now: i32) -> i32 {
+    now.clamp(
+        config.min_instances,
+        config.max_instances.max(config.min_instances),
+    )
+}
+
+/// The scaler the `scaling:` section chooses (`None` for `none`). `env`
+/// looks up the variables a backend reads (`KUBERNETES_SERVICE_HOST`); the
+/// error names the key to fix.
+pub fn from_config(
+    settings: &ScalingSettings,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<Arc<dyn Scaler>>, String> {
+    Ok(match settings.backend.as_str() {
+        "docker" => Some(Arc::new(docker::DockerScaler::new(
+            settings.docker.clone(),
+            crate::config::host_name(),
+        ))),
+        "kubernetes" => Some(Arc::new(kubernetes::KubernetesScaler::from_settings(
+            &settings.kubernetes,
+            env,
+        )?)),
+        _ => None,
+    })
 }
 
 /// Checks a `ScalingConfig` before any scaler sees it.
