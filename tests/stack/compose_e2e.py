@@ -9,7 +9,12 @@ scripts/test.sh, then:
    dead instance leaves the NLB's registry;
 3. the NLB container is restarted: the modules register again by
    themselves and traffic resumes, with no operator action;
-4. the stack is torn down and nothing of it is left.
+4. the autoscaler (policy given through `nlbctl config apply`, the ALBs
+   scaling with Docker through deploy/compose/autoscale.yml) adds an ALB
+   container when connections rise, which registers and takes traffic, and
+   removes it when they fall, with no failed request;
+5. the stack is torn down and nothing of it is left (the container the
+   scaler made included).
 
 Run by scripts/test.sh as `python3 tests/stack/compose_e2e.py --target-dir DIR`.
 Its last line says PASSED, or SKIPPED and why (no Docker daemon, no Compose),
@@ -118,13 +123,19 @@ class Stack:
             "SWITCHYARD_GRPC_PORT": free_port(),
             "SWITCHYARD_ADMIN_PORT": free_port(),
         }
-        self.env = dict(os.environ, SWITCHYARD_TAG=TAG, SWITCHYARD_PUBLISH_ADDR="127.0.0.1")
+        self.env = dict(
+            os.environ,
+            SWITCHYARD_TAG=TAG,
+            SWITCHYARD_PUBLISH_ADDR="127.0.0.1",
+            SWITCHYARD_DOCKER_GID=str(os.stat("/var/run/docker.sock").st_gid),
+        )
         self.env.update({k: str(v) for k, v in self.ports.items()})
         self.http = f"http://127.0.0.1:{self.ports['SWITCHYARD_HTTP_PORT']}"
         self.grpc = f"http://127.0.0.1:{self.ports['SWITCHYARD_GRPC_PORT']}"
 
     def compose_run(self, *args, timeout=300):
-        return run(self.compose + ["-p", PROJECT, *args], env=self.env, timeout=timeout)
+        files = ["-f", "docker-compose.yml", "-f", "deploy/compose/autoscale.yml"]
+        return run(self.compose + ["-p", PROJECT, *files, *args], env=self.env, timeout=timeout)
 
     def containers(self, service=None, all_=False):
         """{container id: (name, hostname, ip)} of the project (or one service)."""
@@ -290,10 +301,88 @@ def scenario(stack):
     if failed:
         raise Failed(f"after the NLB restart {len(failed)} of 20 requests failed: {failed}")
 
+    autoscale(stack, survivors)
+
     # The echo module behind its declared TCP listener.
     echoed = echo_line(stack.ports["SWITCHYARD_ECHO_PORT"])
     if echoed != "ping":
         raise Failed(f"the echo module did not echo through the NLB: {echoed!r}")
+
+
+POLICY = """evaluation_interval_seconds: 1
+modules:
+  alb:
+    min_instances: 2
+    max_instances: 3
+    target_connections: 4
+    scale_up_cooldown_seconds: 5
+    scale_down_cooldown_seconds: 5
+    window_seconds: 8
+"""
+
+
+def alb_ids(stack):
+    m = stack.modules() or {}
+    return {i for i, v in m.items() if i.startswith("alb-") and v.get("health_status") == "healthy"}
+
+
+def autoscale(stack, survivors):
+    """Connections rise: a third ALB container; they fall: it goes, drained."""
+    import http.client
+    import tempfile
+
+    policy = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
+    policy.write(POLICY)
+    policy.close()
+    run([stack.nlbctl, "--addr", stack.grpc, "config", "apply", "autoscaling", policy.name])
+    os.unlink(policy.name)
+    before = set(stack.containers("alb"))
+    if alb_ids(stack) != set(survivors):
+        raise Failed(f"before scaling: {alb_ids(stack)} are healthy, not {survivors}")
+
+    # Twelve idle keep-alive connections through the NLB: 6 per ALB against
+    # a target of 4 asks for 3 instances.
+    port = stack.ports["SWITCHYARD_HTTP_PORT"]
+    held = []
+    for _ in range(12):
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+        c.request("GET", "/held")
+        r = c.getresponse()
+        r.read()
+        if r.status != 200:
+            raise Failed(f"a held connection got {r.status}")
+        held.append(c)
+    grown = until("the autoscaler adds an ALB container that registers", 120,
+                  lambda: len(alb_ids(stack)) == 3 and alb_ids(stack))
+    new_ids = grown - set(survivors)
+    added = set(stack.containers("alb")) - before
+    if len(added) != 1:
+        raise Failed(f"expected one new ALB container, found {added}")
+    log(f"scaled up: {sorted(new_ids)} registered (container {stack.containers('alb')[next(iter(added))][0]})")
+    # The new one takes traffic.
+    ip = stack.containers("alb")[next(iter(added))][2]
+    until("the new ALB serves requests", 60,
+          lambda: get(stack.http + "/to-new")[0] == 200 and stack.alb_requests(ip) > 0)
+
+    # Connections end: after the window it is stopped (drained) and removed,
+    # while steady traffic sees no failure.
+    traffic = Traffic(stack.http + "/during-scale-down")
+    traffic.start()
+    for c in held:
+        c.close()
+    until("the autoscaler removes the extra ALB", 120,
+          lambda: set(stack.containers("alb")) == before and alb_ids(stack) == set(survivors))
+    time.sleep(2)
+    traffic.stop.set()
+    traffic.join(30)
+    bad = [s for _, s in traffic.results if s != 200]
+    if bad or len(traffic.results) < 10:
+        raise Failed(f"during scale-down {len(bad)} of {len(traffic.results)} requests failed: {bad[:10]}")
+    status = json.loads(get(f"http://127.0.0.1:{stack.ports['SWITCHYARD_ADMIN_PORT']}/status")[1])
+    moves = [(e["from"], e["to"], e["result"]) for e in status.get("scaling_events", [])]
+    if (2, 3, "ok") not in moves or (3, 2, "ok") not in moves:
+        raise Failed(f"scaling events: {moves}")
+    log(f"scaled down with {len(traffic.results)} requests meanwhile, none failed; events {moves}")
 
 
 def main():
@@ -322,7 +411,8 @@ def main():
         print(f"compose e2e: FAILED: teardown left {left}", flush=True)
         return 1
     print("compose e2e: PASSED (up, HTTP through NLB -> ALB -> origin shared by 3 ALBs, "
-          "ALB killed under traffic, NLB restarted, torn down leaving nothing)", flush=True)
+          "ALB killed under traffic, NLB restarted, autoscaled 2 -> 3 -> 2 with Docker, "
+          "torn down leaving nothing)", flush=True)
     return 0
 
 

@@ -106,7 +106,7 @@ async fn load_scales_a_type_up_and_its_end_scales_it_down() {
              admin: {{listen: '127.0.0.1:0'}}\n\
              state_file: {:?}\n\
              health: {{active_checks: false}}\n\
-             autoscaling:\n  evaluation_interval_seconds: 1\n  types:\n    alb:\n\
+             autoscaling:\n  evaluation_interval_seconds: 1\n  modules:\n    holder:\n\
              \x20     min_instances: 1\n      max_instances: 4\n      target_connections: 2\n\
              \x20     scale_up_cooldown_seconds: 2\n      scale_down_cooldown_seconds: 2\n\
              \x20     window_seconds: 3\n",
@@ -195,7 +195,7 @@ async fn load_scales_a_type_up_and_its_end_scales_it_down() {
             .lines()
             .filter(|l| {
                 l.starts_with("nlb_scaling_decisions_total{")
-                    && l.contains("module_type=\"alb\"")
+                    && l.contains("module=\"holder\"")
                     && l.contains(&format!("direction=\"{direction}\""))
                     && l.contains("result=\"ok\"")
             })

@@ -43,16 +43,17 @@ pub struct NlbConfig {
 pub struct AutoscalingConfig {
     /// How often each module type is evaluated.
     pub evaluation_interval_seconds: u64,
-    /// Module type (`alb`, ...) -> its policy. A type not listed is never
-    /// scaled by the NLB.
-    pub types: BTreeMap<String, TypeScaling>,
+    /// Module (`alb`, `echo`: the name an SDK module registers in
+    /// `metadata["module"]`; for modules that send none, their module
+    /// type) -> its policy. A module not listed is never scaled by the NLB.
+    pub modules: BTreeMap<String, TypeScaling>,
 }
 
 impl Default for AutoscalingConfig {
     fn default() -> Self {
         AutoscalingConfig {
             evaluation_interval_seconds: 15,
-            types: BTreeMap::new(),
+            modules: BTreeMap::new(),
         }
     }
 }

@@ -524,18 +524,17 @@ fn check_autoscaling(a: &crate::config::AutoscalingConfig, errors: &mut Vec<Conf
         "autoscaling.evaluation_interval_seconds",
         errors,
     );
-    for (t, p) in &a.types {
-        let key = |k: &str| format!("autoscaling.types.{t}.{k}");
-        match ModuleType::parse_name(t) {
-            Ok(ModuleType::Unspecified | ModuleType::Nlb) => errors.push(ConfigError::new(
-                format!("autoscaling.types.{t}"),
-                "not a module type the NLB can scale (alb, dblb, ailb, rtmp)",
-            )),
-            Ok(_) => {}
-            Err(e) => errors.push(ConfigError::new(
-                format!("autoscaling.types.{t}"),
-                e.to_string(),
-            )),
+    for (t, p) in &a.modules {
+        let key = |k: &str| format!("autoscaling.modules.{t}.{k}");
+        let name_ok = (1..=64).contains(&t.len())
+            && t.chars().all(|c| {
+                c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.')
+            });
+        if !name_ok || t == "nlb" {
+            errors.push(ConfigError::new(
+                format!("autoscaling.modules.{t}"),
+                "not a module name (1 to 64 lowercase letters, digits, '-', '_', '.'; not nlb)",
+            ));
         }
         range(
             u64::from(p.max_instances),
@@ -555,7 +554,7 @@ fn check_autoscaling(a: &crate::config::AutoscalingConfig, errors: &mut Vec<Conf
         }
         if p.target_connections == 0 && p.target_cpu_percent == 0 {
             errors.push(ConfigError::new(
-                format!("autoscaling.types.{t}"),
+                format!("autoscaling.modules.{t}"),
                 "no target: set target_connections, target_cpu_percent or both",
             ));
         }

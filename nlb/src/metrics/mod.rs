@@ -68,9 +68,9 @@ pub struct NlbMetrics {
     /// `nlb_rollout_canary_weight{module_type}`: the canary's percent of
     /// new connections in the type's latest rollout.
     pub rollout_canary_weight: IntGaugeVec,
-    /// `nlb_scaling_decisions_total{module_type,direction,result}`.
+    /// `nlb_scaling_decisions_total{module,direction,result}`.
     pub scaling_decisions: IntCounterVec,
-    /// `nlb_scaling_recommended_instances{module_type}`: the autoscaler's
+    /// `nlb_scaling_recommended_instances{module}`: the autoscaler's
     /// latest recommendation.
     pub scaling_recommended: IntGaugeVec,
 }
@@ -218,16 +218,16 @@ impl NlbMetrics {
             scaling_decisions: counter_vec(
                 &reg,
                 "nlb_scaling_decisions_total",
-                "Autoscaler decisions by module type, direction (up, down) and result (ok, failed)",
-                &["module_type", "direction", "result"],
+                "Autoscaler decisions by module, direction (up, down) and result (ok, failed)",
+                &["module", "direction", "result"],
             ),
             scaling_recommended: {
                 let g = IntGaugeVec::new(
                     Opts::new(
                         "nlb_scaling_recommended_instances",
-                        "The autoscaler's latest recommended instance count per module type",
+                        "The autoscaler's latest recommended instance count per module",
                     ),
-                    &["module_type"],
+                    &["module"],
                 )
                 .expect("valid metric");
                 reg.register(Box::new(g.clone()))

@@ -1,6 +1,6 @@
 //! The NLB's autoscaler: every `autoscaling.evaluation_interval_seconds`,
-//! for each module type with a policy (`autoscaling.types`), it observes the
-//! type's instances, decides ([`decide`]) and sends a change to one
+//! for each module with a policy (`autoscaling.modules`), it observes the
+//! module's instances, decides ([`decide`]) and sends a change to one
 //! instance's `ModuleService.Scale`, whose scaler (Docker, Kubernetes, or
 //! none) adds or removes instances; new ones register by themselves.
 //!
@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use serde::Serialize;
-use shared_types::pb::{self, ModuleType};
+use shared_types::pb;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -33,7 +33,7 @@ const SCALE_DEADLINE: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone, Serialize)]
 pub struct ScalingEvent {
     pub at_unix_ms: u64,
-    pub module_type: String,
+    pub module: String,
     pub from: u32,
     pub to: u32,
     /// `ok`, or `failed` with the reason in `message`.
@@ -64,14 +64,32 @@ impl ScalingLog {
 }
 
 /// What the type's instances carry, and who can be asked to scale it.
-fn observe(nlb: &Nlb, t: ModuleType) -> (Observation, Vec<(String, String)>) {
-    let views = nlb.registry.list();
+/// Whether an instance belongs to a policy's key: its module's name
+/// (`metadata["module"]`, set by SDK modules), else its module type's.
+fn belongs(key: &str, module_type: pb::ModuleType, metadata: &HashMap<String, String>) -> bool {
+    match metadata.get("module").filter(|m| !m.is_empty()) {
+        Some(m) => m == key,
+        None => module_type.short_name() == key,
+    }
+}
+
+fn observe(nlb: &Nlb, t: &str) -> (Observation, Vec<(String, String)>) {
+    let mut views = nlb.registry.list();
+    // The longest registered first: a scaler never removes its own
+    // instance and removes the newest first, so asking the oldest removes
+    // the newest.
+    views.sort_by_key(|v| {
+        v.details
+            .get("registered_at")
+            .and_then(|t| t.parse::<u64>().ok())
+            .unwrap_or(u64::MAX)
+    });
     // Instances that announced a scaler (`capabilities["scaler"]`).
     let with_scaler: std::collections::HashSet<String> = nlb.registry.read(|inner| {
         inner
             .instances
             .values()
-            .filter(|i| i.module_type == t)
+            .filter(|i| belongs(t, i.module_type, &i.info.metadata))
             .filter(|i| {
                 i.capabilities
                     .get("scaler")
@@ -85,7 +103,10 @@ fn observe(nlb: &Nlb, t: ModuleType) -> (Observation, Vec<(String, String)>) {
     let (mut cpu_sum, mut cpu_n) = (0.0, 0u32);
     let mut scalers = Vec::new();
     let mut others = Vec::new();
-    for v in views.iter().filter(|v| v.module_type == t) {
+    for v in views
+        .iter()
+        .filter(|v| belongs(t, v.module_type, &v.instance.metadata))
+    {
         if v.state == EndpointState::Draining {
             continue;
         }
@@ -121,7 +142,7 @@ fn observe(nlb: &Nlb, t: ModuleType) -> (Observation, Vec<(String, String)>) {
 /// Starts the autoscaler; it ends when `stop` turns true.
 pub fn spawn(nlb: Arc<Nlb>, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut states: HashMap<ModuleType, (TypeScaling, TypeState)> = HashMap::new();
+        let mut states: HashMap<String, (TypeScaling, TypeState)> = HashMap::new();
         loop {
             let interval = nlb
                 .config
@@ -143,23 +164,23 @@ fn now_ms() -> u64 {
 }
 
 /// One evaluation of every type with a policy.
-pub async fn evaluate(nlb: &Nlb, states: &mut HashMap<ModuleType, (TypeScaling, TypeState)>) {
+pub async fn evaluate(nlb: &Nlb, states: &mut HashMap<String, (TypeScaling, TypeState)>) {
     let config = nlb.config.current();
-    let policies: Vec<(ModuleType, TypeScaling)> = config
+    let policies: Vec<(String, TypeScaling)> = config
         .autoscaling
-        .types
+        .modules
         .iter()
         .filter(|(_, p)| p.enabled)
-        .filter_map(|(t, p)| Some((ModuleType::parse_name(t).ok()?, p.clone())))
+        .map(|(t, p)| (t.clone(), p.clone()))
         .collect();
     states.retain(|t, _| policies.iter().any(|(pt, _)| pt == t));
     for (t, policy) in policies {
-        let name = t.short_name();
-        let (observation, targets) = observe(nlb, t);
+        let name = t.as_str();
+        let (observation, targets) = observe(nlb, &t);
         let (recommended, why) = recommend(&policy, &observation);
         // A changed policy starts its window afresh.
         let entry = states
-            .entry(t)
+            .entry(t.clone())
             .or_insert_with(|| (policy.clone(), TypeState::default()));
         if entry.0 != policy {
             *entry = (policy.clone(), TypeState::default());
@@ -178,7 +199,7 @@ pub async fn evaluate(nlb: &Nlb, states: &mut HashMap<ModuleType, (TypeScaling, 
         // failing scaler is not called at every evaluation.
         entry.1.changed(now);
         let direction = if to > current { "up" } else { "down" };
-        let result = scale(nlb, t, &targets, to, &policy).await;
+        let result = scale(nlb, &t, &targets, to, &policy).await;
         let (label, message) = match &result {
             Ok(m) => ("ok", m.clone()),
             Err(m) => ("failed", m.clone()),
@@ -189,15 +210,15 @@ pub async fn evaluate(nlb: &Nlb, states: &mut HashMap<ModuleType, (TypeScaling, 
             .inc();
         match &result {
             Ok(_) => {
-                tracing::info!(target: "scaling", module_type = name, from = current, to, reason = %reason, "scaling {direction}: {message}")
+                tracing::info!(target: "scaling", module = name, from = current, to, reason = %reason, "scaling {direction}: {message}")
             }
             Err(_) => {
-                tracing::warn!(target: "scaling", module_type = name, from = current, to, reason = %reason, "scaling {direction} failed: {message}")
+                tracing::warn!(target: "scaling", module = name, from = current, to, reason = %reason, "scaling {direction} failed: {message}")
             }
         }
         nlb.scaling.push(ScalingEvent {
             at_unix_ms: now,
-            module_type: name.to_string(),
+            module: name.to_string(),
             from: current,
             to,
             result: label,
@@ -211,7 +232,7 @@ pub async fn evaluate(nlb: &Nlb, states: &mut HashMap<ModuleType, (TypeScaling, 
 /// scaler first).
 async fn scale(
     nlb: &Nlb,
-    t: ModuleType,
+    t: &str,
     targets: &[(String, String)],
     to: u32,
     policy: &TypeScaling,
@@ -219,7 +240,7 @@ async fn scale(
     if targets.is_empty() {
         return Err(format!(
             "no live {} instance to ask: a type with no instance cannot be scaled from zero by the NLB",
-            t.short_name()
+            t
         ));
     }
     let mut refusals = Vec::new();
@@ -251,9 +272,7 @@ async fn scale(
             Ok(r) if r.success => {
                 return Ok(format!(
                     "{id} scaled {}: {} now, {} desired",
-                    t.short_name(),
-                    r.current_instances,
-                    r.desired_instances
+                    t, r.current_instances, r.desired_instances
                 ))
             }
             Ok(r) => refusals.push(format!("{id}: {}", r.message)),
