@@ -553,3 +553,90 @@ async fn a_forced_rebalance_asks_again_until_every_instance_is_within_its_bound(
         "the follow-up ended"
     );
 }
+
+#[tokio::test]
+async fn trigger_scaling_autoscale_sets_the_types_policy_from_its_scaling_config() {
+    let t = TestNlb::start().await;
+    let ask = |config: Option<pb::ScalingConfig>| pb::TriggerScalingRequest {
+        instance_id: String::new(),
+        module_type: ModuleType::Alb as i32,
+        scaling_action: "autoscale".into(),
+        target_instances: 0,
+        config,
+    };
+    let resp = t
+        .client
+        .clone()
+        .trigger_scaling(ask(Some(pb::ScalingConfig {
+            min_instances: 2,
+            max_instances: 6,
+            target_connections: 300,
+            target_cpu_percent: 70,
+            cooldown_seconds: 45,
+            auto_scaling_enabled: true,
+            ..Default::default()
+        })))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(resp.success, "{resp:?}");
+    assert!(
+        resp.message.contains("policy of alb set: 2 to 6"),
+        "{}",
+        resp.message
+    );
+    let policy = t.nlb.config.current().autoscaling.modules["alb"].clone();
+    assert!(policy.enabled);
+    assert_eq!((policy.min_instances, policy.max_instances), (2, 6));
+    assert_eq!(
+        (policy.target_connections, policy.target_cpu_percent),
+        (300, 70)
+    );
+    assert_eq!(
+        (
+            policy.scale_up_cooldown_seconds,
+            policy.scale_down_cooldown_seconds
+        ),
+        (45, 45)
+    );
+
+    // Disabled keeps it, stopped.
+    let resp = t
+        .client
+        .clone()
+        .trigger_scaling(ask(Some(pb::ScalingConfig {
+            min_instances: 2,
+            max_instances: 6,
+            target_connections: 300,
+            auto_scaling_enabled: false,
+            ..Default::default()
+        })))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(resp.message.contains("disabled"), "{}", resp.message);
+    assert!(!t.nlb.config.current().autoscaling.modules["alb"].enabled);
+
+    // A policy that does not validate is refused, naming the key; no config
+    // at all too.
+    let r = t
+        .client
+        .clone()
+        .trigger_scaling(ask(Some(pb::ScalingConfig {
+            min_instances: 8,
+            max_instances: 3,
+            target_connections: 10,
+            ..Default::default()
+        })))
+        .await;
+    assert_status(
+        r,
+        Code::InvalidArgument,
+        &[
+            "autoscaling.modules.alb.min_instances",
+            "above max_instances 3",
+        ],
+    );
+    let r = t.client.clone().trigger_scaling(ask(None)).await;
+    assert_status(r, Code::InvalidArgument, &["config", "ScalingConfig"]);
+}

@@ -135,6 +135,84 @@ impl ControlService {
         })
     }
 
+    /// `TriggerScaling` with `scaling_action: autoscale`: the request's
+    /// `ScalingConfig` becomes the autoscaling policy of the module type
+    /// (`autoscaling.modules.<type>`, through the API layer, persisted like
+    /// `UpdateNLBConfig`). `auto_scaling_enabled: false` keeps the policy but
+    /// stops it.
+    fn set_autoscaling(
+        &self,
+        module_type: ModuleType,
+        req: &pb::TriggerScalingRequest,
+    ) -> Result<pb::TriggerScalingResponse, Status> {
+        let c = req.config.ok_or_else(|| {
+            Status::invalid_argument("config: autoscale needs a ScalingConfig (the policy)")
+        })?;
+        let key = module_type.short_name().to_string();
+        let change = self.nlb.config.modify_section("autoscaling", false, |now| {
+            let mut a = now.autoscaling.clone();
+            let defaults = crate::config::TypeScaling::default();
+            let seconds = |s: i32, d: u64| if s > 0 { s as u64 } else { d };
+            let policy = crate::config::TypeScaling {
+                enabled: c.auto_scaling_enabled,
+                min_instances: c.min_instances.max(0) as u32,
+                max_instances: if c.max_instances > 0 {
+                    c.max_instances as u32
+                } else {
+                    defaults.max_instances
+                },
+                target_connections: c.target_connections.max(0) as u32,
+                target_cpu_percent: c.target_cpu_percent.max(0) as u32,
+                scale_up_cooldown_seconds: seconds(
+                    c.cooldown_seconds,
+                    defaults.scale_up_cooldown_seconds,
+                ),
+                scale_down_cooldown_seconds: seconds(
+                    c.cooldown_seconds,
+                    defaults.scale_down_cooldown_seconds,
+                ),
+                ..a.modules.get(&key).cloned().unwrap_or(defaults)
+            };
+            a.modules.insert(key.clone(), policy);
+            serde_yaml_ng::to_value(&a).map_err(|e| {
+                crate::config::UpdateError::Invalid(vec![crate::config::ConfigError::new(
+                    "autoscaling",
+                    e.to_string(),
+                )])
+            })
+        });
+        match change {
+            Ok(_) => {
+                self.nlb.apply_config();
+                Ok(pb::TriggerScalingResponse {
+                    success: true,
+                    message: format!(
+                        "autoscaling policy of {key} set: {} to {} instances, {} connections and {}% CPU per instance ({})",
+                        c.min_instances.max(0),
+                        if c.max_instances > 0 { c.max_instances } else { 10 },
+                        c.target_connections,
+                        c.target_cpu_percent,
+                        if c.auto_scaling_enabled { "enabled" } else { "disabled" }
+                    ),
+                    current_instances: self.nlb.module_addresses(module_type).len() as i32,
+                    target_instances: 0,
+                    scaling_action: "autoscale".into(),
+                    error: None,
+                })
+            }
+            Err(crate::config::UpdateError::Invalid(errors)) => Err(Status::invalid_argument(
+                errors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )),
+            Err(crate::config::UpdateError::Persist(e)) => {
+                Err(Status::unavailable(format!("section autoscaling: {e}")))
+            }
+        }
+    }
+
     pub(super) async fn trigger_scaling(
         &self,
         req: pb::TriggerScalingRequest,
@@ -170,6 +248,9 @@ impl ControlService {
         } else {
             requested_type
         };
+        if req.scaling_action.trim() == "autoscale" {
+            return self.set_autoscaling(module_type, &req);
+        }
         let instances = self.nlb.module_addresses(module_type);
         let current = instances.len() as i32;
         let target = match req.scaling_action.trim() {
@@ -184,7 +265,7 @@ impl ControlService {
             }
             other => {
                 return Err(Status::invalid_argument(format!(
-                    "scaling_action: {other:?} is not an action (scale_up, scale_down, scale_to)"
+                    "scaling_action: {other:?} is not an action (scale_up, scale_down, scale_to, autoscale)"
                 )))
             }
         };
