@@ -25,7 +25,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 PROTO_DIR = REPO / "proto"
-PROTO_FILES = ["marchproxy/types.proto", "marchproxy/nlb.proto", "marchproxy/module.proto"]
+PROTO_FILES = [
+    "marchproxy/types.proto",
+    "marchproxy/rollout.proto",
+    "marchproxy/nlb.proto",
+    "marchproxy/module.proto",
+]
 
 START_DEADLINE_S = 60.0
 EXIT_DEADLINE_S = 30.0

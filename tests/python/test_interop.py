@@ -89,9 +89,11 @@ def test_python_grpcio_client_interoperates(
     pool = descriptor_pool.DescriptorPool(db)
     methods = {m.name for m in pool.FindServiceByName(NLB_SERVICE).methods}
     assert {"RegisterModule", "Heartbeat", "ListModules", "GetModuleInfo"} <= methods
-    # The 20 reference RPCs, plus Switchyard's additive extension.
-    assert len(methods) == 21, sorted(methods)
+    # The 20 reference RPCs, plus Switchyard's additive extensions:
+    # HeartbeatStream and the eight rollout RPCs (rollout.proto).
+    assert len(methods) == 29, sorted(methods)
     assert "HeartbeatStream" in methods, sorted(methods)
+    assert {"StartRollout", "WatchRollout", "RollbackRollout"} <= methods, sorted(methods)
     # ... and v1.
     v1 = reflection_v1_services(channel)
     assert {NLB_SERVICE, HEALTH_SERVICE} <= v1, v1
