@@ -27,7 +27,9 @@ pids=()
 for f in "$run"/*.pid; do
     [ -e "$f" ] || continue
     pid="$(cat "$f")"
-    if kill -0 "$pid" 2>/dev/null; then
+    # Only our own processes: a pid file left from before a reboot may name
+    # someone else's process now.
+    if kill -0 "$pid" 2>/dev/null && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$(dirname "$run")"; then
         kill -TERM "$pid" 2>/dev/null || true
         pids+=("$pid")
     fi

@@ -30,7 +30,7 @@ compose_cmd() {
 # Waits until every container of a compose project reports healthy.
 # compose_wait_healthy PROJECT TIMEOUT_SECONDS
 compose_wait_healthy() {
-    local project="$1" deadline=$((SECONDS + $2)) ids states
+    local project="$1" deadline=$((SECONDS + $2)) ids states=""
     while :; do
         ids="$(docker ps -aq --filter "label=com.docker.compose.project=$project")"
         if [ -n "$ids" ]; then

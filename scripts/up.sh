@@ -113,6 +113,9 @@ else
     NLB_STATE_FILE="$run/nlb.state.json" start nlb "$bin/nlb" --config deploy/local/nlb.yaml
     MODULE_CONFIG=deploy/local/alb.yaml start alb "$bin/alb"
     MODULE_CONFIG=deploy/local/echo.yaml start echo "$bin/echo-module"
+    # The local stack's ports are those of deploy/local (the SWITCHYARD_*
+    # ports move the compose stack's published ports only).
+    http_port=8080 echo_port=7000 grpc_port=50051 admin_port=9090
     echo "== waiting for every process to be ready (logs: $run)"
     wait_http http://127.0.0.1:8000/healthz 30 "the demo origin"
     wait_http http://127.0.0.1:9090/readyz 30 "the NLB"

@@ -80,6 +80,8 @@ def unusable():
         return "no Docker daemon answers: " + (p.stderr.strip().splitlines() or ["?"])[-1]
     if compose_cmd() is None:
         return "neither 'docker compose' nor 'docker-compose' is installed"
+    if not os.path.exists("/var/run/docker.sock"):
+        return "no /var/run/docker.sock (rootless Docker or DOCKER_HOST): the autoscaling scenario mounts it"
     return None
 
 
@@ -398,12 +400,12 @@ def main():
     stack.down()  # leftovers of an interrupted run
     try:
         scenario(stack)
-    except (Failed, subprocess.TimeoutExpired) as e:
+    except Exception as e:  # any failure, not only ours: never leave it running
         log("FAILED; the stack's state and logs follow")
         print(run(stack.compose + ["-p", PROJECT, "ps"], check=False, env=stack.env), flush=True)
         print(run(stack.compose + ["-p", PROJECT, "logs", "--tail", "40"], check=False, env=stack.env), flush=True)
         stack.down()
-        print(f"compose e2e: FAILED: {e}", flush=True)
+        print(f"compose e2e: FAILED: {type(e).__name__}: {e}", flush=True)
         return 1
     stack.down()
     left = stack.leftovers()

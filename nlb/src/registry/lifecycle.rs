@@ -275,6 +275,7 @@ impl Registry {
                 Some(old) if renew => {
                     // A restarted instance at the same address starts afresh.
                     old.counters.clear_ejection();
+                    old.counters.restart_warming();
                     (old.registration_id, old.registered_at, old.counters)
                 }
                 Some(old) => {

@@ -195,7 +195,15 @@ impl Controller {
     }
 
     fn apply_weights(&mut self, nlb: &Nlb) {
-        let wanted = nlb.rollouts.weights();
+        let live: HashSet<(ModuleType, String)> = nlb
+            .registry
+            .list()
+            .into_iter()
+            .map(|v| (v.module_type, v.instance.version))
+            .collect();
+        let wanted = nlb
+            .rollouts
+            .weights(&|t, v| live.contains(&(t, v.to_string())));
         for (t, weights) in &wanted {
             nlb.registry.set_rollout_weights(*t, Some(weights.clone()));
             self.weighted.insert(*t);

@@ -152,7 +152,7 @@ impl Rollouts {
     /// Counts events and shows weights in these metrics from now on.
     pub fn set_metrics(&self, events: prometheus::IntCounterVec, weight: prometheus::IntGaugeVec) {
         let _ = self.metrics.set((events, weight));
-        for (t, (weights, _)) in self.weights() {
+        for (t, (weights, _)) in self.weights(&|_, _| true) {
             let canary = weights.first().map_or(0, |(_, w)| *w);
             weight_gauge(&self.metrics, t, canary);
         }
@@ -226,6 +226,14 @@ impl Rollouts {
                 "canary_version: no registered {} instance runs version {:?}; start its instances first (running: {})",
                 spec.module_type,
                 spec.canary,
+                list_or_none(versions)
+            )));
+        }
+        if !versions.contains(&spec.baseline) {
+            return Err(RolloutError::Precondition(format!(
+                "baseline_version: no registered {} instance runs version {:?}; the rollout would send everything to the canary (running: {})",
+                spec.module_type,
+                spec.baseline,
                 list_or_none(versions)
             )));
         }
@@ -447,18 +455,26 @@ impl Rollouts {
     }
 
     /// The weights each module type's latest rollout imposes, with its
-    /// stickiness: running or paused, its step's; ended, its outcome's.
-    pub fn weights(&self) -> BTreeMap<ModuleType, (Vec<(String, u32)>, bool)> {
+    /// stickiness: running or paused, its step's. Ended, its outcome's only
+    /// while the version it moved away from still has registered instances
+    /// (`registered(type, version)`): the baseline's after a success, the
+    /// canary's after a rollback. Once those are gone the type's traffic goes
+    /// by `traffic_weights` again, so a later version deployed without a
+    /// rollout is not shut out.
+    pub fn weights(
+        &self,
+        registered: &dyn Fn(ModuleType, &str) -> bool,
+    ) -> BTreeMap<ModuleType, (Vec<(String, u32)>, bool)> {
         let records = self.records.lock();
-        let mut latest: BTreeMap<ModuleType, &Record> = BTreeMap::new();
-        for r in records.values() {
-            let t = r.spec.module_type();
-            if latest.get(&t).is_none_or(|l| r.started_ms >= l.started_ms) {
-                latest.insert(t, r);
-            }
-        }
-        latest
+        latest_per_type(&records)
             .into_iter()
+            .filter(|(t, r)| match r.state {
+                State::Running | State::Paused => true,
+                State::Succeeded if r.weight >= 100 => registered(*t, &r.spec.baseline),
+                // A blue/green split keeps both versions.
+                State::Succeeded => true,
+                State::RolledBack => registered(*t, &r.spec.canary),
+            })
             .map(|(t, r)| (t, (r.weights(), r.spec.sticky)))
             .collect()
     }
@@ -603,11 +619,28 @@ pub(crate) fn next_step(r: &mut Record, now: u64, events: &mut Vec<(String, mode
     events.push((r.id.clone(), r.push(now, EventKind::StepStarted, msg)));
 }
 
-/// Keeps every active rollout and the newest finished ones.
+/// Each module type's latest rollout.
+fn latest_per_type(records: &BTreeMap<String, Record>) -> BTreeMap<ModuleType, &Record> {
+    let mut latest: BTreeMap<ModuleType, &Record> = BTreeMap::new();
+    for r in records.values() {
+        let t = r.spec.module_type();
+        if latest.get(&t).is_none_or(|l| r.started_ms >= l.started_ms) {
+            latest.insert(t, r);
+        }
+    }
+    latest
+}
+
+/// Keeps every active rollout, each type's latest, and the newest finished
+/// ones.
 fn prune(records: &mut BTreeMap<String, Record>) {
+    let keep: std::collections::HashSet<String> = latest_per_type(records)
+        .values()
+        .map(|r| r.id.clone())
+        .collect();
     let mut finished: Vec<(u64, String)> = records
         .values()
-        .filter(|r| !r.state.is_active())
+        .filter(|r| !r.state.is_active() && !keep.contains(&r.id))
         .map(|r| (r.finished_ms.unwrap_or(r.started_ms), r.id.clone()))
         .collect();
     if finished.len() <= KEPT_FINISHED {

@@ -98,7 +98,7 @@ impl Spec {
                         "blue_green.green_weight: {weight} is outside 1-100"
                     ));
                 }
-                if bg.blue_weight != 0 && bg.blue_weight + weight != 100 {
+                if bg.blue_weight != 0 && bg.blue_weight.checked_add(weight) != Some(100) {
                     return Err(format!(
                         "blue_green: blue_weight {} and green_weight {weight} do not sum to 100",
                         bg.blue_weight

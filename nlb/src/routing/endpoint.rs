@@ -67,6 +67,13 @@ impl EndpointCounters {
         c
     }
 
+    /// Starts its slow start again (a restarted instance is cold).
+    pub fn restart_warming(&self) {
+        if self.warm_from_ms.load(Ordering::Relaxed) != 0 {
+            self.warm_from_ms.store(mono_ms(), Ordering::Relaxed);
+        }
+    }
+
     /// The share of its capacity it counts with, `slow_start_ms` into its
     /// life: 10% at first, growing evenly to 100%.
     pub fn warmth(&self, now_ms: u64, slow_start_ms: u64) -> f64 {

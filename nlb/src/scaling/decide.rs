@@ -30,51 +30,50 @@ pub struct Observation {
 /// The count to aim at, and why.
 pub fn recommend(p: &TypeScaling, o: &Observation) -> (u32, String) {
     let n = o.instances;
-    let mut wanted: Option<(u32, String)> = None;
-    let mut notes = Vec::new();
-    let mut consider = |desired: u32, why: String, outside: bool| {
-        if outside && wanted.as_ref().is_none_or(|(d, _)| desired > *d) {
-            wanted = Some((desired, why.clone()));
-        }
-        notes.push(why);
-    };
+    // (ask, why, outside its tolerance) per target in use. A target within
+    // its tolerance asks for the current count, so a met target never lets
+    // another shrink the type below what it needs (which would flap).
+    let mut asks: Vec<(u32, String, bool)> = Vec::new();
     if p.target_connections > 0 {
         let target = f64::from(p.target_connections);
         let per = o.connections / f64::from(n.max(1));
-        let desired = (o.connections / target).ceil() as u32;
         let outside = n == 0 || (per / target - 1.0).abs() > p.tolerance;
-        consider(
-            desired,
+        let desired = (o.connections / target).ceil() as u32;
+        asks.push((
+            if outside { desired } else { n },
             format!(
-                "{:.1} connections per instance against a target of {}",
-                per, p.target_connections
+                "{per:.1} connections per instance against a target of {}",
+                p.target_connections
             ),
             outside,
-        );
+        ));
     }
     if let (true, Some(cpu)) = (p.target_cpu_percent > 0, o.cpu_percent) {
         let target = f64::from(p.target_cpu_percent);
-        let desired = (f64::from(n) * cpu / target).ceil() as u32;
         let outside = (cpu / target - 1.0).abs() > p.tolerance;
-        consider(
-            desired,
+        let desired = (f64::from(n) * cpu / target).ceil() as u32;
+        asks.push((
+            if outside { desired } else { n },
             format!(
                 "CPU {cpu:.0}% against a target of {}%",
                 p.target_cpu_percent
             ),
             outside,
-        );
+        ));
     }
-    let (desired, why) = wanted.unwrap_or_else(|| {
-        (
-            n,
-            if notes.is_empty() {
-                "no metric to judge by".to_string()
-            } else {
-                format!("within tolerance: {}", notes.join("; "))
-            },
-        )
-    });
+    // The largest ask; on a tie, one outside its tolerance names the reason.
+    let best = asks
+        .iter()
+        .max_by_key(|(ask, _, outside)| (*ask, *outside))
+        .cloned();
+    let (desired, why) = match best {
+        None => (n, "no metric to judge by".to_string()),
+        Some((ask, why, true)) => (ask, why),
+        Some((ask, _, false)) => {
+            let all: Vec<&str> = asks.iter().map(|(_, w, _)| w.as_str()).collect();
+            (ask, format!("within tolerance: {}", all.join("; ")))
+        }
+    };
     (desired.clamp(p.min_instances, p.max_instances), why)
 }
 
@@ -210,6 +209,21 @@ mod tests {
         let (n, why) = recommend(&p, &o);
         assert_eq!(n, 4, "{why}");
         assert!(why.contains("CPU 90%"), "{why}");
+        // A met target holds the count against another's lower ask: 400
+        // connections on 4 instances is on target, 10% CPU alone would ask
+        // for 1 (then, on one instance, for 4 again: flapping).
+        let o = Observation {
+            instances: 4,
+            connections: 400.0,
+            cpu_percent: Some(10.0),
+        };
+        let p = TypeScaling {
+            target_cpu_percent: 50,
+            ..policy()
+        };
+        let (n, why) = recommend(&p, &o);
+        assert_eq!(n, 4, "{why}");
+        assert!(why.starts_with("within tolerance"), "{why}");
     }
 
     #[test]

@@ -587,6 +587,14 @@ pub fn create_body(template: &Value, service: &str, number: u32) -> (Value, Vec<
             body.insert(key.into(), c[key].clone());
         }
     }
+    // A fixed instance id or host name would make every copy the same
+    // instance: copies get their own (their container id).
+    if let Some(env) = body.get_mut("Env").and_then(Value::as_array_mut) {
+        env.retain(|e| {
+            let name = e.as_str().and_then(|s| s.split('=').next()).unwrap_or("");
+            !matches!(name, "MODULE_INSTANCE_ID" | "HOSTNAME")
+        });
+    }
     let mut labels = c["Labels"].as_object().cloned().unwrap_or_default();
     labels.insert(NUMBER_LABEL.into(), number.to_string().into());
     labels.insert(ONEOFF_LABEL.into(), "False".into());
