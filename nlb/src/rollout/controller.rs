@@ -21,6 +21,7 @@ use super::analysis::{judge, Probe, Verdict, Window};
 use super::model::{EventKind, Record, Sample, State};
 use super::{finish, next_step};
 use crate::app::Nlb;
+use crate::registry::InstanceView;
 use crate::routing::EndpointState;
 
 const TICK: Duration = Duration::from_millis(500);
@@ -80,8 +81,10 @@ impl Controller {
         let now = now_ms();
         let records = nlb.rollouts.records();
         self.analyse_and_advance(nlb, &records, now);
-        self.apply_weights(nlb);
-        self.tell_modules(nlb, now).await;
+        // One look at the registry for both.
+        let views = nlb.registry.list();
+        self.apply_weights(nlb, &views);
+        self.tell_modules(nlb, &views, now).await;
         let live: HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
         self.windows.retain(|id, _| live.contains(id.as_str()));
     }
@@ -194,16 +197,12 @@ impl Controller {
         }
     }
 
-    fn apply_weights(&mut self, nlb: &Nlb) {
-        let live: HashSet<(ModuleType, String)> = nlb
-            .registry
-            .list()
-            .into_iter()
-            .map(|v| (v.module_type, v.instance.version))
+    fn apply_weights(&mut self, nlb: &Nlb, views: &[InstanceView]) {
+        let live: HashSet<(ModuleType, &str)> = views
+            .iter()
+            .map(|v| (v.module_type, v.instance.version.as_str()))
             .collect();
-        let wanted = nlb
-            .rollouts
-            .weights(&|t, v| live.contains(&(t, v.to_string())));
+        let wanted = nlb.rollouts.weights(&|t, v| live.contains(&(t, v)));
         for (t, weights) in &wanted {
             nlb.registry.set_rollout_weights(*t, Some(weights.clone()));
             self.weighted.insert(*t);
@@ -222,15 +221,15 @@ impl Controller {
 
     /// Calls every instance of both versions of each type's latest rollout
     /// that has not been told its current state yet.
-    async fn tell_modules(&mut self, nlb: &Arc<Nlb>, now: u64) {
-        let records = nlb.rollouts.records();
-        let mut latest: BTreeMap<ModuleType, &Record> = BTreeMap::new();
-        for r in &records {
-            let t = r.spec.module_type();
-            if latest.get(&t).is_none_or(|l| r.started_ms >= l.started_ms) {
-                latest.insert(t, r);
-            }
-        }
+    async fn tell_modules(&mut self, nlb: &Arc<Nlb>, views: &[InstanceView], now: u64) {
+        // As the analysis just left them.
+        let records: BTreeMap<String, Record> = nlb
+            .rollouts
+            .records()
+            .into_iter()
+            .map(|r| (r.id.clone(), r))
+            .collect();
+        let latest = super::latest_per_type(&records);
         let mut jobs = Vec::new();
         for (t, r) in latest {
             let told = match r.state {
@@ -246,7 +245,7 @@ impl Controller {
             {
                 continue;
             }
-            for v in nlb.registry.list() {
+            for v in views {
                 if v.module_type != t || v.state == EndpointState::Draining {
                     continue;
                 }

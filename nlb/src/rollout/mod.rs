@@ -620,7 +620,7 @@ pub(crate) fn next_step(r: &mut Record, now: u64, events: &mut Vec<(String, mode
 }
 
 /// Each module type's latest rollout.
-fn latest_per_type(records: &BTreeMap<String, Record>) -> BTreeMap<ModuleType, &Record> {
+pub(crate) fn latest_per_type(records: &BTreeMap<String, Record>) -> BTreeMap<ModuleType, &Record> {
     let mut latest: BTreeMap<ModuleType, &Record> = BTreeMap::new();
     for r in records.values() {
         let t = r.spec.module_type();
