@@ -186,14 +186,31 @@ impl Rollouts {
             &mut Vec<(String, model::Event)>,
         ) -> Result<T, RolloutError>,
     ) -> Result<T, RolloutError> {
+        self.change_keeping(false, f)
+    }
+
+    /// [`Rollouts::change`]; with `keep`, a change whose write fails stays
+    /// in force (the controller's: a rollback must not wait for the disk)
+    /// and is written with the next change.
+    fn change_keeping<T>(
+        &self,
+        keep: bool,
+        f: impl FnOnce(
+            &mut BTreeMap<String, Record>,
+            &mut Vec<(String, model::Event)>,
+        ) -> Result<T, RolloutError>,
+    ) -> Result<T, RolloutError> {
         let mut records = self.records.lock();
         let before = records.clone();
         let mut events = Vec::new();
         let out = f(&mut records, &mut events)?;
         prune(&mut records);
         if let Err(e) = self.save(&records) {
-            *records = before;
-            return Err(e);
+            if !keep {
+                *records = before;
+                return Err(e);
+            }
+            tracing::error!(error = %e, "rollout progress applied but not saved; it is written with the next change");
         }
         let types: BTreeMap<String, (ModuleType, u32)> = records
             .values()
@@ -485,10 +502,8 @@ impl Rollouts {
         &self,
         f: impl FnOnce(&mut BTreeMap<String, Record>, &mut Vec<(String, model::Event)>) -> bool,
     ) {
-        let result = self.change(|records, events| Ok(f(records, events)));
-        if let Err(e) = result {
-            tracing::error!(error = %e, "rollout progress not saved; retrying at the next tick");
-        }
+        // Only a write can fail, and the change stays in force then.
+        let _ = self.change_keeping(true, |records, events| Ok(f(records, events)));
     }
 
     /// A snapshot of the records (for the controller's reads).
@@ -650,5 +665,73 @@ fn prune(records: &mut BTreeMap<String, Record>) {
     let drop = finished.len() - KEPT_FINISHED;
     for (_, id) in finished.into_iter().take(drop) {
         records.remove(&id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> pb::StartRolloutRequest {
+        pb::StartRolloutRequest {
+            module_type: ModuleType::Alb as i32,
+            baseline_version: "v1".into(),
+            canary_version: "v2".into(),
+            rollout_id: "r".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_failed_write_refuses_an_api_change_but_never_holds_back_the_controller() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nlb.state.rollouts.json");
+        let rollouts = Rollouts::load(path.clone()).unwrap();
+        let versions = ["v1".to_string(), "v2".to_string()];
+        rollouts.start(&request(), &versions).unwrap();
+        assert!(path.is_file(), "started and written");
+
+        // The directory goes away (a full or broken disk): writes fail.
+        std::fs::remove_dir_all(dir.path()).unwrap();
+        std::fs::write(dir.path(), b"not a directory").unwrap();
+        let err = rollouts.pause("r", "lunch").unwrap_err();
+        assert!(
+            matches!(err, RolloutError::Storage(ref m) if m.contains("rollouts file")),
+            "{err:?}"
+        );
+        assert_eq!(
+            rollouts.get("r").unwrap().state,
+            pb::RolloutState::Running as i32
+        );
+
+        // The controller's rollback applies anyway.
+        rollouts.advance(|records, events| {
+            let r = records.get_mut("r").unwrap();
+            finish(
+                r,
+                1,
+                State::RolledBack,
+                "analysis failed: test".into(),
+                events,
+            );
+            true
+        });
+        let r = rollouts.get("r").unwrap();
+        assert_eq!(r.state, pb::RolloutState::RolledBack as i32);
+        assert_eq!(r.canary_weight, 0);
+        let _ = std::fs::remove_file(dir.path());
+    }
+
+    #[test]
+    fn a_corrupt_rollouts_file_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.rollouts.json");
+        std::fs::write(&path, b"{not json").unwrap();
+        let err = Rollouts::load(path.clone()).err().unwrap();
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert_eq!(
+            path_beside(Path::new("/var/lib/switchyard/nlb.state.json")),
+            Path::new("/var/lib/switchyard/nlb.state.rollouts.json")
+        );
     }
 }
