@@ -103,7 +103,7 @@ else
         setsid "$@" >"$run/$name.log" 2>&1 </dev/null &
         echo $! >"$run/$name.pid"
     }
-    for port in 50051 9090 8080 7000 8000 18080 17001 50061 50062 9101 9102; do
+    for port in 50051 9090 8080 7000 8000 18080 17001 18061 17062 9101 9102; do
         if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
             echo "up.sh: 127.0.0.1:$port is in use (the Docker stack? scripts/down.sh stops it)" >&2
             exit 1
