@@ -329,92 +329,85 @@ struct Job {
 
 impl Job {
     async fn run(&self, nlb: &Nlb) -> Result<(), String> {
-        let m = &nlb.modules;
-        let id = self.instance.as_str();
-        let call_failed = |what: &str, e: tonic::Status| {
-            format!("{what} on {id} at {}: {}", self.address, e.message())
-        };
-        let refused = |what: &str, message: &str| format!("{what} on {id}: refused: {message}");
         if self.prepare {
-            let req = m.changing(
-                pb::PromoteVersionRequest {
-                    instance_id: id.to_string(),
-                    version: self.baseline.clone(),
-                    immediate: true,
-                    promotion_rate: 0,
-                },
-                CALL_DEADLINE,
-            );
-            let r = m
-                .call(id, &self.address, CALL_DEADLINE, |mut c| async move {
-                    c.promote_version(req).await
-                })
-                .await
-                .map_err(|e| call_failed("PromoteVersion (baseline active)", e))?;
-            if !r.success {
-                return Err(refused("PromoteVersion (baseline active)", &r.message));
-            }
+            self.promote(nlb, &self.baseline, "PromoteVersion (baseline active)")
+                .await?;
         }
         match self.told {
             Told::Weight(w) => {
-                let req = m.changing(
+                let req = nlb.modules.changing(
                     pb::SetTrafficWeightRequest {
-                        instance_id: id.to_string(),
+                        instance_id: self.instance.clone(),
                         version: self.canary.clone(),
                         weight: w as i32,
                     },
                     CALL_DEADLINE,
                 );
-                let r = m
-                    .call(id, &self.address, CALL_DEADLINE, |mut c| async move {
-                        c.set_traffic_weight(req).await
-                    })
+                let r = self
+                    .call(nlb, |mut c| async move { c.set_traffic_weight(req).await })
                     .await
-                    .map_err(|e| call_failed("SetTrafficWeight", e))?;
-                if !r.success {
-                    return Err(refused("SetTrafficWeight", &r.message));
-                }
+                    .map(|r| (r.success, r.message));
+                self.outcome("SetTrafficWeight", r)
             }
-            Told::Promoted => {
-                let req = m.changing(
-                    pb::PromoteVersionRequest {
-                        instance_id: id.to_string(),
-                        version: self.canary.clone(),
-                        immediate: true,
-                        promotion_rate: 0,
-                    },
-                    CALL_DEADLINE,
-                );
-                let r = m
-                    .call(id, &self.address, CALL_DEADLINE, |mut c| async move {
-                        c.promote_version(req).await
-                    })
-                    .await
-                    .map_err(|e| call_failed("PromoteVersion", e))?;
-                if !r.success {
-                    return Err(refused("PromoteVersion", &r.message));
-                }
-            }
+            Told::Promoted => self.promote(nlb, &self.canary, "PromoteVersion").await,
             Told::RolledBack => {
-                let req = m.changing(
+                let req = nlb.modules.changing(
                     pb::RollbackRequest {
-                        instance_id: id.to_string(),
+                        instance_id: self.instance.clone(),
                         target_version: self.baseline.clone(),
                     },
                     CALL_DEADLINE,
                 );
-                let r = m
-                    .call(id, &self.address, CALL_DEADLINE, |mut c| async move {
-                        c.rollback(req).await
-                    })
+                let r = self
+                    .call(nlb, |mut c| async move { c.rollback(req).await })
                     .await
-                    .map_err(|e| call_failed("Rollback", e))?;
-                if !r.success {
-                    return Err(refused("Rollback", &r.message));
-                }
+                    .map(|r| (r.success, r.message));
+                self.outcome("Rollback", r)
             }
         }
-        Ok(())
+    }
+
+    /// `PromoteVersion(version, immediate)` on this instance.
+    async fn promote(&self, nlb: &Nlb, version: &str, what: &str) -> Result<(), String> {
+        let req = nlb.modules.changing(
+            pb::PromoteVersionRequest {
+                instance_id: self.instance.clone(),
+                version: version.to_string(),
+                immediate: true,
+                promotion_rate: 0,
+            },
+            CALL_DEADLINE,
+        );
+        let r = self
+            .call(nlb, |mut c| async move { c.promote_version(req).await })
+            .await
+            .map(|r| (r.success, r.message));
+        self.outcome(what, r)
+    }
+
+    /// One call to this instance's ModuleService, under the deadline.
+    async fn call<T, F, Fut>(&self, nlb: &Nlb, f: F) -> Result<T, tonic::Status>
+    where
+        F: FnOnce(crate::control::module_client::ModuleClient) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        nlb.modules
+            .call(&self.instance, &self.address, CALL_DEADLINE, f)
+            .await
+    }
+
+    /// A call's `(success, message)`, or its failure, as the event says it.
+    fn outcome(&self, what: &str, r: Result<(bool, String), tonic::Status>) -> Result<(), String> {
+        match r {
+            Ok((true, _)) => Ok(()),
+            Ok((false, message)) => Err(format!("{what} on {}: refused: {message}", self.instance)),
+            Err(e) => Err(format!(
+                "{what} on {} at {}: {}",
+                self.instance,
+                self.address,
+                e.message()
+            )),
+        }
     }
 }
 
