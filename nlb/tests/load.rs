@@ -617,6 +617,36 @@ async fn trigger_scaling_autoscale_sets_the_types_policy_from_its_scaling_config
     assert!(resp.message.contains("disabled"), "{}", resp.message);
     assert!(!t.nlb.config.current().autoscaling.modules["alb"].enabled);
 
+    // On, then off with nothing else set: the settings stay.
+    for enabled in [true, false] {
+        let config = if enabled {
+            pb::ScalingConfig {
+                min_instances: 2,
+                max_instances: 6,
+                target_connections: 300,
+                auto_scaling_enabled: true,
+                ..Default::default()
+            }
+        } else {
+            pb::ScalingConfig::default()
+        };
+        t.client
+            .clone()
+            .trigger_scaling(ask(Some(config)))
+            .await
+            .unwrap();
+        let p = t.nlb.config.current().autoscaling.modules["alb"].clone();
+        assert_eq!(
+            (
+                p.enabled,
+                p.min_instances,
+                p.max_instances,
+                p.target_connections
+            ),
+            (enabled, 2, 6, 300)
+        );
+    }
+
     // A policy that does not validate is refused, naming the key; no config
     // at all too.
     let r = t

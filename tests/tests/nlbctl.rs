@@ -785,6 +785,68 @@ async fn metrics_load_rebalance_and_scale() {
     ctl(at, "scale alb --instance nope --up")
         .await
         .expect_code(5);
+
+    // Autoscale: the type's policy set and on, then off with its settings
+    // kept; usage errors before any call.
+    let run = ctl(
+        at,
+        "scale alb --autoscale --min 2 --max 5 --target-connections 40 --cooldown 20",
+    )
+    .await;
+    run.expect_code(0);
+    assert_eq!(value_of(&run.stdout, "action"), "autoscale");
+    assert_eq!(
+        value_of(&run.stdout, "message"),
+        "autoscaling policy of alb set: 2 to 5 instances, 40 connections and 0% CPU per \
+         instance, cooldowns 20 s up and 20 s down (enabled)"
+    );
+    let policy = |stdout: &str| {
+        let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(stdout).expect("YAML");
+        let p = &v["modules"]["alb"];
+        (
+            p["enabled"].as_bool(),
+            p["min_instances"].as_u64(),
+            p["max_instances"].as_u64(),
+            p["target_connections"].as_u64(),
+            p["scale_down_cooldown_seconds"].as_u64(),
+        )
+    };
+    let run = ctl(at, "config show autoscaling").await;
+    run.expect_code(0);
+    assert_eq!(
+        policy(&run.stdout),
+        (Some(true), Some(2), Some(5), Some(40), Some(20)),
+        "{}",
+        run.stdout
+    );
+    let j = ctl_json(at, "scale alb --no-autoscale", 0).await;
+    assert_eq!(j["scaling_action"], "autoscale");
+    let run = ctl(at, "config show autoscaling").await;
+    assert_eq!(
+        policy(&run.stdout),
+        (Some(false), Some(2), Some(5), Some(40), Some(20)),
+        "{}",
+        run.stdout
+    );
+    // A policy needs a target, and --min at most --max; its flags need
+    // --autoscale.
+    let run = ctl(at, "scale alb --up --max 3").await;
+    run.expect_code(2);
+    assert!(run.stderr.contains("go with --autoscale"), "{}", run.stderr);
+    let run = ctl(at, "scale alb --autoscale --max 3").await;
+    run.expect_code(2);
+    assert!(
+        run.stderr.contains("--target-connections"),
+        "{}",
+        run.stderr
+    );
+    let run = ctl(at, "scale alb --autoscale --min 4 --max 3 --target-cpu 60").await;
+    run.expect_code(2);
+    assert!(
+        run.stderr.contains("--min 4 is over --max 3"),
+        "{}",
+        run.stderr
+    );
 }
 
 fn parse_update(line: &str) -> Value {

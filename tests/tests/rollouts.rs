@@ -372,6 +372,86 @@ async fn a_canary_that_closes_connections_is_rolled_back_and_the_baseline_takes_
     }
 }
 
+/// A canary whose connections all go well but whose own `ReportMetrics`
+/// say half its requests failed (its heartbeats carry no stats): the
+/// analysis reads the reports and rolls it back on them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_canary_whose_reported_metrics_show_failures_is_rolled_back() {
+    let sb = Sandbox::new();
+    let nlb = nlb_with_web(&sb, "tcp").await;
+    let to = nlb.listeners.addr("web");
+    let _baseline = echoes(&sb, &nlb, &[("v1-a", "1.0")]).await;
+    let canary = register(
+        &nlb,
+        ModuleSpec::new(
+            "v2",
+            ModuleType::Alb,
+            vec![route("web", Protocol::Tcp, nlb.listeners.port("web"), "")],
+        )
+        .version("2.0"),
+    )
+    .await;
+    // Its reports: 100 more requests every 200 ms, half of them failed,
+    // under the names a module reports its `ModuleStats` by.
+    let mut client = nlb.client().await;
+    let id = canary.id.clone();
+    let reporter = tokio::spawn(async move {
+        for round in 1..=1_500u32 {
+            let point = |name: &str, value: f64| pb::MetricDataPoint {
+                name: name.into(),
+                value,
+                ..Default::default()
+            };
+            let total = f64::from(round * 100);
+            let r = client
+                .report_metrics(pb::ReportMetricsRequest {
+                    instance_id: id.clone(),
+                    metrics: Some(pb::ModuleMetrics {
+                        instance_id: id.clone(),
+                        metrics: vec![
+                            point("total_requests", total),
+                            point("failed_requests", total / 2.0),
+                            point("p99_latency_ms", 12.0),
+                        ],
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .await;
+            assert!(r.is_ok(), "ReportMetrics: {r:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+
+    let load = start_load(4, 0, Duration::from_millis(10), move |src| probe(src, to));
+    ro::start(
+        &nlb,
+        ro::canary(
+            "reported",
+            "1.0",
+            "2.0",
+            &[(20, LONG), (50, LONG)],
+            ro::analysis(1, 10, 0.2),
+            false,
+        ),
+    )
+    .await;
+    let r = wait_state(&nlb, "reported", RolloutState::RolledBack).await;
+    reporter.abort();
+    let outcomes = load.stop().await;
+    eprintln!("{}", describe(&r));
+    let failed = assert_rolled_back_by_analysis(&r, &["error rate", "over the maximum 20.0%"]);
+    let c = failed.canary.unwrap();
+    assert!(
+        c.failures >= 10 && c.error_rate > 0.2,
+        "the failures came from the reports: {c:?}"
+    );
+    // No client saw a failure: only the reports told.
+    let (by, failures) = tally(&outcomes);
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(by.contains_key("v2"), "the canary took connections: {by:?}");
+}
+
 /// An NLB with an `auto` listener `web`, a baseline ALB `alb-1` (1.0) in
 /// front of a healthy origin and a canary ALB `alb-2` (2.0) in front of
 /// `bad`; both route `app.test`. Waits until the baseline answers through

@@ -138,8 +138,9 @@ impl ControlService {
     /// `TriggerScaling` with `scaling_action: autoscale`: the request's
     /// `ScalingConfig` becomes the autoscaling policy of the module type
     /// (`autoscaling.modules.<type>`, through the API layer, persisted like
-    /// `UpdateNLBConfig`). `auto_scaling_enabled: false` keeps the policy but
-    /// stops it.
+    /// `UpdateNLBConfig`). `auto_scaling_enabled: false` with nothing else
+    /// set stops a type's policy and keeps its settings; with settings, it
+    /// sets them, stopped.
     fn set_autoscaling(
         &self,
         module_type: ModuleType,
@@ -149,6 +150,7 @@ impl ControlService {
             Status::invalid_argument("config: autoscale needs a ScalingConfig (the policy)")
         })?;
         let key = module_type.short_name().to_string();
+        let mut stored = None;
         let change = self.nlb.config.modify_section("autoscaling", false, |now| {
             let mut a = now.autoscaling.clone();
             let defaults = crate::config::TypeScaling::default();
@@ -173,6 +175,20 @@ impl ControlService {
                 ),
                 ..a.modules.get(&key).cloned().unwrap_or(defaults)
             };
+            let only_off = !c.auto_scaling_enabled
+                && c.min_instances == 0
+                && c.max_instances == 0
+                && c.target_connections == 0
+                && c.target_cpu_percent == 0
+                && c.cooldown_seconds == 0;
+            let policy = match a.modules.get(&key) {
+                Some(existing) if only_off => crate::config::TypeScaling {
+                    enabled: false,
+                    ..existing.clone()
+                },
+                _ => policy,
+            };
+            stored = Some(policy.clone());
             a.modules.insert(key.clone(), policy);
             serde_yaml_ng::to_value(&a).map_err(|e| {
                 crate::config::UpdateError::Invalid(vec![crate::config::ConfigError::new(
@@ -184,15 +200,18 @@ impl ControlService {
         match change {
             Ok(_) => {
                 self.nlb.apply_config();
+                let p = stored.unwrap_or_default();
                 Ok(pb::TriggerScalingResponse {
                     success: true,
                     message: format!(
-                        "autoscaling policy of {key} set: {} to {} instances, {} connections and {}% CPU per instance ({})",
-                        c.min_instances.max(0),
-                        if c.max_instances > 0 { c.max_instances } else { 10 },
-                        c.target_connections,
-                        c.target_cpu_percent,
-                        if c.auto_scaling_enabled { "enabled" } else { "disabled" }
+                        "autoscaling policy of {key} set: {} to {} instances, {} connections and {}% CPU per instance, cooldowns {} s up and {} s down ({})",
+                        p.min_instances,
+                        p.max_instances,
+                        p.target_connections,
+                        p.target_cpu_percent,
+                        p.scale_up_cooldown_seconds,
+                        p.scale_down_cooldown_seconds,
+                        if p.enabled { "enabled" } else { "disabled" }
                     ),
                     current_instances: self.nlb.module_addresses(module_type).len() as i32,
                     target_instances: 0,

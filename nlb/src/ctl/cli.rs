@@ -286,7 +286,7 @@ pub struct RebalanceArgs {
 }
 
 #[derive(Args, Debug, Clone)]
-#[command(group(ArgGroup::new("action").required(true).args(["up", "down", "to"])))]
+#[command(group(ArgGroup::new("action").required(true).args(["up", "down", "to", "autoscale", "no_autoscale"])))]
 pub struct ScaleArgs {
     /// Module type to scale (alb, dblb, ailb, rtmp, nlb).
     #[arg(value_name = "TYPE", value_parser = parse_module_type)]
@@ -300,6 +300,33 @@ pub struct ScaleArgs {
     /// Exactly N instances (scale_to).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(0..))]
     pub to: Option<i32>,
+    /// Set the type's autoscaling policy and turn it on (autoscale); give
+    /// --max and a target.
+    #[arg(long, requires = "max", conflicts_with = "instance")]
+    pub autoscale: bool,
+    /// Turn the type's autoscaling policy off, keeping its settings.
+    #[arg(long, conflicts_with_all = ["instance", "min", "max", "target_connections", "target_cpu", "cooldown"])]
+    pub no_autoscale: bool,
+    /// Autoscaling: at least N instances.
+    #[arg(long, value_name = "N",
+          value_parser = clap::value_parser!(i32).range(0..))]
+    pub min: Option<i32>,
+    /// Autoscaling: at most N instances.
+    #[arg(long, value_name = "N",
+          value_parser = clap::value_parser!(i32).range(1..))]
+    pub max: Option<i32>,
+    /// Autoscaling: target connections per instance.
+    #[arg(long, value_name = "N",
+          value_parser = clap::value_parser!(i32).range(1..))]
+    pub target_connections: Option<i32>,
+    /// Autoscaling: target CPU percent per instance.
+    #[arg(long, value_name = "PERCENT",
+          value_parser = clap::value_parser!(i32).range(1..=100))]
+    pub target_cpu: Option<i32>,
+    /// Autoscaling: seconds between scale-ups and between scale-downs.
+    #[arg(long, value_name = "SECONDS",
+          value_parser = clap::value_parser!(i32).range(1..))]
+    pub cooldown: Option<i32>,
     /// The instance that carries out the scaling (default: the NLB picks one of the type).
     #[arg(long, value_name = "ID")]
     pub instance: Option<String>,
@@ -873,6 +900,25 @@ mod tests {
             "an action is required"
         );
         assert!(Cli::try_parse_from(["nlbctl", "scale", "alb", "--up", "--to", "3"]).is_err());
+        assert!(
+            Cli::try_parse_from(["nlbctl", "scale", "alb", "--autoscale"]).is_err(),
+            "a policy needs --max"
+        );
+        assert!(
+            Cli::try_parse_from(["nlbctl", "scale", "alb", "--no-autoscale", "--max", "3"])
+                .is_err()
+        );
+        assert!(Cli::try_parse_from([
+            "nlbctl",
+            "scale",
+            "alb",
+            "--autoscale",
+            "--max",
+            "4",
+            "--target-connections",
+            "100"
+        ])
+        .is_ok());
         assert!(Cli::try_parse_from(["nlbctl", "metrics", "--interval", "5"]).is_err());
         assert!(Cli::try_parse_from(["nlbctl", "metrics", "--watch", "--module", "a"]).is_err());
     }

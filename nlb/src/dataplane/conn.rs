@@ -277,13 +277,15 @@ async fn forward(
     let replayed = pending.len() - header_len;
     if !pending.is_empty() {
         if copy::write_all(&upstream, &pending).await.is_err() {
+            // Accepted, then gone before the first bytes: the instance's.
+            instance_failed(dp, &endpoint, "reset");
             report.outcome = "reset";
             return;
         }
         flow.up.fetch_add(replayed as u64, Ordering::Relaxed);
     }
     drop(pending);
-    let end = copy::both_ways(
+    let ending = copy::both_ways(
         client,
         &upstream,
         settings.buffer_bytes as usize,
@@ -291,11 +293,28 @@ async fn forward(
         flow,
     )
     .await;
-    // Bytes went up and none came back: the instance failed this one.
-    if flow.down.load(Ordering::Relaxed) == 0 && flow.up.load(Ordering::Relaxed) > 0 {
-        endpoint.counters.record_unanswered();
+    // The instance failed this one when it reset the connection, or ended
+    // it without answering a client that had sent bytes and was still
+    // there (a client that gave up first is not the instance's failure).
+    let unanswered = ending.upstream_first
+        && flow.down.load(Ordering::Relaxed) == 0
+        && flow.up.load(Ordering::Relaxed) > 0;
+    if ending.upstream_reset {
+        instance_failed(dp, &endpoint, "reset");
+    } else if unanswered {
+        instance_failed(dp, &endpoint, "unanswered");
     }
-    report.outcome = end.name();
+    report.outcome = ending.end.name();
+}
+
+/// A forwarded connection the instance failed: counted for the rollout
+/// analysis (per instance) and in `nlb_instance_failures_total`.
+fn instance_failed(dp: &Dataplane, endpoint: &Endpoint, kind: &'static str) {
+    endpoint.counters.record_instance_failure();
+    dp.metrics
+        .instance_failures
+        .with_label_values(&[module_label(endpoint), kind])
+        .inc();
 }
 
 /// Whether a connect error is the instance's (refused, unreachable, timed

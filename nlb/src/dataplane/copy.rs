@@ -77,6 +77,18 @@ impl End {
     }
 }
 
+/// How a copy ended, and what the upstream (the instance) did: what a
+/// rollout's analysis counts against it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ending {
+    pub end: End,
+    /// Reading from the upstream failed: it reset the connection.
+    pub upstream_reset: bool,
+    /// The upstream ended its side (closed or reset) while the client's
+    /// was still open: the instance, not the client, ended the exchange.
+    pub upstream_first: bool,
+}
+
 /// How one direction ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Way {
@@ -99,27 +111,32 @@ pub async fn both_ways(
     buffer: usize,
     idle: Duration,
     flow: &Flow,
-) -> End {
+) -> Ending {
     let copy = async {
         let up = one_way(client, upstream, buffer, &flow.up);
         let down = one_way(upstream, client, buffer, &flow.down);
         tokio::pin!(up, down);
         let (mut up_end, mut down_end) = (None, None);
+        let mut upstream_first = false;
         loop {
             tokio::select! {
                 w = &mut up, if up_end.is_none() => up_end = Some(w),
                 w = &mut down, if down_end.is_none() => down_end = Some(w),
             }
-            if up_end == Some(Way::ReadFailed) || down_end == Some(Way::ReadFailed) {
-                return End::Error;
+            if down_end.is_some() && up_end.is_none() {
+                upstream_first = true;
             }
-            if let (Some(u), Some(d)) = (up_end, down_end) {
-                return if u == Way::Done && d == Way::Done {
-                    End::Closed
-                } else {
-                    End::Error
-                };
-            }
+            let end = match (up_end, down_end) {
+                (Some(Way::ReadFailed), _) | (_, Some(Way::ReadFailed)) => End::Error,
+                (Some(Way::Done), Some(Way::Done)) => End::Closed,
+                (Some(_), Some(_)) => End::Error,
+                _ => continue,
+            };
+            return Ending {
+                end,
+                upstream_reset: down_end == Some(Way::ReadFailed),
+                upstream_first,
+            };
         }
     };
     // The watchdog wakes four times per idle period and compares the bytes
@@ -143,8 +160,12 @@ pub async fn both_ways(
         }
     };
     tokio::select! {
-        end = copy => end,
-        () = watchdog => End::Idle,
+        ending = copy => ending,
+        () = watchdog => Ending {
+            end: End::Idle,
+            upstream_reset: false,
+            upstream_first: false,
+        },
     }
 }
 
@@ -231,7 +252,7 @@ mod tests {
         TcpStream,
         TcpStream,
         std::sync::Arc<Flow>,
-        tokio::task::JoinHandle<End>,
+        tokio::task::JoinHandle<Ending>,
     ) {
         let (client_side, client) = pair().await;
         let (upstream_side, origin) = pair().await;
@@ -258,7 +279,7 @@ mod tests {
         let mut answer = Vec::new();
         client.read_to_end(&mut answer).await.unwrap();
         assert_eq!(answer.len(), 100_000);
-        assert_eq!(proxy.await.unwrap(), End::Closed);
+        assert_eq!(proxy.await.unwrap().end, End::Closed);
     }
 
     #[tokio::test]
@@ -286,13 +307,63 @@ mod tests {
         // The rest of the upload was read and dropped; the client closing
         // ends the copy.
         drop(client);
-        assert_eq!(proxy.await.unwrap(), End::Error);
+        assert_eq!(proxy.await.unwrap().end, End::Error);
+    }
+
+    #[tokio::test]
+    async fn who_ended_first_and_an_upstream_reset_are_told_apart() {
+        // The client closes first: the upstream's close follows it.
+        let (mut client, mut origin, _flow, proxy) = proxied(Duration::from_secs(30)).await;
+        client.write_all(b"question").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        origin.read_to_end(&mut got).await.unwrap();
+        drop(origin);
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        let ending = proxy.await.unwrap();
+        assert_eq!(
+            (ending.end, ending.upstream_first, ending.upstream_reset),
+            (End::Closed, false, false)
+        );
+
+        // The upstream closes while the client waits for its answer.
+        let (mut client, mut origin, _flow, proxy) = proxied(Duration::from_secs(30)).await;
+        client.write_all(b"question").await.unwrap();
+        let mut buf = [0u8; 8];
+        origin.read_exact(&mut buf).await.unwrap();
+        drop(origin);
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        drop(client);
+        let ending = proxy.await.unwrap();
+        assert_eq!(
+            (ending.upstream_first, ending.upstream_reset),
+            (true, false)
+        );
+
+        // The upstream resets the connection (SO_LINGER 0).
+        let (mut client, mut origin, _flow, proxy) = proxied(Duration::from_secs(30)).await;
+        client.write_all(b"question").await.unwrap();
+        origin.read_exact(&mut buf).await.unwrap();
+        socket2::SockRef::from(&origin)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(origin);
+        let mut rest = Vec::new();
+        let _ = client.read_to_end(&mut rest).await;
+        drop(client);
+        let ending = proxy.await.unwrap();
+        assert_eq!(
+            (ending.end, ending.upstream_first, ending.upstream_reset),
+            (End::Error, true, true)
+        );
     }
 
     #[tokio::test]
     async fn nothing_moving_for_the_idle_timeout_ends_the_copy() {
         let (_client, _origin, _flow, copy) = proxied(Duration::from_millis(200)).await;
-        assert_eq!(copy.await.unwrap(), End::Idle);
+        assert_eq!(copy.await.unwrap().end, End::Idle);
     }
 
     #[tokio::test]

@@ -23,6 +23,9 @@ pub struct DataplaneMetrics {
     pub connect_failures: IntCounterVec,
     /// `nlb_ejections_total{module}`.
     pub ejections: IntCounterVec,
+    /// `nlb_instance_failures_total{module,kind}`: proxied connections an
+    /// instance failed (`reset`, `unanswered`).
+    pub instance_failures: IntCounterVec,
     /// `nlb_rejected_connections_total{listener,reason}`.
     pub rejected: IntCounterVec,
     /// `nlb_listener_errors_total{listener}`: accept or bind failures.
@@ -76,6 +79,11 @@ impl DataplaneMetrics {
                 "nlb_ejections_total",
                 "Instances and backends ejected after consecutive connect failures.",
                 &["module"],
+            )?,
+            instance_failures: counter(
+                "nlb_instance_failures_total",
+                "Forwarded connections an instance reset or ended without answering, by module type.",
+                &["module", "kind"],
             )?,
             rejected: counter(
                 "nlb_rejected_connections_total",

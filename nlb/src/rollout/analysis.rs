@@ -2,10 +2,12 @@
 //! of its instances, and whether the canary is worse than allowed.
 //!
 //! Per instance the window takes the growth of:
-//! - the requests and failed requests its heartbeats report
-//!   (`ModuleStats.total_requests`, `failed_requests`);
+//! - the requests and failed requests it reports: in its heartbeats
+//!   (`ModuleStats.total_requests`, `failed_requests`) and through
+//!   `ReportMetrics` ([`REPORTED`]), the larger of the two;
 //! - the connections the NLB forwarded to it, and those it failed (connects
-//!   that failed, connections it closed or reset without answering a byte).
+//!   that failed, connections it reset, or closed without answering a
+//!   client that had sent bytes).
 //!
 //! A version's requests are, per instance, the larger of its requests and
 //! its connections (so modules that count no requests are judged by
@@ -14,7 +16,75 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use shared_types::pb::MetricDataPoint;
+
 use super::model::{Analysis, Sample};
+
+/// The `ReportMetrics` names the analysis reads: the SDK's
+/// (`module_requests_total{result="ok"|"failed"}`,
+/// `module_request_latency_ms{quantile="0.99"}`) and, for modules that
+/// report their `ModuleStats` under its field names, `total_requests`,
+/// `failed_requests` and `p99_latency_ms`.
+pub const REPORTED: [&str; 5] = [
+    "module_requests_total",
+    "module_request_latency_ms",
+    "total_requests",
+    "failed_requests",
+    "p99_latency_ms",
+];
+
+/// What an instance's latest `ReportMetrics` points say of its requests.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Reported {
+    pub requests: u64,
+    pub failed_requests: u64,
+    pub p99_latency_ms: f64,
+}
+
+impl Reported {
+    /// Reads the latest point of each series ([`REPORTED`]); points with
+    /// other names, and values that are not counts, are ignored.
+    pub fn from_points(points: &[MetricDataPoint]) -> Self {
+        let count = |v: f64| {
+            if v.is_finite() && v > 0.0 {
+                v as u64
+            } else {
+                0
+            }
+        };
+        let (mut sdk_all, mut sdk_failed) = (0u64, 0u64);
+        let (mut total, mut failed) = (0u64, 0u64);
+        let (mut sdk_p99, mut p99) = (0.0f64, 0.0f64);
+        for p in points {
+            let label = |k: &str| p.labels.get(k).map(String::as_str);
+            match p.name.as_str() {
+                "module_requests_total" => {
+                    sdk_all += count(p.value);
+                    if matches!(label("result"), Some("failed" | "error")) {
+                        sdk_failed += count(p.value);
+                    }
+                }
+                "module_request_latency_ms" if label("quantile") == Some("0.99") => {
+                    sdk_p99 = p.value;
+                }
+                "total_requests" => total = total.max(count(p.value)),
+                "failed_requests" => failed = failed.max(count(p.value)),
+                "p99_latency_ms" => p99 = p.value,
+                _ => {}
+            }
+        }
+        let latency = |v: f64| if v.is_finite() && v > 0.0 { v } else { 0.0 };
+        Reported {
+            requests: sdk_all.max(total),
+            failed_requests: sdk_failed.max(failed),
+            p99_latency_ms: if latency(sdk_p99) > 0.0 {
+                sdk_p99
+            } else {
+                latency(p99)
+            },
+        }
+    }
+}
 
 /// One instance's cumulative counters at one moment.
 #[derive(Debug, Clone, PartialEq)]
@@ -219,6 +289,57 @@ mod tests {
         let s = w.take(vec![p]);
         assert_eq!((s["tcp"].requests, s["tcp"].failures), (50, 50));
         assert!((s["tcp"].error_rate() - 1.0).abs() < 1e-9);
+    }
+
+    fn point(name: &str, labels: &[(&str, &str)], value: f64) -> MetricDataPoint {
+        MetricDataPoint {
+            name: name.into(),
+            value,
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            timestamp: None,
+        }
+    }
+
+    #[test]
+    fn reported_metrics_are_read_by_the_sdk_names_and_the_stats_names() {
+        let sdk = Reported::from_points(&[
+            point("module_requests_total", &[("result", "ok")], 90.0),
+            point("module_requests_total", &[("result", "failed")], 10.0),
+            point("module_request_latency_ms", &[("quantile", "0.5")], 3.0),
+            point("module_request_latency_ms", &[("quantile", "0.99")], 42.0),
+            point("module_connections_total", &[], 7.0),
+        ]);
+        assert_eq!(
+            sdk,
+            Reported {
+                requests: 100,
+                failed_requests: 10,
+                p99_latency_ms: 42.0
+            }
+        );
+        let stats = Reported::from_points(&[
+            point("total_requests", &[], 500.0),
+            point("failed_requests", &[], 25.0),
+            point("p99_latency_ms", &[], 120.0),
+        ]);
+        assert_eq!(
+            stats,
+            Reported {
+                requests: 500,
+                failed_requests: 25,
+                p99_latency_ms: 120.0
+            }
+        );
+        // Nonsense values count as nothing.
+        let bad = Reported::from_points(&[
+            point("total_requests", &[], f64::NAN),
+            point("failed_requests", &[], -3.0),
+            point("p99_latency_ms", &[], f64::INFINITY),
+        ]);
+        assert_eq!(bad, Reported::default());
     }
 
     #[test]

@@ -17,7 +17,7 @@ use shared_types::pb::{self, ModuleType};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::analysis::{judge, Probe, Verdict, Window};
+use super::analysis::{judge, Probe, Reported, Verdict, Window, REPORTED};
 use super::model::{EventKind, Record, Sample, State};
 use super::{finish, next_step};
 use crate::app::Nlb;
@@ -411,10 +411,13 @@ impl Job {
     }
 }
 
-/// The counters of every instance of the rollout's two versions.
+/// The counters of every instance of the rollout's two versions: its
+/// heartbeat stats and its `ReportMetrics` points (the larger of each), and
+/// the NLB's own connection counters.
 fn probes(nlb: &Nlb, r: &Record) -> Vec<Probe> {
     let t = r.spec.module_type();
-    nlb.registry.read(|inner| {
+    let names: Vec<String> = REPORTED.iter().map(|n| n.to_string()).collect();
+    let mut probes: Vec<Probe> = nlb.registry.read(|inner| {
         inner
             .instances
             .values()
@@ -433,5 +436,15 @@ fn probes(nlb: &Nlb, r: &Record) -> Vec<Probe> {
                 }
             })
             .collect()
-    })
+    });
+    // Outside the registry's lock: the series store has its own.
+    for p in &mut probes {
+        let reported = Reported::from_points(&nlb.series.latest(&p.instance_id, &names));
+        p.requests = p.requests.max(reported.requests);
+        p.failed_requests = p.failed_requests.max(reported.failed_requests);
+        if !(p.p99_latency_ms.is_finite() && p.p99_latency_ms > 0.0) {
+            p.p99_latency_ms = reported.p99_latency_ms;
+        }
+    }
+    probes
 }

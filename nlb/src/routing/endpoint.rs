@@ -88,13 +88,13 @@ impl EndpointCounters {
         (0.1 + 0.9 * age as f64 / slow_start_ms as f64).min(1.0)
     }
 
-    /// Records a connection the endpoint closed or reset without answering
-    /// a byte to a client that had sent some.
-    pub fn record_unanswered(&self) {
+    /// Records a proxied connection the endpoint failed: it reset it, or
+    /// closed it without answering a byte to a client that had sent some.
+    pub fn record_instance_failure(&self) {
         self.failed_total.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Connections failed so far: failed connects and unanswered ones.
+    /// Connections failed so far: failed connects, resets, unanswered ones.
     pub fn failed_total(&self) -> u64 {
         self.failed_total.load(Ordering::Relaxed)
     }

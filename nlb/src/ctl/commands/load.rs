@@ -159,14 +159,61 @@ pub(super) async fn scale(ctl: &Ctl, out: &mut Out, a: &ScaleArgs) -> Result<Exi
         (true, _, _) => ("scale_up", 0),
         (_, true, _) => ("scale_down", 0),
         (_, _, Some(n)) => ("scale_to", n),
-        _ => return Err(CtlError::Usage("scale: give --up, --down or --to N".into())),
+        _ if a.autoscale || a.no_autoscale => ("autoscale", 0),
+        _ => {
+            return Err(CtlError::Usage(
+                "scale: give --up, --down, --to N, --autoscale or --no-autoscale".into(),
+            ))
+        }
+    };
+    let policy_flags = a.min.is_some()
+        || a.max.is_some()
+        || a.target_connections.is_some()
+        || a.target_cpu.is_some()
+        || a.cooldown.is_some();
+    if policy_flags && !a.autoscale {
+        return Err(CtlError::Usage(
+            "scale: --min, --max, --target-connections, --target-cpu and --cooldown go with --autoscale"
+                .into(),
+        ));
+    }
+    let config = if a.autoscale {
+        if a.target_connections.is_none() && a.target_cpu.is_none() {
+            return Err(CtlError::Usage(
+                "scale --autoscale: give --target-connections N, --target-cpu PERCENT or both"
+                    .into(),
+            ));
+        }
+        if let (Some(min), Some(max)) = (a.min, a.max) {
+            if min > max {
+                return Err(CtlError::Usage(format!(
+                    "scale --autoscale: --min {min} is over --max {max}"
+                )));
+            }
+        }
+        Some(pb::ScalingConfig {
+            min_instances: a.min.unwrap_or(1),
+            max_instances: a.max.unwrap_or_default(),
+            target_connections: a.target_connections.unwrap_or_default(),
+            target_cpu_percent: a.target_cpu.unwrap_or_default(),
+            cooldown_seconds: a.cooldown.unwrap_or_default(),
+            auto_scaling_enabled: true,
+            ..Default::default()
+        })
+    } else if a.no_autoscale {
+        Some(pb::ScalingConfig {
+            auto_scaling_enabled: false,
+            ..Default::default()
+        })
+    } else {
+        None
     };
     let req = pb::TriggerScalingRequest {
         instance_id: a.instance.clone().unwrap_or_default(),
         module_type: a.module_type as i32,
         scaling_action: action.to_string(),
         target_instances: target,
-        config: None,
+        config,
     };
     let what = format!("scale {}", a.module_type);
     let resp = ctl
