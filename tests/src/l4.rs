@@ -301,6 +301,8 @@ pub struct ModuleSpec {
     pub version: String,
     pub routes: Vec<pb::Route>,
     pub behaviour: Behaviour,
+    /// Its `ModuleService` accepts connections and never answers.
+    pub silent_module_service: bool,
 }
 
 impl ModuleSpec {
@@ -312,7 +314,15 @@ impl ModuleSpec {
             version: "1.0".into(),
             routes,
             behaviour: Behaviour::Echo,
+            silent_module_service: false,
         }
+    }
+
+    /// Its `ModuleService` accepts connections and never answers: every
+    /// call to it runs into the caller's deadline.
+    pub fn silent_module_service(mut self) -> Self {
+        self.silent_module_service = true;
+        self
     }
 
     pub fn version(mut self, v: &str) -> Self {
@@ -355,7 +365,11 @@ impl std::ops::Deref for FakeModule {
 /// routes as `capabilities["protocols"]`, its routes as `initial_routes`).
 pub async fn register(nlb: &NlbProcess, spec: ModuleSpec) -> FakeModule {
     let server = DataServer::start(&spec.id, spec.behaviour).await;
-    let control = crate::control::serve_fake_module().await;
+    let control = if spec.silent_module_service {
+        serve_silence().await
+    } else {
+        crate::control::serve_fake_module().await
+    };
     let mut protocols: Vec<&str> = spec
         .routes
         .iter()
@@ -398,6 +412,22 @@ pub async fn register(nlb: &NlbProcess, spec: ModuleSpec) -> FakeModule {
         server,
         heartbeat,
     }
+}
+
+/// A listener on a loopback port that accepts connections and holds them
+/// without a byte (for as long as the test's runtime runs); its address.
+async fn serve_silence() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("local addr").to_string();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    addr
 }
 
 async fn heartbeats(mut client: NlbServiceClient<Channel>, id: String, registration_id: String) {

@@ -452,6 +452,69 @@ async fn a_canary_whose_reported_metrics_show_failures_is_rolled_back() {
     assert!(by.contains_key("v2"), "the canary took connections: {by:?}");
 }
 
+/// A canary whose `ModuleService` never answers: each call to it waits out
+/// its deadline (5 s), and meanwhile the analysis goes on every window (the
+/// calls run beside the controller's loop, not in it).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_module_that_never_answers_does_not_hold_back_the_analysis() {
+    let sb = Sandbox::new();
+    let nlb = nlb_with_web(&sb, "tcp").await;
+    let to = nlb.listeners.addr("web");
+    let _baseline = echoes(&sb, &nlb, &[("v1-a", "1.0")]).await;
+    let _canary = register(
+        &nlb,
+        ModuleSpec::new(
+            "v2",
+            ModuleType::Alb,
+            vec![route("web", Protocol::Tcp, nlb.listeners.port("web"), "")],
+        )
+        .version("2.0")
+        .silent_module_service(),
+    )
+    .await;
+    let load = start_load(2, 0, Duration::from_millis(20), move |src| probe(src, to));
+    ro::start(
+        &nlb,
+        ro::canary(
+            "silent",
+            "1.0",
+            "2.0",
+            &[(20, LONG), (50, LONG)],
+            ro::analysis(1, 5, 0.5),
+            false,
+        ),
+    )
+    .await;
+    // Until the canary's first call has failed (its deadline passed).
+    let r = wait_rollout(&nlb, "silent", "the canary's failed call", |r| {
+        r.events
+            .iter()
+            .any(|e| kind(e) == Kind::ModuleCallFailed && e.message.contains("on v2"))
+    })
+    .await;
+    load.stop().await;
+    let failed_at = r
+        .events
+        .iter()
+        .position(|e| kind(e) == Kind::ModuleCallFailed && e.message.contains("on v2"))
+        .expect("the failed call");
+    let analyses_before = r.events[..failed_at]
+        .iter()
+        .filter(|e| {
+            matches!(
+                kind(e),
+                Kind::AnalysisPassed | Kind::AnalysisInconclusive | Kind::AnalysisFailed
+            )
+        })
+        .count();
+    assert!(
+        analyses_before >= 2,
+        "windows of 1 s were judged while the 5 s call waited: {analyses_before} before it\n{}",
+        describe(&r)
+    );
+    assert_eq!(r.state, RolloutState::Running as i32, "{}", describe(&r));
+}
+
 /// An NLB with an `auto` listener `web`, a baseline ALB `alb-1` (1.0) in
 /// front of a healthy origin and a canary ALB `alb-2` (2.0) in front of
 /// `bad`; both route `app.test`. Waits until the baseline answers through

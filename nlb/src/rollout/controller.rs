@@ -8,6 +8,9 @@
 //! 4. tells the instances of both versions (`SetTrafficWeight`, and
 //!    `PromoteVersion` / `Rollback` at the end), so their
 //!    `GetActiveVersion` agrees with the NLB.
+//!
+//! Module calls run as tasks beside the loop (one per instance at a time),
+//! so a slow module never holds back the analysis of any rollout.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -15,7 +18,7 @@ use std::time::Duration;
 
 use shared_types::pb::{self, ModuleType};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 
 use super::analysis::{judge, Probe, Reported, Verdict, Window, REPORTED};
 use super::model::{EventKind, Record, Sample, State};
@@ -41,33 +44,76 @@ enum Told {
     RolledBack,
 }
 
+/// One life of an instance: its id and when its process started (as it
+/// registered it; else when it registered). A module restarted under the
+/// same id is a new incarnation and is told again.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Incarnation {
+    id: String,
+    started: (i64, i32),
+}
+
+impl Incarnation {
+    fn of(v: &InstanceView) -> Self {
+        let started = v
+            .instance
+            .started_at
+            .as_ref()
+            .map_or((0, 0), |t| (t.seconds, t.nanos));
+        Incarnation {
+            id: v.instance.instance_id.clone(),
+            started,
+        }
+    }
+}
+
+/// A rollout's analysis window.
+struct Open {
+    window: Window,
+    /// When it last closed (ms).
+    closed_ms: u64,
+    /// The step it belongs to: a step change (the controller's or an
+    /// operator's promote) starts a new window.
+    step: u32,
+}
+
 #[derive(Default)]
 struct Controller {
-    /// Per rollout: its window and when it last closed (ms).
-    windows: HashMap<String, (Window, u64)>,
-    /// Per instance: (rollout id, what it was told).
-    told: HashMap<String, (String, Told)>,
-    /// Per instance: (rollout id, what failed, retry after ms).
-    failed: HashMap<String, (String, Told, u64)>,
-    /// Canary instances whose active version was set to the baseline.
-    prepared: HashSet<(String, String)>,
+    windows: HashMap<String, Open>,
+    /// Per incarnation: (rollout id, what it was told).
+    told: HashMap<Incarnation, (String, Told)>,
+    /// Per incarnation: (rollout id, what failed, retry after ms).
+    failed: HashMap<Incarnation, (String, Told, u64)>,
+    /// Canary incarnations whose active version was set to the baseline,
+    /// per rollout.
+    prepared: HashSet<(String, Incarnation)>,
+    /// Incarnations with a call under way.
+    calling: HashSet<Incarnation>,
     /// Module types whose weights the controller set.
     weighted: HashSet<ModuleType>,
 }
 
-/// Starts the controller; it ends when `stop` turns true.
+/// Starts the controller; it ends when `stop` turns true (calls under way
+/// are dropped with it).
 pub fn spawn(nlb: Arc<Nlb>, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut c = Controller::default();
+        let mut calls: JoinSet<(Job, Result<(), String>)> = JoinSet::new();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = nlb.rollouts.wake.notified() => {}
+                Some(done) = calls.join_next(), if !calls.is_empty() => {
+                    if let Ok((job, result)) = done {
+                        c.called(&nlb, job, result, now_ms());
+                    }
+                    continue;
+                }
                 _ = stop.wait_for(|s| *s) => return,
             }
-            c.step(&nlb).await;
+            c.step(&nlb, &mut calls);
         }
     })
 }
@@ -77,16 +123,22 @@ fn now_ms() -> u64 {
 }
 
 impl Controller {
-    async fn step(&mut self, nlb: &Arc<Nlb>) {
+    fn step(&mut self, nlb: &Arc<Nlb>, calls: &mut JoinSet<(Job, Result<(), String>)>) {
         let now = now_ms();
         let records = nlb.rollouts.records();
         self.analyse_and_advance(nlb, &records, now);
         // One look at the registry for both.
         let views = nlb.registry.list();
         self.apply_weights(nlb, &views);
-        self.tell_modules(nlb, &views, now).await;
+        self.tell_modules(nlb, &views, now, calls);
+        // Forget rollouts and instances that are gone.
         let live: HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
         self.windows.retain(|id, _| live.contains(id.as_str()));
+        let present: HashSet<Incarnation> = views.iter().map(Incarnation::of).collect();
+        self.told.retain(|i, _| present.contains(i));
+        self.failed.retain(|i, _| present.contains(i));
+        self.prepared
+            .retain(|(r, i)| live.contains(r.as_str()) && present.contains(i));
     }
 
     /// Closes due windows and moves rollouts on (one persisted change).
@@ -102,14 +154,29 @@ impl Controller {
             let probes = probes(nlb, r);
             let interval = u64::from(r.spec.analysis.interval_seconds) * 1000;
             match self.windows.get_mut(&r.id) {
-                None => {
-                    let mut w = Window::default();
-                    w.take(probes);
-                    self.windows.insert(r.id.clone(), (w, now));
+                // A new rollout, or a new step: the window starts (unjudged)
+                // from the counters now, so it sees only this step's weight.
+                Some(open) if open.step != r.step => {
+                    open.window = Window::default();
+                    open.window.take(probes);
+                    open.closed_ms = now;
+                    open.step = r.step;
                 }
-                Some((w, last)) if now.saturating_sub(*last) >= interval => {
-                    let samples = w.take(probes);
-                    *last = now;
+                None => {
+                    let mut window = Window::default();
+                    window.take(probes);
+                    self.windows.insert(
+                        r.id.clone(),
+                        Open {
+                            window,
+                            closed_ms: now,
+                            step: r.step,
+                        },
+                    );
+                }
+                Some(open) if now.saturating_sub(open.closed_ms) >= interval => {
+                    let samples = open.window.take(probes);
+                    open.closed_ms = now;
                     let sample = |v: &str| {
                         samples.get(v).cloned().unwrap_or_else(|| Sample {
                             version: v.to_string(),
@@ -130,7 +197,6 @@ impl Controller {
         if verdicts.is_empty() && due_steps.is_empty() {
             return;
         }
-        let mut moved = Vec::new();
         nlb.rollouts.advance(|records, events| {
             for (id, (verdict, canary, baseline)) in verdicts {
                 let Some(r) = records.get_mut(&id).filter(|r| r.state == State::Running) else {
@@ -185,16 +251,10 @@ impl Controller {
                 let hold = u64::from(r.current_step().hold_seconds) * 1000;
                 if r.passes > 0 && now.saturating_sub(r.step_started_ms) >= hold {
                     next_step(r, now, events);
-                    moved.push(id);
                 }
             }
             true
         });
-        for id in moved {
-            // The next step's windows see only its own weight: the next
-            // tick starts a window (unjudged) from the counters then.
-            self.windows.remove(&id);
-        }
     }
 
     fn apply_weights(&mut self, nlb: &Nlb, views: &[InstanceView]) {
@@ -219,9 +279,16 @@ impl Controller {
         }
     }
 
-    /// Calls every instance of both versions of each type's latest rollout
-    /// that has not been told its current state yet.
-    async fn tell_modules(&mut self, nlb: &Arc<Nlb>, views: &[InstanceView], now: u64) {
+    /// Starts a call to every instance of both versions of each type's
+    /// latest rollout that has not been told its current state yet (and has
+    /// no call under way).
+    fn tell_modules(
+        &mut self,
+        nlb: &Arc<Nlb>,
+        views: &[InstanceView],
+        now: u64,
+        calls: &mut JoinSet<(Job, Result<(), String>)>,
+    ) {
         // As the analysis just left them.
         let records: BTreeMap<String, Record> = nlb
             .rollouts
@@ -230,7 +297,6 @@ impl Controller {
             .map(|r| (r.id.clone(), r))
             .collect();
         let latest = super::latest_per_type(&records);
-        let mut jobs = Vec::new();
         for (t, r) in latest {
             let told = match r.state {
                 State::Running | State::Paused => Told::Weight(r.weight),
@@ -253,62 +319,61 @@ impl Controller {
                 if *version != r.spec.baseline && *version != r.spec.canary {
                     continue;
                 }
-                let id = v.instance.instance_id.clone();
-                if self.told.get(&id) == Some(&(r.id.clone(), told.clone())) {
+                let who = Incarnation::of(v);
+                if self.calling.contains(&who)
+                    || self.told.get(&who) == Some(&(r.id.clone(), told.clone()))
+                {
                     continue;
                 }
-                if let Some((rid, what, retry)) = self.failed.get(&id) {
+                if let Some((rid, what, retry)) = self.failed.get(&who) {
                     if *rid == r.id && *what == told && now < *retry {
                         continue;
                     }
                 }
                 let prepare = *version == r.spec.canary
                     && matches!(told, Told::Weight(_))
-                    && !self.prepared.contains(&(r.id.clone(), id.clone()));
-                jobs.push(Job {
+                    && !self.prepared.contains(&(r.id.clone(), who.clone()));
+                let job = Job {
                     rollout: r.id.clone(),
-                    instance: id,
+                    who: who.clone(),
                     address: v.instance.address.clone(),
                     baseline: r.spec.baseline.clone(),
                     canary: r.spec.canary.clone(),
                     told: told.clone(),
                     prepare,
+                };
+                self.calling.insert(who);
+                let nlb = Arc::clone(nlb);
+                calls.spawn(async move {
+                    let result = job.run(&nlb).await;
+                    (job, result)
                 });
             }
         }
-        if jobs.is_empty() {
-            return;
-        }
-        let results = futures::future::join_all(jobs.into_iter().map(|job| {
-            let nlb = Arc::clone(nlb);
-            async move {
-                let result = job.run(&nlb).await;
-                (job, result)
+    }
+
+    /// A call ended: what the instance now knows, or when to try again.
+    fn called(&mut self, nlb: &Nlb, job: Job, result: Result<(), String>, now: u64) {
+        self.calling.remove(&job.who);
+        match result {
+            Ok(()) => {
+                if job.prepare {
+                    self.prepared.insert((job.rollout.clone(), job.who.clone()));
+                }
+                self.failed.remove(&job.who);
+                self.told.insert(job.who, (job.rollout, job.told));
             }
-        }))
-        .await;
-        for (job, result) in results {
-            match result {
-                Ok(()) => {
-                    if job.prepare {
-                        self.prepared
-                            .insert((job.rollout.clone(), job.instance.clone()));
-                    }
-                    self.failed.remove(&job.instance);
-                    self.told.insert(job.instance, (job.rollout, job.told));
+            Err(why) => {
+                let first = self
+                    .failed
+                    .get(&job.who)
+                    .is_none_or(|(rid, what, _)| *rid != job.rollout || *what != job.told);
+                if first {
+                    nlb.rollouts
+                        .note(&job.rollout, EventKind::ModuleCallFailed, why);
                 }
-                Err(why) => {
-                    let first = self
-                        .failed
-                        .get(&job.instance)
-                        .is_none_or(|(rid, what, _)| *rid != job.rollout || *what != job.told);
-                    if first {
-                        nlb.rollouts
-                            .note(&job.rollout, EventKind::ModuleCallFailed, why);
-                    }
-                    self.failed
-                        .insert(job.instance, (job.rollout, job.told, now + RETRY_AFTER_MS));
-                }
+                self.failed
+                    .insert(job.who, (job.rollout, job.told, now + RETRY_AFTER_MS));
             }
         }
     }
@@ -317,7 +382,7 @@ impl Controller {
 /// One instance to tell.
 struct Job {
     rollout: String,
-    instance: String,
+    who: Incarnation,
     address: String,
     baseline: String,
     canary: String,
@@ -337,7 +402,7 @@ impl Job {
             Told::Weight(w) => {
                 let req = nlb.modules.changing(
                     pb::SetTrafficWeightRequest {
-                        instance_id: self.instance.clone(),
+                        instance_id: self.who.id.clone(),
                         version: self.canary.clone(),
                         weight: w as i32,
                     },
@@ -353,7 +418,7 @@ impl Job {
             Told::RolledBack => {
                 let req = nlb.modules.changing(
                     pb::RollbackRequest {
-                        instance_id: self.instance.clone(),
+                        instance_id: self.who.id.clone(),
                         target_version: self.baseline.clone(),
                     },
                     CALL_DEADLINE,
@@ -371,7 +436,7 @@ impl Job {
     async fn promote(&self, nlb: &Nlb, version: &str, what: &str) -> Result<(), String> {
         let req = nlb.modules.changing(
             pb::PromoteVersionRequest {
-                instance_id: self.instance.clone(),
+                instance_id: self.who.id.clone(),
                 version: version.to_string(),
                 immediate: true,
                 promotion_rate: 0,
@@ -392,7 +457,7 @@ impl Job {
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         nlb.modules
-            .call(&self.instance, &self.address, CALL_DEADLINE, f)
+            .call(&self.who.id, &self.address, CALL_DEADLINE, f)
             .await
     }
 
@@ -400,10 +465,10 @@ impl Job {
     fn outcome(&self, what: &str, r: Result<(bool, String), tonic::Status>) -> Result<(), String> {
         match r {
             Ok((true, _)) => Ok(()),
-            Ok((false, message)) => Err(format!("{what} on {}: refused: {message}", self.instance)),
+            Ok((false, message)) => Err(format!("{what} on {}: refused: {message}", self.who.id)),
             Err(e) => Err(format!(
                 "{what} on {} at {}: {}",
-                self.instance,
+                self.who.id,
                 self.address,
                 e.message()
             )),

@@ -73,6 +73,16 @@ pub struct Rollouts {
     metrics: std::sync::OnceLock<(prometheus::IntCounterVec, prometheus::IntGaugeVec)>,
 }
 
+/// Runs `f`, which blocks, without stalling the tasks of the calling
+/// runtime worker (where the runtime allows it).
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// The rollouts file beside a state file: `nlb.state.json` ->
 /// `nlb.state.rollouts.json`.
 pub fn path_beside(state_file: &Path) -> PathBuf {
@@ -169,7 +179,9 @@ impl Rollouts {
         };
         let text = serde_json::to_vec_pretty(&disk)
             .map_err(|e| RolloutError::Storage(format!("rollouts: {e}")))?;
-        crate::config::write_atomically(&self.path, &text).map_err(|e| {
+        // The write waits for the disk (fsync): on a multi-threaded runtime
+        // the worker hands its other tasks on while it does.
+        blocking(|| crate::config::write_atomically(&self.path, &text)).map_err(|e| {
             RolloutError::Storage(format!(
                 "cannot write the rollouts file {}: {e}",
                 self.path.display()
