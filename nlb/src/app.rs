@@ -84,8 +84,9 @@ pub struct Nlb {
     pub rollouts_error: Option<String>,
     /// The autoscaler's latest decisions.
     pub scaling: crate::scaling::ScalingLog,
-    /// A forced rebalance is following up (one at a time).
-    pub rebalancing: AtomicBool,
+    /// The forced rebalance following up, if any (one at a time; a newer
+    /// forced call's arguments replace its own).
+    pub rebalancing: parking_lot::Mutex<Option<crate::registry::ForcedRebalance>>,
 }
 
 impl Nlb {
@@ -113,7 +114,7 @@ impl Nlb {
             rollouts,
             rollouts_error,
             scaling: crate::scaling::ScalingLog::default(),
-            rebalancing: AtomicBool::new(false),
+            rebalancing: parking_lot::Mutex::new(None),
             registry,
             series: SeriesStore::new(
                 c.metrics.retention_points,

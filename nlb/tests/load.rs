@@ -524,15 +524,28 @@ async fn a_forced_rebalance_asks_again_until_every_instance_is_within_its_bound(
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // A second forced call while one follows up does not start another.
+    // A second forced call while one follows up does not start another:
+    // the one running goes on with its arguments.
     let resp = t
         .client
         .clone()
-        .rebalance_load(force)
+        .rebalance_load(pb::RebalanceLoadRequest {
+            target_instances: vec!["alb-1".into(), "alb-2".into()],
+            ..force
+        })
         .await
         .unwrap()
         .into_inner();
-    assert!(resp.message.contains("already running"), "{}", resp.message);
+    assert!(
+        resp.message
+            .contains("already running goes on with these arguments"),
+        "{}",
+        resp.message
+    );
+    assert_eq!(
+        t.nlb.rebalancing.lock().as_ref().map(|j| j.targets.clone()),
+        Some(vec!["alb-1".to_string(), "alb-2".to_string()])
+    );
 
     // It sheds four; their clients come back on alb-2: 6 and 4 is within
     // the bound (target 5, plus 10% and one).
@@ -548,10 +561,7 @@ async fn a_forced_rebalance_asks_again_until_every_instance_is_within_its_bound(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    assert!(
-        !t.nlb.rebalancing.load(std::sync::atomic::Ordering::Relaxed),
-        "the follow-up ended"
-    );
+    assert!(t.nlb.rebalancing.lock().is_none(), "the follow-up ended");
 }
 
 #[tokio::test]

@@ -95,10 +95,10 @@ async fn until<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T 
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn load_scales_a_type_up_and_its_end_scales_it_down() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("nlb.yaml");
+/// An NLB in this process whose autoscaler evaluates every second, with a
+/// policy for `holder`: 1 to 4 instances, 2 connections each.
+async fn nlb_with_policy(dir: &std::path::Path) -> nlb::Running {
+    let file = dir.join("nlb.yaml");
     std::fs::write(
         &file,
         format!(
@@ -110,13 +110,122 @@ async fn load_scales_a_type_up_and_its_end_scales_it_down() {
              \x20     min_instances: 1\n      max_instances: 4\n      target_connections: 2\n\
              \x20     scale_up_cooldown_seconds: 2\n      scale_down_cooldown_seconds: 2\n\
              \x20     window_seconds: 3\n",
-            dir.path().join("state.json").display().to_string()
+            dir.join("state.json").display().to_string()
         ),
     )
     .unwrap();
     let store =
         nlb::config::ConfigStore::load(Some(file), Box::new(|_| None)).expect("config loads");
-    let running = nlb::start(nlb::Nlb::new(store)).await.expect("NLB starts");
+    nlb::start(nlb::Nlb::new(store)).await.expect("NLB starts")
+}
+
+/// Until the NLB has `n` instances, all healthy.
+async fn until_healthy(running: &nlb::Running, n: usize) {
+    until("the modules registered and healthy", 30, || {
+        let views = running.nlb.registry.list();
+        (views.len() == n
+            && views
+                .iter()
+                .all(|v| v.state == nlb::routing::EndpointState::Healthy))
+        .then_some(())
+    })
+    .await;
+}
+
+/// While a rollout of the type runs, the autoscaler recommends but does
+/// not scale (a scale-down could remove the canary); once it ends, it
+/// scales.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_type_with_an_active_rollout_is_not_scaled_until_it_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = nlb_with_policy(dir.path()).await;
+    let nlb_addr = running.grpc_addr.to_string();
+    let recorder = Recorder::default();
+    let mut runners = Vec::new();
+    for (id, version) in [("holder-a", "1.0.0"), ("holder-b", "2.0.0")] {
+        let mut config = module_config(&nlb_addr, id);
+        config.version = version.into();
+        runners.push(
+            Runner::new(Holder, config)
+                .scaler(recorder.clone())
+                .start()
+                .await
+                .unwrap(),
+        );
+    }
+    until_healthy(&running, 2).await;
+    let versions = vec!["1.0.0".to_string(), "2.0.0".to_string()];
+    running
+        .nlb
+        .rollouts
+        .start(
+            &shared_types::pb::StartRolloutRequest {
+                rollout_id: "r".into(),
+                module_type: ModuleType::Alb as i32,
+                baseline_version: "1.0.0".into(),
+                canary_version: "2.0.0".into(),
+                steps: vec![shared_types::pb::RolloutStep {
+                    canary_weight: 50,
+                    hold_seconds: 86_400,
+                }],
+                ..Default::default()
+            },
+            &versions,
+        )
+        .expect("the rollout starts");
+
+    // Load that asks for 4 instances.
+    let mut conns = Vec::new();
+    for i in 0..10 {
+        let to = runners[i % 2].data_addr;
+        conns.push(TcpStream::connect(to).await.unwrap());
+    }
+    // The autoscaler recommended 4: an evaluation saw the load.
+    until("a recommendation of 4", 60, || {
+        running
+            .nlb
+            .metrics
+            .render()
+            .lines()
+            .any(|l| {
+                l.starts_with("nlb_scaling_recommended_instances{module=\"holder\"}")
+                    && l.ends_with(" 4")
+            })
+            .then_some(())
+    })
+    .await;
+    running
+        .nlb
+        .rollouts
+        .rollback("r", "the test ends it")
+        .expect("rolled back");
+    let ended_at = tokio::time::Instant::now();
+    let up = until("a scale-up to 4 after the rollout ended", 60, || {
+        recorder
+            .asked
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(_, c, _)| c.min_instances == 4)
+            .cloned()
+    })
+    .await;
+    assert!(
+        up.0 > ended_at,
+        "no Scale while the rollout ran: {:?}",
+        recorder.asked.lock().unwrap()
+    );
+    drop(conns);
+    for r in runners {
+        r.stop(switchyard_sdk::StopReason::Signal);
+    }
+    running.shutdown(Duration::from_secs(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn load_scales_a_type_up_and_its_end_scales_it_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = nlb_with_policy(dir.path()).await;
     let nlb_addr = running.grpc_addr.to_string();
 
     let recorder = Recorder::default();
@@ -130,15 +239,7 @@ async fn load_scales_a_type_up_and_its_end_scales_it_down() {
         .start()
         .await
         .unwrap();
-    until("both modules registered and healthy", 30, || {
-        let views = running.nlb.registry.list();
-        (views.len() == 2
-            && views
-                .iter()
-                .all(|v| v.state == nlb::routing::EndpointState::Healthy))
-        .then_some(())
-    })
-    .await;
+    until_healthy(&running, 2).await;
 
     // Load: ten long-lived connections, five on each (two per instance is
     // the target), which the modules report in their heartbeats.

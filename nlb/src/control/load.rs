@@ -8,7 +8,7 @@ use shared_types::time::now;
 use tonic::{Code, Status};
 
 use super::ControlService;
-use crate::registry::{Registry, Strategy};
+use crate::registry::{ForcedRebalance, Registry, Strategy};
 
 impl ControlService {
     pub(super) async fn get_load_distribution(
@@ -105,12 +105,16 @@ impl ControlService {
         }
         tracing::info!(force = req.force, shed = out.shed.len(), "{message}");
         if req.force && !out.shed.is_empty() {
-            if self
-                .nlb
-                .rebalancing
-                .swap(true, std::sync::atomic::Ordering::AcqRel)
-            {
-                message.push_str("; a forced rebalance already running goes on");
+            let job = ForcedRebalance {
+                strategy,
+                targets: req.target_instances.clone(),
+                rounds: 0,
+            };
+            let running = self.nlb.rebalancing.lock().replace(job).is_some();
+            if running {
+                message.push_str(&format!(
+                    "; the forced rebalance already running goes on with these arguments, up to {REBALANCE_ROUNDS} times again"
+                ));
             } else {
                 message.push_str(&format!(
                     "; checked again every {} s, up to {} times, until every instance is within its bound",
@@ -118,12 +122,7 @@ impl ControlService {
                     REBALANCE_ROUNDS
                 ));
                 let nlb = std::sync::Arc::clone(&self.nlb);
-                let targets = req.target_instances.clone();
-                tokio::spawn(async move {
-                    follow_up(&nlb, strategy, &targets).await;
-                    nlb.rebalancing
-                        .store(false, std::sync::atomic::Ordering::Release);
-                });
+                tokio::spawn(async move { follow_up(&nlb).await });
             }
         }
         Ok(pb::RebalanceLoadResponse {
@@ -375,20 +374,44 @@ pub const REBALANCE_ROUNDS: u32 = 20;
 /// After a forced `RebalanceLoad`: while an instance is still above its
 /// bound (its target plus 10% and one connection), tell it again to shed
 /// the excess in its next heartbeat, every [`REBALANCE_PERIOD`], at most
-/// [`REBALANCE_ROUNDS`] times; stop once every instance is within it.
-async fn follow_up(nlb: &crate::app::Nlb, strategy: Strategy, targets: &[String]) {
-    for round in 1..=REBALANCE_ROUNDS {
+/// [`REBALANCE_ROUNDS`] times; stop once every instance is within it. Each
+/// round takes the latest forced call's arguments (`nlb.rebalancing`); a
+/// newer call starts the count again. Ends with `nlb.rebalancing` empty.
+async fn follow_up(nlb: &crate::app::Nlb) {
+    loop {
         tokio::time::sleep(REBALANCE_PERIOD).await;
-        if nlb.shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
-            return;
-        }
-        let out = nlb.registry.rebalance(strategy, true, targets);
+        let (strategy, targets, round) = {
+            let mut job = nlb.rebalancing.lock();
+            let Some(j) = job.as_mut() else { return };
+            j.rounds += 1;
+            if j.rounds > REBALANCE_ROUNDS
+                || nlb.shutting_down.load(std::sync::atomic::Ordering::Relaxed)
+            {
+                let gave_up = j.rounds > REBALANCE_ROUNDS;
+                *job = None;
+                if gave_up {
+                    tracing::warn!(
+                        rounds = REBALANCE_ROUNDS,
+                        "forced rebalance gave up: some instance is still above its bound (its connections may not be idle)"
+                    );
+                }
+                return;
+            }
+            (j.strategy, j.targets.clone(), j.rounds)
+        };
+        let out = nlb.registry.rebalance(strategy, true, &targets);
         if out.shed.is_empty() {
-            tracing::info!(
-                round,
-                "forced rebalance done: every instance is within its bound"
-            );
-            return;
+            let mut job = nlb.rebalancing.lock();
+            // Unless a newer call came meanwhile: it is looked at next round.
+            if job.as_ref().is_some_and(|j| j.rounds == round) {
+                *job = None;
+                tracing::info!(
+                    round,
+                    "forced rebalance done: every instance is within its bound"
+                );
+                return;
+            }
+            continue;
         }
         let list: Vec<String> = out
             .shed
@@ -397,8 +420,4 @@ async fn follow_up(nlb: &crate::app::Nlb, strategy: Strategy, targets: &[String]
             .collect();
         tracing::info!(round, "forced rebalance, still over: {}", list.join(", "));
     }
-    tracing::warn!(
-        rounds = REBALANCE_ROUNDS,
-        "forced rebalance gave up: some instance is still above its bound (its connections may not be idle)"
-    );
 }

@@ -19,7 +19,7 @@ use shared_types::pb::ModuleType;
 
 pub use instance::{Drain, HealthTimings, Instance, Instruction};
 pub use lifecycle::{DueCheck, HeartbeatOutcome, Registered, Tick, Unregistered};
-pub use views::{InstanceView, Rebalanced, Strategy, Summary, OVERLOAD_TOLERANCE};
+pub use views::{ForcedRebalance, InstanceView, Rebalanced, Strategy, Summary, OVERLOAD_TOLERANCE};
 
 use crate::config::NlbConfig;
 use crate::routing::{

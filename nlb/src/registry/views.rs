@@ -51,6 +51,15 @@ impl InstanceView {
     }
 }
 
+/// A forced `RebalanceLoad` being followed up: its arguments and the
+/// rounds it has looked again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForcedRebalance {
+    pub strategy: Strategy,
+    pub targets: Vec<String>,
+    pub rounds: u32,
+}
+
 /// How `RebalanceLoad` sets capacity factors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Strategy {

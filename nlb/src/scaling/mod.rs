@@ -6,10 +6,16 @@
 //!
 //! Every decision is a metric (`nlb_scaling_decisions_total`) and an event
 //! (a log line with target `scaling`, and the latest ones in `/status`).
+//!
+//! A module's `Scale` call runs as a task beside the loop, so a slow module
+//! delays no other module's evaluation; while it runs, that module is not
+//! evaluated again. A module type with a rollout running (or paused) is
+//! not scaled: a scale-down could remove the canary, a scale-up would
+//! change the split under the analysis.
 
 pub mod decide;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +23,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use shared_types::pb;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::app::Nlb;
 use crate::config::TypeScaling;
@@ -73,7 +79,19 @@ fn belongs(key: &str, module_type: pb::ModuleType, metadata: &HashMap<String, St
     }
 }
 
-fn observe(nlb: &Nlb, t: &str) -> (Observation, Vec<(String, String)>) {
+/// What one evaluation saw of a module.
+struct Seen {
+    observation: Observation,
+    /// Instances present (not draining), taking traffic or not yet: the
+    /// count a decision starts from, as the scaler counts them.
+    present: u32,
+    /// Who to ask, in order.
+    targets: Vec<(String, String)>,
+    /// The module types its instances register as.
+    types: HashSet<pb::ModuleType>,
+}
+
+fn observe(nlb: &Nlb, t: &str) -> Seen {
     let mut views = nlb.registry.list();
     // The longest registered first: a scaler never removes its own
     // instance and removes the newest first, so asking the oldest removes
@@ -99,6 +117,8 @@ fn observe(nlb: &Nlb, t: &str) -> (Observation, Vec<(String, String)>) {
             .collect()
     });
     let mut taking = 0u32;
+    let mut present = 0u32;
+    let mut types = HashSet::new();
     let mut connections = 0.0;
     let (mut cpu_sum, mut cpu_n) = (0.0, 0u32);
     let mut scalers = Vec::new();
@@ -107,9 +127,11 @@ fn observe(nlb: &Nlb, t: &str) -> (Observation, Vec<(String, String)>) {
         .iter()
         .filter(|v| belongs(t, v.module_type, &v.instance.metadata))
     {
+        types.insert(v.module_type);
         if v.state == EndpointState::Draining {
             continue;
         }
+        present += 1;
         let target = (v.instance.instance_id.clone(), v.instance.address.clone());
         if with_scaler.contains(&v.instance.instance_id) {
             scalers.push(target);
@@ -129,20 +151,42 @@ fn observe(nlb: &Nlb, t: &str) -> (Observation, Vec<(String, String)>) {
         }
     }
     scalers.extend(others);
-    (
-        Observation {
+    Seen {
+        observation: Observation {
             instances: taking,
             connections,
             cpu_percent: (cpu_n > 0).then(|| cpu_sum / f64::from(cpu_n)),
         },
-        scalers,
-    )
+        present,
+        targets: scalers,
+        types,
+    }
 }
 
-/// Starts the autoscaler; it ends when `stop` turns true.
+/// A decision on its way to a module.
+struct Call {
+    module: String,
+    at_ms: u64,
+    from: u32,
+    to: u32,
+    reason: String,
+    result: Result<String, String>,
+}
+
+/// The autoscaler's memory: per module, its policy and decision state, and
+/// the modules with a `Scale` call under way.
+#[derive(Default)]
+pub struct Autoscaler {
+    states: HashMap<String, (TypeScaling, TypeState)>,
+    calling: HashSet<String>,
+    calls: JoinSet<Call>,
+}
+
+/// Starts the autoscaler; it ends when `stop` turns true (a `Scale` call
+/// under way is dropped with it).
 pub fn spawn(nlb: Arc<Nlb>, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut states: HashMap<String, (TypeScaling, TypeState)> = HashMap::new();
+        let mut a = Autoscaler::default();
         loop {
             let interval = nlb
                 .config
@@ -150,11 +194,20 @@ pub fn spawn(nlb: Arc<Nlb>, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
                 .autoscaling
                 .evaluation_interval_seconds
                 .max(1);
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(interval)) => {}
-                _ = stop.wait_for(|s| *s) => return,
+            let next = tokio::time::Instant::now() + Duration::from_secs(interval);
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(next) => break,
+                    Some(done) = a.calls.join_next(), if !a.calls.is_empty() => {
+                        if let Ok(call) = done {
+                            a.calling.remove(&call.module);
+                            record(&nlb, call);
+                        }
+                    }
+                    _ = stop.wait_for(|s| *s) => return,
+                }
             }
-            evaluate(&nlb, &mut states).await;
+            a.evaluate(&nlb);
         }
     })
 }
@@ -163,69 +216,103 @@ fn now_ms() -> u64 {
     shared_types::time::unix_millis(std::time::SystemTime::now())
 }
 
-/// One evaluation of every type with a policy.
-pub async fn evaluate(nlb: &Nlb, states: &mut HashMap<String, (TypeScaling, TypeState)>) {
-    let config = nlb.config.current();
-    let policies: Vec<(String, TypeScaling)> = config
-        .autoscaling
-        .modules
-        .iter()
-        .filter(|(_, p)| p.enabled)
-        .map(|(t, p)| (t.clone(), p.clone()))
-        .collect();
-    states.retain(|t, _| policies.iter().any(|(pt, _)| pt == t));
-    for (t, policy) in policies {
-        let name = t.as_str();
-        let (observation, targets) = observe(nlb, &t);
-        let (recommended, why) = recommend(&policy, &observation);
-        // A changed policy starts its window afresh.
-        let entry = states
-            .entry(t.clone())
-            .or_insert_with(|| (policy.clone(), TypeState::default()));
-        if entry.0 != policy {
-            *entry = (policy.clone(), TypeState::default());
-        }
-        nlb.metrics
-            .scaling_recommended
-            .with_label_values(&[name])
-            .set(i64::from(recommended));
-        let now = now_ms();
-        let current = observation.instances;
-        let Decision::Scale(to, reason) = entry.1.decide(&policy, now, current, recommended, &why)
-        else {
-            continue;
-        };
-        // Asked for, whatever the answer: the cooldowns start now, so a
-        // failing scaler is not called at every evaluation.
-        entry.1.changed(now);
-        let direction = if to > current { "up" } else { "down" };
-        let result = scale(nlb, &t, &targets, to, &policy).await;
-        let (label, message) = match &result {
-            Ok(m) => ("ok", m.clone()),
-            Err(m) => ("failed", m.clone()),
-        };
-        nlb.metrics
-            .scaling_decisions
-            .with_label_values(&[name, direction, label])
-            .inc();
-        match &result {
-            Ok(_) => {
-                tracing::info!(target: "scaling", module = name, from = current, to, reason = %reason, "scaling {direction}: {message}")
+impl Autoscaler {
+    /// One evaluation of every module with a policy; each decision's
+    /// `Scale` call starts as a task.
+    fn evaluate(&mut self, nlb: &Arc<Nlb>) {
+        let config = nlb.config.current();
+        let policies: Vec<(String, TypeScaling)> = config
+            .autoscaling
+            .modules
+            .iter()
+            .filter(|(_, p)| p.enabled)
+            .map(|(t, p)| (t.clone(), p.clone()))
+            .collect();
+        self.states
+            .retain(|t, _| policies.iter().any(|(pt, _)| pt == t));
+        for (t, policy) in policies {
+            if self.calling.contains(&t) {
+                continue;
             }
-            Err(_) => {
-                tracing::warn!(target: "scaling", module = name, from = current, to, reason = %reason, "scaling {direction} failed: {message}")
+            let seen = observe(nlb, &t);
+            let (recommended, why) = recommend(&policy, &seen.observation);
+            nlb.metrics
+                .scaling_recommended
+                .with_label_values(&[t.as_str()])
+                .set(i64::from(recommended));
+            if let Some(r) = seen
+                .types
+                .iter()
+                .find_map(|ty| nlb.rollouts.list(*ty, true).into_iter().next())
+            {
+                tracing::debug!(target: "scaling", module = %t, rollout = %r.rollout_id, "not scaled while its rollout is active");
+                continue;
             }
+            // A changed policy starts its window afresh.
+            let entry = self
+                .states
+                .entry(t.clone())
+                .or_insert_with(|| (policy.clone(), TypeState::default()));
+            if entry.0 != policy {
+                *entry = (policy.clone(), TypeState::default());
+            }
+            let now = now_ms();
+            let current = seen.present;
+            let Decision::Scale(to, reason) =
+                entry.1.decide(&policy, now, current, recommended, &why)
+            else {
+                continue;
+            };
+            // Asked for, whatever the answer: the cooldowns start now, so a
+            // failing scaler is not called at every evaluation.
+            entry.1.changed(now);
+            self.calling.insert(t.clone());
+            let nlb = Arc::clone(nlb);
+            self.calls.spawn(async move {
+                let result = scale(&nlb, &t, &seen.targets, to, &policy).await;
+                Call {
+                    module: t,
+                    at_ms: now,
+                    from: current,
+                    to,
+                    reason,
+                    result,
+                }
+            });
         }
-        nlb.scaling.push(ScalingEvent {
-            at_unix_ms: now,
-            module: name.to_string(),
-            from: current,
-            to,
-            result: label,
-            reason,
-            message,
-        });
     }
+}
+
+/// A decision's outcome: its metric, log line and `/status` event.
+fn record(nlb: &Nlb, call: Call) {
+    let name = call.module.as_str();
+    let (current, to, reason) = (call.from, call.to, &call.reason);
+    let direction = if to > current { "up" } else { "down" };
+    let (label, message) = match &call.result {
+        Ok(m) => ("ok", m.clone()),
+        Err(m) => ("failed", m.clone()),
+    };
+    nlb.metrics
+        .scaling_decisions
+        .with_label_values(&[name, direction, label])
+        .inc();
+    match &call.result {
+        Ok(_) => {
+            tracing::info!(target: "scaling", module = name, from = current, to, reason = %reason, "scaling {direction}: {message}")
+        }
+        Err(_) => {
+            tracing::warn!(target: "scaling", module = name, from = current, to, reason = %reason, "scaling {direction} failed: {message}")
+        }
+    }
+    nlb.scaling.push(ScalingEvent {
+        at_unix_ms: call.at_ms,
+        module: name.to_string(),
+        from: current,
+        to,
+        result: label,
+        reason: call.reason,
+        message,
+    });
 }
 
 /// Sends the count to the first instance that answers (those announcing a
