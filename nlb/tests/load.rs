@@ -677,6 +677,19 @@ async fn trigger_scaling_autoscale_sets_the_types_policy_from_its_scaling_config
             "above max_instances 3",
         ],
     );
+    let r = t
+        .client
+        .clone()
+        .trigger_scaling(pb::TriggerScalingRequest {
+            module_type: ModuleType::Dblb as i32,
+            ..ask(Some(pb::ScalingConfig::default()))
+        })
+        .await;
+    assert_status(
+        r,
+        Code::InvalidArgument,
+        &["autoscaling.modules.dblb", "no autoscaling policy to stop"],
+    );
     let r = t.client.clone().trigger_scaling(ask(None)).await;
     assert_status(r, Code::InvalidArgument, &["config", "ScalingConfig"]);
 }

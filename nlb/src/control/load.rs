@@ -180,6 +180,14 @@ impl ControlService {
                 && c.target_connections == 0
                 && c.target_cpu_percent == 0
                 && c.cooldown_seconds == 0;
+            if only_off && !a.modules.contains_key(&key) {
+                return Err(crate::config::UpdateError::Invalid(vec![
+                    crate::config::ConfigError::new(
+                        &format!("autoscaling.modules.{key}"),
+                        "no autoscaling policy to stop".to_string(),
+                    ),
+                ]));
+            }
             let policy = match a.modules.get(&key) {
                 Some(existing) if only_off => crate::config::TypeScaling {
                     enabled: false,

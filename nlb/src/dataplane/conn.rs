@@ -293,13 +293,17 @@ async fn forward(
         flow,
     )
     .await;
-    // The instance failed this one when it reset the connection, or ended
-    // it without answering a client that had sent bytes and was still
-    // there (a client that gave up first is not the instance's failure).
-    let unanswered = ending.upstream_first
-        && flow.down.load(Ordering::Relaxed) == 0
-        && flow.up.load(Ordering::Relaxed) > 0;
-    if ending.upstream_reset {
+    // The instance failed this one when it reset the connection before
+    // answering, or ended it (or let it idle out) without answering a client
+    // that had sent bytes and had not closed first (a client that gave up
+    // is not the instance's failure).
+    let (up, down) = (
+        flow.up.load(Ordering::Relaxed),
+        flow.down.load(Ordering::Relaxed),
+    );
+    let silent = down == 0 && up > 0;
+    let unanswered = silent && (ending.upstream_first || ending.end == copy::End::Idle);
+    if ending.upstream_reset && down == 0 {
         instance_failed(dp, &endpoint, "reset");
     } else if unanswered {
         instance_failed(dp, &endpoint, "unanswered");

@@ -21,6 +21,9 @@ use crate::config::TypeScaling;
 pub struct Observation {
     /// Instances taking traffic.
     pub instances: u32,
+    /// Instances present (not draining), starting or unhealthy ones too:
+    /// what a met target holds.
+    pub present: u32,
     /// Their active connections, together.
     pub connections: f64,
     /// Their average CPU percent, if any reported one.
@@ -30,6 +33,7 @@ pub struct Observation {
 /// The count to aim at, and why.
 pub fn recommend(p: &TypeScaling, o: &Observation) -> (u32, String) {
     let n = o.instances;
+    let held = o.present.max(n);
     // (ask, why, outside its tolerance) per target in use. A target within
     // its tolerance asks for the current count, so a met target never lets
     // another shrink the type below what it needs (which would flap).
@@ -40,7 +44,7 @@ pub fn recommend(p: &TypeScaling, o: &Observation) -> (u32, String) {
         let outside = n == 0 || (per / target - 1.0).abs() > p.tolerance;
         let desired = (o.connections / target).ceil() as u32;
         asks.push((
-            if outside { desired } else { n },
+            if outside { desired } else { held },
             format!(
                 "{per:.1} connections per instance against a target of {}",
                 p.target_connections
@@ -53,7 +57,7 @@ pub fn recommend(p: &TypeScaling, o: &Observation) -> (u32, String) {
         let outside = (cpu / target - 1.0).abs() > p.tolerance;
         let desired = (f64::from(n) * cpu / target).ceil() as u32;
         asks.push((
-            if outside { desired } else { n },
+            if outside { desired } else { held },
             format!(
                 "CPU {cpu:.0}% against a target of {}%",
                 p.target_cpu_percent
@@ -67,7 +71,7 @@ pub fn recommend(p: &TypeScaling, o: &Observation) -> (u32, String) {
         .max_by_key(|(ask, _, outside)| (*ask, *outside))
         .cloned();
     let (desired, why) = match best {
-        None => (n, "no metric to judge by".to_string()),
+        None => (held, "no metric to judge by".to_string()),
         Some((ask, why, true)) => (ask, why),
         Some((ask, _, false)) => {
             let all: Vec<&str> = asks.iter().map(|(_, w, _)| w.as_str()).collect();
@@ -181,6 +185,7 @@ mod tests {
     fn obs(instances: u32, connections: f64) -> Observation {
         Observation {
             instances,
+            present: instances,
             connections,
             cpu_percent: None,
         }
@@ -203,6 +208,7 @@ mod tests {
         };
         let o = Observation {
             instances: 2,
+            present: 2,
             connections: 100.0,
             cpu_percent: Some(90.0),
         };
@@ -214,6 +220,7 @@ mod tests {
         // for 1 (then, on one instance, for 4 again: flapping).
         let o = Observation {
             instances: 4,
+            present: 4,
             connections: 400.0,
             cpu_percent: Some(10.0),
         };
@@ -224,6 +231,16 @@ mod tests {
         let (n, why) = recommend(&p, &o);
         assert_eq!(n, 4, "{why}");
         assert!(why.starts_with("within tolerance"), "{why}");
+        // A met target holds every instance present, one still starting
+        // (or unhealthy) too: it is not scaled away.
+        let o = Observation {
+            instances: 2,
+            present: 3,
+            connections: 210.0,
+            cpu_percent: None,
+        };
+        let (n, why) = recommend(&policy(), &o);
+        assert_eq!(n, 3, "{why}");
     }
 
     #[test]

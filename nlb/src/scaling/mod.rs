@@ -154,6 +154,7 @@ fn observe(nlb: &Nlb, t: &str) -> Seen {
     Seen {
         observation: Observation {
             instances: taking,
+            present,
             connections,
             cpu_percent: (cpu_n > 0).then(|| cpu_sum / f64::from(cpu_n)),
         },
@@ -246,6 +247,9 @@ impl Autoscaler {
                 .find_map(|ty| nlb.rollouts.list(*ty, true).into_iter().next())
             {
                 tracing::debug!(target: "scaling", module = %t, rollout = %r.rollout_id, "not scaled while its rollout is active");
+                // Its window starts afresh once the rollout ends: a stale
+                // one would let a single sample decide a scale-down.
+                self.states.remove(&t);
                 continue;
             }
             // A changed policy starts its window afresh.
