@@ -183,7 +183,7 @@ impl ControlService {
             if only_off && !a.modules.contains_key(&key) {
                 return Err(crate::config::UpdateError::Invalid(vec![
                     crate::config::ConfigError::new(
-                        &format!("autoscaling.modules.{key}"),
+                        format!("autoscaling.modules.{key}"),
                         "no autoscaling policy to stop".to_string(),
                     ),
                 ]));
