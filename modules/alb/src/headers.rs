@@ -65,14 +65,33 @@ fn removed_anyway(token: &str, keep_upgrade: bool) -> bool {
 /// `Upgrade`. `TE: trailers` is kept for gRPC (the only TE value HTTP/2
 /// allows).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // One pass over the names finds which hop-by-hop headers are there
-    // (most messages carry none, or only `Connection`).
+    // One pass over the headers finds which hop-by-hop ones are there
+    // (most messages carry none, or only `Connection: keep-alive`), and
+    // reads the values of `Connection` and `TE` on the way.
     let mut present = [false; 8];
     let mut any = false;
-    for k in headers.keys() {
+    // Whether `Connection` says more than `keep-alive` or `close` (then it
+    // may name headers to remove).
+    let mut names_more = false;
+    let mut te_trailers = false;
+    for (k, v) in headers.iter() {
         if let Some(i) = hop_index(k) {
             present[i] = true;
             any = true;
+            match i {
+                0 => {
+                    let token = v.as_bytes().trim_ascii();
+                    names_more |= !(token.eq_ignore_ascii_case(b"keep-alive")
+                        || token.eq_ignore_ascii_case(b"close"));
+                }
+                5 => {
+                    te_trailers |= v.to_str().is_ok_and(|s| {
+                        s.split(',')
+                            .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+                    });
+                }
+                _ => {}
+            }
         }
     }
     if !any {
@@ -84,7 +103,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // The headers `Connection` names beyond the usual ones (`close`,
     // `keep-alive`): rare, so a list is made only for them.
     let mut named: Vec<HeaderName> = Vec::new();
-    if present[0] {
+    if names_more {
         for token in headers
             .get_all(header::CONNECTION)
             .iter()
@@ -100,13 +119,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             }
         }
     }
-    let te_trailers = present[5]
-        && headers.get_all(header::TE).iter().any(|v| {
-            v.to_str().is_ok_and(|s| {
-                s.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-            })
-        });
     for name in named {
         headers.remove(name);
     }
@@ -381,6 +393,27 @@ mod tests {
         let mut h = map(&[("accept", "*/*"), ("x-forwarded-for", "192.0.2.1")]);
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 2);
+    }
+
+    #[test]
+    fn every_connection_header_is_read_not_only_the_first() {
+        // The usual `Connection: keep-alive` alone: only it goes.
+        let mut h = map(&[("connection", " keep-alive "), ("accept", "*/*")]);
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["accept"]);
+        // A second `Connection` header naming one more.
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("close"));
+        h.append(header::CONNECTION, HeaderValue::from_static("x-secret"));
+        h.append(header::TE, HeaderValue::from_static("gzip"));
+        h.append(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["accept", "te"]);
+        assert_eq!(h["te"], "trailers");
     }
 
     #[test]

@@ -15,6 +15,7 @@
 pub mod alb;
 pub mod cluster;
 pub mod config;
+pub mod conn_timer;
 pub mod deadline;
 pub mod headers;
 pub mod metrics;

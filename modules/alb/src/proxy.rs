@@ -3,8 +3,10 @@
 //! endpoint with retries, and answered.
 
 use std::convert::Infallible;
+use std::future::Future as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -20,6 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::alb::Alb;
 use crate::cluster::Outcome;
+use crate::conn_timer::{ConnTimer, HeaderTimer};
 use crate::deadline::{Arrived, FirstRequest};
 use crate::headers::{self, X_REQUEST_ID};
 use crate::upstream::{BoxError, ProxyBody, Upstream};
@@ -126,6 +129,9 @@ async fn serve_http<S>(
         alb,
         ctx,
         tunnels: tunnels.clone(),
+        // HTTP/1 has one request in flight at a time, on this task: one
+        // timer serves all their upstream deadlines.
+        upstream_timer: (!http2).then(ConnTimer::default),
         peer: Peer {
             addr: client,
             tls,
@@ -139,7 +145,11 @@ async fn serve_http<S>(
         // future it gets (into its dispatcher; for HTTP/2 into a spawned
         // task, which moves it three times). A box moves as a pointer.
         Box::pin(async move {
-            Ok::<_, Infallible>(c.alb.handle(req, &c.peer, &c.ctx, &c.tunnels).await)
+            Ok::<_, Infallible>(
+                c.alb
+                    .handle(req, &c.peer, &c.ctx, &c.tunnels, c.upstream_timer.as_ref())
+                    .await,
+            )
         })
     });
     // The connection until it ends, or until the SDK asks it to finish:
@@ -172,7 +182,10 @@ async fn serve_http<S>(
         );
     } else {
         drive!(hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
+            // One timer for the connection's header-read deadlines, moved
+            // from one request head to the next (hyper makes a new sleep
+            // for each head).
+            .timer(HeaderTimer::default())
             .header_read_timeout(header_timeout + Duration::from_secs(1))
             // Room above the limit, so a head just over it reaches the ALB's
             // own 431 (with a body saying why) rather than hyper's bare one.
@@ -237,6 +250,8 @@ struct OnConnection {
     alb: Arc<Alb>,
     ctx: Arc<Context>,
     tunnels: Tunnels,
+    /// HTTP/1 only: the timer of the upstream answers' deadlines.
+    upstream_timer: Option<ConnTimer>,
     peer: Peer,
 }
 
@@ -429,6 +444,7 @@ impl Alb {
         peer: &Peer,
         ctx: &Context,
         tunnels: &Tunnels,
+        upstream_timer: Option<&ConnTimer>,
     ) -> Response<ProxyBody> {
         let rid = headers::request_id(req.headers());
         let (limits, access_log) = self.request_settings();
@@ -455,8 +471,15 @@ impl Alb {
                     // future larger.
                     Box::pin(self.upgrade(req, &mut ex, (peer, tunnels), &upstream, &rid)).await
                 } else {
-                    self.forward(req, &mut ex, peer, &upstream, &rid, max_body)
-                        .await
+                    self.forward(
+                        req,
+                        &mut ex,
+                        (peer, upstream_timer),
+                        &upstream,
+                        &rid,
+                        max_body,
+                    )
+                    .await
                 }
             }
         };
@@ -643,7 +666,7 @@ impl Alb {
         self: &Arc<Self>,
         req: Request<Incoming>,
         ex: &mut Exchange,
-        peer: &Peer,
+        (peer, timer): (&Peer, Option<&ConnTimer>),
         upstream: &Arc<Upstream>,
         rid: &HeaderValue,
         max_body: u64,
@@ -722,8 +745,12 @@ impl Alb {
                 }
             };
             let in_flight = pick.endpoint.start();
-            let sent = tokio::time::timeout(
-                upstream.request_timeout,
+            // The attempt's deadline from when it is sent (the first one's
+            // from the request's start: nothing was awaited since).
+            let deadline = tokio::time::Instant::from_std(now) + upstream.request_timeout;
+            let sent = within(
+                timer,
+                deadline,
                 upstream.pools[pick.index].send(upstream_req),
             )
             .await;
@@ -738,7 +765,7 @@ impl Alb {
                     && upstream.cluster.may_retry()
             };
             let (failure, may_go_again) = match sent {
-                Ok(Ok(resp)) => {
+                Some(Ok(resp)) => {
                     let status = resp.status().as_u16();
                     upstream.cluster.report(
                         pick.index,
@@ -757,7 +784,7 @@ impl Alb {
                     }
                     (self.downstream_response(resp, ()), true)
                 }
-                Ok(Err(e)) => {
+                Some(Err(e)) => {
                     // The client's body over the limit is the client's
                     // doing, not the endpoint's: no outcome reported.
                     if body_too_large(&e) {
@@ -805,7 +832,7 @@ impl Alb {
                     };
                     (local(StatusCode::BAD_GATEWAY, what), retry(connect))
                 }
-                Err(_) => {
+                None => {
                     upstream.cluster.report(pick.index, Outcome::Timeout);
                     metrics
                         .upstream_errors
@@ -961,6 +988,38 @@ impl Alb {
             );
         }
     }
+}
+
+/// `fut`'s output, or `None` if it is not done by `deadline`: on the
+/// connection's timer when it has one (HTTP/1), else on a timer of its own.
+/// `fut` is polled first, as `tokio::time::timeout_at` does.
+async fn within<F: std::future::Future>(
+    timer: Option<&ConnTimer>,
+    deadline: tokio::time::Instant,
+    fut: F,
+) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    // Made only when there is no connection timer, and only if `fut` is
+    // not done at once.
+    let mut own = std::pin::pin!(None::<tokio::time::Sleep>);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(v));
+        }
+        let passed = match timer {
+            Some(timer) => timer.poll_until(deadline, cx),
+            None => {
+                if own.is_none() {
+                    own.set(Some(tokio::time::sleep_until(deadline)));
+                }
+                own.as_mut()
+                    .as_pin_mut()
+                    .map_or(Poll::Pending, |s| s.poll(cx))
+            }
+        };
+        passed.map(|()| None)
+    })
+    .await
 }
 
 /// The innermost error's text (hyper's outer ones say little).
