@@ -26,7 +26,8 @@ use std::time::Duration;
 
 use e2e::alb::{cluster, start_alb_with_sdk, AlbLaunch, AlbProcess};
 use e2e::l4::{
-    register, route, run_bounded, source, start_nlb, tally, Behaviour, L4Nlb, ModuleSpec,
+    register, route, run_bounded, source, start_nlb, tally, Behaviour, FakeModule, L4Nlb,
+    ModuleSpec,
 };
 use e2e::module::ModuleProcess;
 use e2e::rollout::{
@@ -60,6 +61,28 @@ async fn echoes(sb: &Sandbox, nlb: &L4Nlb, which: &[(&str, &str)]) -> Vec<Module
         out.push(start_echo_version(sb.path(), nlb, id, version, port).await);
     }
     out
+}
+
+/// The fake canary `v2` (version 2.0, registered over `RegisterModule`) on
+/// the NLB's `web` listener, as `shape` makes it.
+async fn fake_canary(nlb: &L4Nlb, shape: impl FnOnce(ModuleSpec) -> ModuleSpec) -> FakeModule {
+    let spec = ModuleSpec::new(
+        "v2",
+        ModuleType::Alb,
+        vec![route("web", Protocol::Tcp, nlb.listeners.port("web"), "")],
+    )
+    .version("2.0");
+    register(nlb, shape(spec)).await
+}
+
+/// Starts rollout `id` from 1.0 to 2.0 in two steps (20%, then 50%) whose
+/// holds no test waits out.
+async fn start_two_steps(nlb: &L4Nlb, id: &str, analysis: pb::RolloutAnalysis) {
+    ro::start(
+        nlb,
+        ro::canary(id, "1.0", "2.0", &[(20, LONG), (50, LONG)], analysis, false),
+    )
+    .await;
 }
 
 /// One connection (greeting only) from each of `sources`: the instance each
@@ -288,31 +311,10 @@ async fn a_canary_that_closes_connections_is_rolled_back_and_the_baseline_takes_
     let to = nlb.listeners.addr("web");
     let baseline = echoes(&sb, &nlb, &[("v1-a", "1.0"), ("v1-b", "1.0")]).await;
     // The canary: reads what the client sends, then closes without a byte.
-    let canary = register(
-        &nlb,
-        ModuleSpec::new(
-            "v2",
-            ModuleType::Alb,
-            vec![route("web", Protocol::Tcp, nlb.listeners.port("web"), "")],
-        )
-        .version("2.0")
-        .behaviour(Behaviour::Unanswered),
-    )
-    .await;
+    let canary = fake_canary(&nlb, |s| s.behaviour(Behaviour::Unanswered)).await;
 
     let load = start_load(4, 0, Duration::from_millis(10), move |src| probe(src, to));
-    ro::start(
-        &nlb,
-        ro::canary(
-            "closes",
-            "1.0",
-            "2.0",
-            &[(20, LONG), (50, LONG)],
-            ro::analysis(1, 10, 0.2),
-            false,
-        ),
-    )
-    .await;
+    start_two_steps(&nlb, "closes", ro::analysis(1, 10, 0.2)).await;
     let r = wait_state(&nlb, "closes", RolloutState::RolledBack).await;
     let outcomes = load.stop().await;
     eprintln!("{}", describe(&r));
@@ -381,16 +383,7 @@ async fn a_canary_whose_reported_metrics_show_failures_is_rolled_back() {
     let nlb = nlb_with_web(&sb, "tcp").await;
     let to = nlb.listeners.addr("web");
     let _baseline = echoes(&sb, &nlb, &[("v1-a", "1.0")]).await;
-    let canary = register(
-        &nlb,
-        ModuleSpec::new(
-            "v2",
-            ModuleType::Alb,
-            vec![route("web", Protocol::Tcp, nlb.listeners.port("web"), "")],
-        )
-        .version("2.0"),
-    )
-    .await;
+    let canary = fake_canary(&nlb, |s| s).await;
     // Its reports: 100 more requests every 200 ms, half of them failed,
     // under the names a module reports its `ModuleStats` by.
     let mut client = nlb.client().await;
@@ -424,18 +417,7 @@ async fn a_canary_whose_reported_metrics_show_failures_is_rolled_back() {
     });
 
     let load = start_load(4, 0, Duration::from_millis(10), move |src| probe(src, to));
-    ro::start(
-        &nlb,
-        ro::canary(
-            "reported",
-            "1.0",
-            "2.0",
-            &[(20, LONG), (50, LONG)],
-            ro::analysis(1, 10, 0.2),
-            false,
-        ),
-    )
-    .await;
+    start_two_steps(&nlb, "reported", ro::analysis(1, 10, 0.2)).await;
     let r = wait_state(&nlb, "reported", RolloutState::RolledBack).await;
     reporter.abort();
     let outcomes = load.stop().await;
@@ -461,30 +443,9 @@ async fn a_module_that_never_answers_does_not_hold_back_the_analysis() {
     let nlb = nlb_with_web(&sb, "tcp").await;
     let to = nlb.listeners.addr("web");
     let _baseline = echoes(&sb, &nlb, &[("v1-a", "1.0")]).await;
-    let _canary = register(
-        &nlb,
-        ModuleSpec::new(
-            "v2",
-            ModuleType::Alb,
-            vec![route("web", Protocol::Tcp, nlb.listeners.port("web"), "")],
-        )
-        .version("2.0")
-        .silent_module_service(),
-    )
-    .await;
+    let _canary = fake_canary(&nlb, |s| s.silent_module_service()).await;
     let load = start_load(2, 0, Duration::from_millis(20), move |src| probe(src, to));
-    ro::start(
-        &nlb,
-        ro::canary(
-            "silent",
-            "1.0",
-            "2.0",
-            &[(20, LONG), (50, LONG)],
-            ro::analysis(1, 5, 0.5),
-            false,
-        ),
-    )
-    .await;
+    start_two_steps(&nlb, "silent", ro::analysis(1, 5, 0.5)).await;
     // Until the canary's first call has failed (its deadline passed).
     let r = wait_rollout(&nlb, "silent", "the canary's failed call", |r| {
         r.events
