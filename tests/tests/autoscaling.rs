@@ -43,6 +43,22 @@ struct Recorder {
     asked: Arc<Mutex<Vec<(tokio::time::Instant, ScalingConfig, bool)>>>,
 }
 
+impl Recorder {
+    /// The first `Scale` asked for `n` instances (after `after`, if given).
+    fn first(
+        &self,
+        after: Option<tokio::time::Instant>,
+        n: i32,
+    ) -> Option<(tokio::time::Instant, ScalingConfig, bool)> {
+        self.asked
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(at, c, _)| after.is_none_or(|t| *at > t) && c.min_instances == n)
+            .cloned()
+    }
+}
+
 #[switchyard_sdk::async_trait]
 impl Scaler for Recorder {
     async fn scale(
@@ -201,13 +217,7 @@ async fn a_type_with_an_active_rollout_is_not_scaled_until_it_ends() {
         .expect("rolled back");
     let ended_at = tokio::time::Instant::now();
     let up = until("a scale-up to 4 after the rollout ended", 60, || {
-        recorder
-            .asked
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|(_, c, _)| c.min_instances == 4)
-            .cloned()
+        recorder.first(None, 4)
     })
     .await;
     assert!(
@@ -249,13 +259,7 @@ async fn load_scales_a_type_up_and_its_end_scales_it_down() {
         conns.push(TcpStream::connect(to).await.unwrap());
     }
     let up = until("a scale-up to the maximum, 4", 60, || {
-        recorder
-            .asked
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|(_, c, _)| c.min_instances == 4)
-            .cloned()
+        recorder.first(None, 4)
     })
     .await;
     assert_eq!(up.1.max_instances, 4, "{:?}", up.1);
@@ -266,13 +270,7 @@ async fn load_scales_a_type_up_and_its_end_scales_it_down() {
     let closed_at = tokio::time::Instant::now();
     drop(conns);
     let down = until("a scale-down to the minimum, 1", 60, || {
-        recorder
-            .asked
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|(at, c, _)| *at > closed_at && c.min_instances == 1)
-            .cloned()
+        recorder.first(Some(closed_at), 1)
     })
     .await;
     assert_eq!(down.1.max_instances, 1);
