@@ -8,8 +8,10 @@
 //! shape: each thread runs its own single-threaded runtime and accepts from
 //! the one listening socket, so a connection, its requests and whatever it
 //! opens (an upstream connection, say) stay on one thread, with no
-//! cross-thread wake-ups. The control side (ModuleService, heartbeats,
-//! admin) runs on the main runtime.
+//! cross-thread wake-ups. A thread that holds clearly more connections
+//! than another hands a new one over to it ([`crate::spread`]). The
+//! control side (ModuleService, heartbeats, admin) runs on the main
+//! runtime.
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -25,12 +27,13 @@ use parking_lot::Mutex;
 use shared_types::proxy_v2::{self, Decoded};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use crate::context::Context;
 use crate::module::Module;
+use crate::spread::{Placed, Spread};
 use crate::stats::{ConnectionGuard, Stats};
 
 /// One data connection, handed to the module.
@@ -408,9 +411,9 @@ impl Drop for Workers {
 
 /// Starts `threads` data threads (at least one). Each runs a
 /// single-threaded runtime with its own handle on `listener`'s socket and
-/// serves what it accepts until `stop` turns true; the thread then lives on
-/// until the returned [`Workers`] is dropped, so the connections it holds
-/// can drain.
+/// serves what it accepts, or what another thread hands over, until `stop`
+/// turns true; the thread then lives on until the returned [`Workers`] is
+/// dropped, so the connections it holds can drain.
 pub fn spawn_workers(
     listener: TcpListener,
     threads: usize,
@@ -421,17 +424,32 @@ pub fn spawn_workers(
     stop: watch::Receiver<bool>,
 ) -> io::Result<Workers> {
     let listener = listener.into_std()?;
+    let threads = threads.max(1);
+    let spread = Spread::new(threads);
+    let (senders, inboxes): (Vec<_>, Vec<_>) =
+        (0..threads).map(|_| mpsc::unbounded_channel()).unzip();
+    let senders: Arc<[mpsc::UnboundedSender<Handoff>]> = senders.into();
     let (exit, exiting) = watch::channel(false);
     let mut accepting = Vec::new();
-    for index in 0..threads.max(1) {
+    for (index, inbox) in inboxes.into_iter().enumerate() {
         let socket = listener.try_clone()?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         let (done, accepted) = tokio::sync::oneshot::channel();
         accepting.push(accepted);
-        let (module, ctx, conns, settings) =
-            (module.clone(), ctx.clone(), conns.clone(), settings.clone());
+        let shared = Shared {
+            module: module.clone(),
+            ctx: ctx.clone(),
+            conns: conns.clone(),
+            settings: settings.clone(),
+        };
+        let peers = Peers {
+            index,
+            spread: spread.clone(),
+            senders: senders.clone(),
+            inbox,
+        };
         let (stop, mut exiting) = (stop.clone(), exiting.clone());
         std::thread::Builder::new()
             .name(format!("data-{index}"))
@@ -439,9 +457,7 @@ pub fn spawn_workers(
                 WORKER.with(|w| w.set(Some(index)));
                 runtime.block_on(async move {
                     match TcpListener::from_std(socket) {
-                        Ok(listener) => {
-                            accept_loop(listener, module, ctx, conns, settings, stop).await;
-                        }
+                        Ok(listener) => accept_loop(listener, &shared, peers, stop).await,
                         Err(e) => {
                             tracing::error!(thread = index, error = %e, "data thread cannot use the listener");
                         }
@@ -454,14 +470,40 @@ pub fn spawn_workers(
     Ok(Workers { accepting, exit })
 }
 
-/// Accepts until `stop` turns true, then drops the listener (the port stops
-/// taking connections; those accepted keep running).
-pub async fn accept_loop(
-    listener: TcpListener,
+/// What every data thread serves with.
+struct Shared {
     module: Arc<dyn Module>,
     ctx: Arc<Context>,
     conns: Arc<Connections>,
     settings: DataSettings,
+}
+
+/// One data thread's place among the others.
+struct Peers {
+    index: usize,
+    spread: Arc<Spread>,
+    /// Every thread's inbox, this one's too, by index.
+    senders: Arc<[mpsc::UnboundedSender<Handoff>]>,
+    inbox: mpsc::UnboundedReceiver<Handoff>,
+}
+
+/// An accepted connection on its way to the thread that serves it: taken
+/// off the accepting thread's reactor, counted and tracked already.
+struct Handoff {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    placed: Placed,
+    tracked: Tracked,
+    closing: Closing,
+}
+
+/// Accepts until `stop` turns true, then drops the listener (the port stops
+/// taking connections; those accepted keep running, and those handed over
+/// and not yet taken are served).
+async fn accept_loop(
+    listener: TcpListener,
+    shared: &Shared,
+    mut peers: Peers,
     mut stop: watch::Receiver<bool>,
 ) {
     let local = listener.local_addr().ok();
@@ -472,6 +514,10 @@ pub async fn accept_loop(
     loop {
         let accepted = tokio::select! {
             _ = &mut stopped => break,
+            Some(handed) = peers.inbox.recv() => {
+                take(handed, local, shared);
+                continue;
+            }
             r = listener.accept() => r,
         };
         let (stream, peer) = match accepted {
@@ -484,24 +530,83 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        if settings.max_connections > 0 && conns.len() >= settings.max_connections {
-            ctx.counters.refused_full.inc();
-            tracing::debug!(%peer, max = settings.max_connections, "data connection refused: at max_connections");
+        let conns = &shared.conns;
+        if shared.settings.max_connections > 0 && conns.len() >= shared.settings.max_connections {
+            shared.ctx.counters.refused_full.inc();
+            tracing::debug!(%peer, max = shared.settings.max_connections, "data connection refused: at max_connections");
             drop(stream);
             continue;
         }
         let _ = stream.set_nodelay(true);
         let (tracked, closing) = conns.track();
-        let id = tracked.id;
-        let module = module.clone();
-        let ctx = ctx.clone();
-        let settings = settings.clone();
-        let task = tokio::spawn(async move {
-            let _tracked = tracked;
-            serve_one(stream, peer, local, closing, module, ctx, &settings).await;
-        });
-        conns.set_abort(id, task.abort_handle());
+        let placed = peers.spread.place(peers.index);
+        let to = placed.thread();
+        if to == peers.index {
+            start(stream, peer, local, (tracked, closing, placed), shared);
+            continue;
+        }
+        // Another thread holds clearly fewer: it serves this one.
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "data connection closed: it could not be handed to another data thread");
+                continue;
+            }
+        };
+        let handed = Handoff {
+            stream,
+            peer,
+            placed,
+            tracked,
+            closing,
+        };
+        if let Err(mpsc::error::SendError(back)) = peers.senders[to].send(handed) {
+            // That thread has stopped taking connections: serve it here.
+            let here = peers.spread.on(peers.index);
+            take(Handoff { placed: here, ..back }, local, shared);
+        }
     }
+    // Nothing more is handed to this thread; what already was is served.
+    peers.inbox.close();
+    while let Ok(handed) = peers.inbox.try_recv() {
+        take(handed, local, shared);
+    }
+}
+
+/// Serves a connection handed over by another thread (or back to this one).
+fn take(handed: Handoff, local: Option<SocketAddr>, shared: &Shared) {
+    let Handoff {
+        stream,
+        peer,
+        placed,
+        tracked,
+        closing,
+    } = handed;
+    match TcpStream::from_std(stream) {
+        Ok(stream) => start(stream, peer, local, (tracked, closing, placed), shared),
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "data connection closed: this data thread could not take it");
+        }
+    }
+}
+
+/// Serves `stream` on a task of its own on this thread.
+fn start(
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    (tracked, closing, placed): (Tracked, Closing, Placed),
+    shared: &Shared,
+) {
+    let id = tracked.id;
+    let module = shared.module.clone();
+    let ctx = shared.ctx.clone();
+    let settings = shared.settings.clone();
+    let task = tokio::spawn(async move {
+        let _counted = (tracked, placed);
+        serve_one(stream, peer, local, closing, module, ctx, &settings).await;
+    });
+    shared.conns.set_abort(id, task.abort_handle());
 }
 
 async fn serve_one(

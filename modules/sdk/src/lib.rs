@@ -59,6 +59,7 @@ pub mod procinfo;
 pub mod ratelimit;
 pub mod runtime;
 pub mod scale;
+pub mod spread;
 pub mod service;
 pub mod stats;
 pub mod telemetry;

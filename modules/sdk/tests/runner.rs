@@ -436,3 +436,62 @@ async fn connections_are_served_on_the_configured_data_threads() {
         .unwrap()
         .unwrap();
 }
+
+/// Writes which data thread serves the connection, then holds it until the
+/// client closes.
+struct Holds;
+
+#[switchyard_sdk::async_trait]
+impl Module for Holds {
+    fn descriptor(&self) -> Descriptor {
+        Quiet.descriptor()
+    }
+
+    async fn serve(&self, mut conn: Connection) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let line = format!("{:?}\n", switchyard_sdk::data::worker());
+        let _ = conn.stream.write_all(line.as_bytes()).await;
+        let mut rest = Vec::new();
+        let _ = conn.stream.read_to_end(&mut rest).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_opened_at_once_are_spread_over_the_data_threads() {
+    use tokio::io::AsyncReadExt;
+    let mut cfg = config("127.0.0.1:1", "spread-1");
+    cfg.data.threads = 2;
+    let running = Runner::new(Holds, cfg).start().await.unwrap();
+    // 64 connections opened back to back and held, as a client pool opens
+    // them: whichever thread is awake would take them all.
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        held.push(
+            tokio::net::TcpStream::connect(running.data_addr)
+                .await
+                .unwrap(),
+        );
+    }
+    let mut per_thread = [0usize; 2];
+    for s in &mut held {
+        let mut line = [0u8; 8];
+        let n = s.read(&mut line).await.unwrap();
+        match &line[..n] {
+            b"Some(0)\n" => per_thread[0] += 1,
+            b"Some(1)\n" => per_thread[1] += 1,
+            other => panic!("served off the data threads: {other:?}"),
+        }
+    }
+    assert_eq!(per_thread[0] + per_thread[1], 64);
+    // Within the spread's slack: 2 and an eighth of the lighter thread.
+    assert!(
+        per_thread.iter().all(|&n| n >= 28),
+        "64 connections were served {per_thread:?} by the two data threads"
+    );
+    drop(held);
+    running.stop(StopReason::Signal);
+    tokio::time::timeout(SOON, running.wait())
+        .await
+        .unwrap()
+        .unwrap();
+}
