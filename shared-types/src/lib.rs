@@ -9,7 +9,8 @@
 //! And [`proxy_v2`], the PROXY protocol v2 header codec (pure bytes, no I/O)
 //! that the NLB and the module SDK share, and [`sniff`], the protocol
 //! detectors the NLB runs on a connection's first bytes (pure bytes too, here
-//! so that the fuzz targets reach them).
+//! so that the fuzz targets reach them). And [`spread`], which evens out
+//! connections over the data threads of both.
 
 #![deny(unsafe_code)]
 
@@ -18,6 +19,7 @@ pub mod names;
 pub mod proxy_v2;
 pub mod query;
 pub mod sniff;
+pub mod spread;
 pub mod time;
 
 pub mod pb {

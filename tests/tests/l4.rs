@@ -15,8 +15,8 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use e2e::l4::{
-    self, banner_from, exchange, hold, metric_sum, metrics_until, register, route, run_bounded,
-    source, start_nlb, tally, Behaviour, DataServer, L4Nlb, ModuleSpec,
+    self, banner_from, connect_from, exchange, hold, metric_sum, metrics_until, register, route,
+    run_bounded, source, start_nlb, tally, Behaviour, DataServer, L4Nlb, ModuleSpec,
 };
 use e2e::{poll_until, Sandbox};
 use shared_types::pb::{ModuleType, Protocol};
@@ -466,6 +466,62 @@ async fn a_static_pool_shares_connections_and_survives_a_closed_backend() {
         metric_sum(&text, "nlb_ejections_total", &[("module", "backend")]) >= 1.0,
         "the closed backend is ejected after consecutive failures"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_opened_at_once_are_spread_over_the_data_threads() {
+    use tokio::io::AsyncReadExt;
+    let sb = Sandbox::new();
+    let backend = DataServer::start("backend", Behaviour::Echo).await;
+    let addr = backend.addr;
+    let nlb = start_nlb(&sb, &[("pool", "tcp")], |l| {
+        format!(
+            "dataplane: {{threads: 2}}\n\
+             backends:\n  web: [\"{addr}\"]\n\
+             routes:\n  - {{route_id: web, protocol: tcp, destination_port: {}, metadata: {{backend: web}}}}\n",
+            l.port("pool")
+        )
+    })
+    .await;
+    let to = nlb.listeners.addr("pool");
+    // 64 connections opened at once before any is read, as a client pool
+    // opens them: whichever data thread is awake would take them all.
+    let mut connecting = tokio::task::JoinSet::new();
+    for i in 0..64 {
+        connecting.spawn(connect_from(source(i), to));
+    }
+    let mut held = Vec::new();
+    while let Some(c) = connecting.join_next().await {
+        held.push(c.expect("the connect task").expect("connect"));
+    }
+    for (i, s) in held.iter_mut().enumerate() {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(30), s.read(&mut byte)).await;
+        assert!(
+            matches!(read, Ok(Ok(1))),
+            "connection {i}: no banner from the backend: {read:?}"
+        );
+    }
+    let text = metrics_until(&nlb, "64 connections open", |t| {
+        metric_sum(t, "nlb_data_thread_connections", &[]) >= 64.0
+    })
+    .await;
+    let per_thread: Vec<f64> = ["0", "1"]
+        .iter()
+        .map(|t| metric_sum(&text, "nlb_data_thread_connections", &[("thread", t)]))
+        .collect();
+    assert_eq!(per_thread.iter().sum::<f64>(), 64.0, "{per_thread:?}");
+    // Within the spread's slack: 2 and an eighth of the lighter thread.
+    assert!(
+        per_thread.iter().all(|&n| n >= 28.0),
+        "64 connections were served {per_thread:?} by the two data threads"
+    );
+    assert_eq!(backend.open(), 64);
+    drop(held);
+    metrics_until(&nlb, "every connection closed", |t| {
+        metric_sum(t, "nlb_data_thread_connections", &[]) == 0.0
+    })
+    .await;
 }
 
 /// An NLB with a `tcp` listener `web` and three alb instances announcing the

@@ -9,7 +9,7 @@
 //! the one listening socket, so a connection, its requests and whatever it
 //! opens (an upstream connection, say) stay on one thread, with no
 //! cross-thread wake-ups. A thread that holds clearly more connections
-//! than another hands a new one over to it ([`crate::spread`]). The
+//! than another hands a new one over to it ([`shared_types::spread`]). The
 //! control side (ModuleService, heartbeats, admin) runs on the main
 //! runtime.
 
@@ -33,8 +33,8 @@ use tokio::time::Instant;
 
 use crate::context::Context;
 use crate::module::Module;
-use crate::spread::{Placed, Spread};
 use crate::stats::{ConnectionGuard, Stats};
+use shared_types::spread::{Placed, Spread};
 
 /// One data connection, handed to the module.
 pub struct Connection {
@@ -563,7 +563,14 @@ async fn accept_loop(
         if let Err(mpsc::error::SendError(back)) = peers.senders[to].send(handed) {
             // That thread has stopped taking connections: serve it here.
             let here = peers.spread.on(peers.index);
-            take(Handoff { placed: here, ..back }, local, shared);
+            take(
+                Handoff {
+                    placed: here,
+                    ..back
+                },
+                local,
+                shared,
+            );
         }
     }
     // Nothing more is handed to this thread; what already was is served.

@@ -59,7 +59,6 @@ pub mod procinfo;
 pub mod ratelimit;
 pub mod runtime;
 pub mod scale;
-pub mod spread;
 pub mod service;
 pub mod stats;
 pub mod telemetry;

@@ -462,15 +462,15 @@ async fn connections_opened_at_once_are_spread_over_the_data_threads() {
     let mut cfg = config("127.0.0.1:1", "spread-1");
     cfg.data.threads = 2;
     let running = Runner::new(Holds, cfg).start().await.unwrap();
-    // 64 connections opened back to back and held, as a client pool opens
+    // 64 connections opened at once and held, as a client pool opens
     // them: whichever thread is awake would take them all.
-    let mut held = Vec::new();
+    let mut connecting = tokio::task::JoinSet::new();
     for _ in 0..64 {
-        held.push(
-            tokio::net::TcpStream::connect(running.data_addr)
-                .await
-                .unwrap(),
-        );
+        connecting.spawn(tokio::net::TcpStream::connect(running.data_addr));
+    }
+    let mut held = Vec::new();
+    while let Some(c) = connecting.join_next().await {
+        held.push(c.unwrap().unwrap());
     }
     let mut per_thread = [0usize; 2];
     for s in &mut held {

@@ -13,6 +13,9 @@ pub struct DataplaneMetrics {
     pub active: IntGaugeVec,
     /// `nlb_connections_open`: over all listeners (the global cap's count).
     pub open: IntGauge,
+    /// `nlb_data_thread_connections{thread}`: connections served by each
+    /// data thread (bounded by the thread count).
+    pub threads: IntGaugeVec,
     /// `nlb_bytes_total{listener,direction}`: `upstream` (client to
     /// instance) and `downstream`.
     pub bytes: IntCounterVec,
@@ -52,6 +55,14 @@ impl DataplaneMetrics {
             "Connections open over all listeners.",
         )?;
         registry.register(Box::new(open.clone()))?;
+        let threads = IntGaugeVec::new(
+            Opts::new(
+                "nlb_data_thread_connections",
+                "Connections open on each data thread.",
+            ),
+            &["thread"],
+        )?;
+        registry.register(Box::new(threads.clone()))?;
         Ok(DataplaneMetrics {
             connections: counter(
                 "nlb_connections_total",
@@ -60,6 +71,7 @@ impl DataplaneMetrics {
             )?,
             active,
             open,
+            threads,
             bytes: counter(
                 "nlb_bytes_total",
                 "Bytes forwarded: upstream (client to instance) and downstream.",

@@ -29,6 +29,7 @@ use arc_swap::ArcSwap;
 use futures::FutureExt;
 use parking_lot::Mutex;
 use prometheus::{IntCounter, IntGauge};
+use shared_types::spread::{Placed, Spread};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tokio::task::{AbortHandle, JoinHandle};
@@ -190,14 +191,24 @@ pub struct Dataplane {
     /// Set by [`Dataplane::shutdown`]: no listener starts after it.
     stopped: AtomicBool,
     /// The data threads' runtimes, started with the first listener.
-    workers: std::sync::OnceLock<Vec<tokio::runtime::Handle>>,
+    workers: std::sync::OnceLock<Workers>,
 }
 
 /// A connection counted open on its listener and overall until dropped.
+/// The data threads: a runtime each, and their live connections.
+struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+    spread: Arc<Spread>,
+    /// `nlb_data_thread_connections`, by thread.
+    open: Vec<IntGauge>,
+}
+
 pub(crate) struct Open {
     dp: Arc<Dataplane>,
     listener: Arc<ListenerShared>,
     id: u64,
+    /// Counted on the data thread that serves it.
+    placed: Placed,
 }
 
 impl Drop for Open {
@@ -207,6 +218,9 @@ impl Drop for Open {
         self.listener.active.dec();
         self.dp.open.fetch_sub(1, Ordering::Relaxed);
         self.dp.metrics.open.dec();
+        if let Some(w) = self.dp.workers.get() {
+            w.open[self.placed.thread()].dec();
+        }
         if self.dp.draining.load(Ordering::Relaxed) > 0 {
             self.dp.closed.notify_waiters();
         }
@@ -247,7 +261,7 @@ impl Dataplane {
 
     /// The data threads (started on first use; callers hold the listeners
     /// lock, so they start once).
-    fn workers(&self) -> std::io::Result<&[tokio::runtime::Handle]> {
+    fn workers(&self) -> std::io::Result<&Workers> {
         if let Some(w) = self.workers.get() {
             return Ok(w);
         }
@@ -265,7 +279,14 @@ impl Dataplane {
                 .name(format!("dataplane-{i}"))
                 .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
         }
-        Ok(self.workers.get_or_init(|| handles))
+        let open = (0..n)
+            .map(|i| self.metrics.threads.with_label_values(&[&i.to_string()]))
+            .collect();
+        Ok(self.workers.get_or_init(|| Workers {
+            spread: Spread::new(handles.len()),
+            handles,
+            open,
+        }))
     }
 
     pub fn settings(&self) -> DataplaneConfig {
@@ -376,12 +397,12 @@ impl Dataplane {
             forwarded: Default::default(),
         });
         let (stop_accept, stopping) = watch::channel(false);
-        let mut accepting = Vec::with_capacity(workers.len());
-        for worker in workers {
+        let mut accepting = Vec::with_capacity(workers.handles.len());
+        for (thread, worker) in workers.handles.iter().enumerate() {
             let socket = socket.try_clone().map_err(err)?;
             accepting.push(worker.spawn(accept_loop(
                 self.clone(),
-                shared.clone(),
+                (shared.clone(), thread),
                 socket,
                 stopping.clone(),
             )));
@@ -508,10 +529,10 @@ fn bind(addr: SocketAddr, keepalive_secs: u64) -> std::io::Result<std::net::TcpL
     Ok(socket.into())
 }
 
-/// Accepts on one data thread until told to stop.
+/// Accepts on one data thread (`thread`) until told to stop.
 async fn accept_loop(
     dp: Arc<Dataplane>,
-    listener: Arc<ListenerShared>,
+    (listener, thread): (Arc<ListenerShared>, usize),
     socket: std::net::TcpListener,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -529,7 +550,7 @@ async fn accept_loop(
             r = socket.accept() => r,
         };
         match accepted {
-            Ok((stream, peer)) => admit(&dp, &listener, stream, peer),
+            Ok((stream, peer)) => admit(&dp, (&listener, thread), stream, peer),
             Err(e) => {
                 dp.metrics
                     .listener_errors
@@ -552,15 +573,17 @@ async fn accept_loop(
     }
     // Connections the kernel already completed are served, not reset.
     while let Some(Ok((stream, peer))) = socket.accept().now_or_never() {
-        admit(&dp, &listener, stream, peer);
+        admit(&dp, (&listener, thread), stream, peer);
     }
     tracing::debug!(listener = %listener.name, "stopped accepting");
 }
 
-/// Applies the caps to an accepted connection and starts serving it.
+/// Applies the caps to a connection accepted on data thread `thread` and
+/// starts serving it: on that thread, or on another that holds clearly
+/// fewer connections (see [`shared_types::spread`]).
 fn admit(
     dp: &Arc<Dataplane>,
-    listener: &Arc<ListenerShared>,
+    (listener, thread): (&Arc<ListenerShared>, usize),
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
 ) {
@@ -596,12 +619,39 @@ fn admit(
     listener.open.fetch_add(1, Ordering::Relaxed);
     listener.active.inc();
     let id = dp.next_id.fetch_add(1, Ordering::Relaxed);
+    let Some(workers) = dp.workers.get() else {
+        // Accept loops run on the data threads, so they exist.
+        return;
+    };
+    let placed = workers.spread.place(thread);
+    let to = placed.thread();
     let open = Open {
         dp: dp.clone(),
         listener: listener.clone(),
         id,
+        placed,
     };
-    let task = tokio::spawn(conn::serve(open, stream, peer));
+    workers.open[to].inc();
+    let task = if to == thread {
+        tokio::spawn(conn::serve(open, stream, peer))
+    } else {
+        // Off this thread's reactor, onto the other's.
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(listener = %listener.name, %peer, error = %e, "connection closed: it could not be handed to another data thread");
+                return;
+            }
+        };
+        workers.handles[to].spawn(async move {
+            match tokio::net::TcpStream::from_std(stream) {
+                Ok(stream) => conn::serve(open, stream, peer).await,
+                Err(e) => {
+                    tracing::warn!(listener = %open.listener.name, %peer, error = %e, "connection closed: its data thread could not take it");
+                }
+            }
+        })
+    };
     dp.live.enter(id, listener.id, task.abort_handle());
 }
 

@@ -1,4 +1,4 @@
-//! Spreading connections over the data threads.
+//! Spreading connections over data threads (the NLB's and the module SDK's).
 //!
 //! Every data thread accepts from the one listening socket, and whichever
 //! thread is running when connections arrive takes all that are queued. A
