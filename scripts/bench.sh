@@ -13,7 +13,8 @@
 #
 # Knobs (environment): BENCH_DURATION (s, default 10), BENCH_WARMUP (2),
 # BENCH_CONCURRENCY (32), BENCH_CONNECTIONS (4), BENCH_FLEET (10000 instances),
-# BENCH_FLEET_WINDOW (30 s), BENCH_FLEET_CONNECTIONS (BENCH_CONNECTIONS; the
+# BENCH_ROUNDS (alb: 3 rounds of every load, the targets taking turns, the
+# median reported), BENCH_FLEET_WINDOW (30 s), BENCH_FLEET_CONNECTIONS (BENCH_CONNECTIONS; the
 # number of instances gives each its own connection, as separate module
 # processes would have), BENCH_AUTH ("off on": which auth modes to run).
 # l4 only: BENCH_L4_TARGETS ("direct haproxy nginx nlb-declared nlb-sniffing"),
@@ -242,16 +243,50 @@ wrk_stats() {
         }'
 }
 
-# wrk_run KIND TARGET URL [wrk args]: one wrk load, a RESULT line.
+# wrk_run KIND TARGET URL [wrk args]: one wrk load, a ROUND line.
 wrk_run() {
     local kind="$1" target="$2" url="$3"
     shift 3
     local stats
     stats="$(wrk_stats "$url" "$@")"
-    echo "RESULT bench=alb load=$kind target=$target $stats" | tee -a "$RESULTS"
+    echo "ROUND bench=alb load=$kind target=$target $stats" | tee -a "$RESULTS"
 }
 
-# h2_run TARGET URL: one h2load load (HTTP/2 prior knowledge), a RESULT line.
+# alb_median LOAD TARGET: the RESULT line of LOAD against TARGET over its
+# ROUND lines: the counts (requests, errors, non-2xx, failed) summed, the
+# rest the median.
+alb_median() {
+    grep "^ROUND bench=alb load=$1 target=$2 " "$RESULTS" | awk '
+        {
+            for (i = 5; i <= NF; i++) {
+                split($i, kv, "=")
+                if (!(kv[1] in seen)) { seen[kv[1]] = 1; keys[++nk] = kv[1] }
+                v[kv[1], ++n[kv[1]]] = kv[2]
+            }
+        }
+        END {
+            line = ""
+            for (k = 1; k <= nk; k++) {
+                key = keys[k]
+                m = n[key]
+                for (i = 1; i <= m; i++) s[i] = v[key, i] + 0
+                for (i = 2; i <= m; i++) {
+                    x = s[i]
+                    for (j = i - 1; j >= 1 && s[j] > x; j--) s[j + 1] = s[j]
+                    s[j + 1] = x
+                }
+                med = m % 2 ? s[(m + 1) / 2] : (s[m / 2] + s[m / 2 + 1]) / 2
+                if (key ~ /^(requests|errors|non2xx|failed)$/) {
+                    med = 0
+                    for (i = 1; i <= m; i++) med += s[i]
+                }
+                line = line sprintf(" %s=%s", key, key ~ /_ms$/ ? sprintf("%.3f", med) : sprintf("%.0f", med))
+            }
+            print line
+        }' | sed "s/^/RESULT bench=alb load=$1 target=$2 rounds=${BENCH_ROUNDS:-3}/" | tee -a "$RESULTS"
+}
+
+# h2_run TARGET URL: one h2load load (HTTP/2 prior knowledge), a ROUND line.
 h2_run() {
     local target="$1" url="$2" out
     out="$(h2load -c"${BENCH_H2_CONNECTIONS:-16}" -m"${BENCH_H2_STREAMS:-10}" -t2 \
@@ -262,7 +297,7 @@ h2_run() {
         /^requests:/ { failed = $10 }
         /^time for request:/ { mean = ms($6); max = ms($5) }
         END {
-            printf "RESULT bench=alb load=h2load target=%s rps=%.0f mean_ms=%.3f max_ms=%.3f failed=%d\n",
+            printf "ROUND bench=alb load=h2load target=%s rps=%.0f mean_ms=%.3f max_ms=%.3f failed=%d\n",
                 target, rps, mean, max, failed + 0
         }' | tee -a "$RESULTS"
 }
@@ -343,21 +378,42 @@ EOF
     wait_port "$proxy"
     wait_port "$alb"
 
-    local target port
-    for target in origin nginx alb; do
-        case $target in origin) port=$origin ;; nginx) port=$proxy ;; alb) port=$alb ;; esac
-        say "alb: wrk, keep-alive, 1 KiB, $target"
-        wrk_run keepalive "$target" "http://127.0.0.1:$port/1k"
-    done
-    for target in origin nginx alb; do
-        case $target in origin) port=$origin ;; nginx) port=$proxy ;; alb) port=$alb ;; esac
-        say "alb: wrk, a new connection per request, 1 KiB, $target"
-        wrk_run close "$target" "http://127.0.0.1:$port/1k" -H "Connection: close"
-    done
-    for target in origin nginx alb; do
-        case $target in origin) port=$origin_h2 ;; nginx) port=$proxy_h2 ;; alb) port=$alb ;; esac
-        say "alb: h2load, HTTP/2 prior knowledge, 1 KiB, $target"
-        h2_run "$target" "http://127.0.0.1:$port/1k"
+    # Each load runs BENCH_ROUNDS times against every target, the targets
+    # taking turns (in reverse order every other round), so that a slow
+    # spell of this shared machine falls on all of them; each target's
+    # median is its result.
+    local rounds="${BENCH_ROUNDS:-3}" load round target port order
+    for load in keepalive close h2load; do
+        for round in $(seq 1 "$rounds"); do
+            order="origin nginx alb"
+            [ $((round % 2)) -eq 1 ] || order="alb nginx origin"
+            for target in $order; do
+                case $load/$target in
+                h2load/origin) port=$origin_h2 ;;
+                h2load/nginx) port=$proxy_h2 ;;
+                */origin) port=$origin ;;
+                */nginx) port=$proxy ;;
+                */alb) port=$alb ;;
+                esac
+                case $load in
+                keepalive)
+                    say "alb: wrk, keep-alive, 1 KiB, $target (round $round of $rounds)"
+                    wrk_run keepalive "$target" "http://127.0.0.1:$port/1k"
+                    ;;
+                close)
+                    say "alb: wrk, a new connection per request, 1 KiB, $target (round $round of $rounds)"
+                    wrk_run close "$target" "http://127.0.0.1:$port/1k" -H "Connection: close"
+                    ;;
+                h2load)
+                    say "alb: h2load, HTTP/2 prior knowledge, 1 KiB, $target (round $round of $rounds)"
+                    h2_run "$target" "http://127.0.0.1:$port/1k"
+                    ;;
+                esac
+            done
+        done
+        for target in origin nginx alb; do
+            alb_median "$load" "$target"
+        done
     done
     kill "$alb_pid" "$proxy_pid" "$origin_pid" 2>/dev/null || true
     wait "$alb_pid" "$proxy_pid" "$origin_pid" 2>/dev/null || true
@@ -908,9 +964,12 @@ say "summary: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f
         delete f
         for (i = 2; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
         if (f["bench"] == "alb") {
-            http[++nh] = sprintf("%-10s %-7s %9s %9s %9s %9s %9s", f["load"], f["target"], f["rps"],
+            if (f["target"] == "nginx") nginx_rps[f["load"]] = f["rps"]
+            ratio = f["target"] == "alb" && nginx_rps[f["load"]] > 0 ? \
+                sprintf("%.2fx", f["rps"] / nginx_rps[f["load"]]) : "-"
+            http[++nh] = sprintf("%-10s %-7s %9s %9s %9s %9s %9s %9s", f["load"], f["target"], f["rps"],
                 f["p50_ms"] != "" ? f["p50_ms"] : "-", f["p99_ms"] != "" ? f["p99_ms"] : "-",
-                f["mean_ms"] != "" ? f["mean_ms"] : "-", f["max_ms"] != "" ? f["max_ms"] : "-")
+                f["mean_ms"] != "" ? f["mean_ms"] : "-", f["max_ms"] != "" ? f["max_ms"] : "-", ratio)
         } else if (f["bench"] ~ /^fleet/) {
             fleet[++nf] = sprintf("%-13s %-16s %9s %10s %9s %10s %7s %9s %9s %8s",
                 f["bench"], f["auth"], f["instances"], f["register_s"], f["beats_per_s"], f["beat_p99_ms"],
@@ -928,8 +987,8 @@ say "summary: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f
             for (i = 1; i <= nl; i++) print load[i]
         }
         if (nh) {
-            printf "\n%-10s %-7s %9s %9s %9s %9s %9s\n", "http load", "target", "req/s", "p50 ms",
-                "p99 ms", "mean ms", "max ms"
+            printf "\n%-10s %-7s %9s %9s %9s %9s %9s %9s\n", "http load", "target", "req/s", "p50 ms",
+                "p99 ms", "mean ms", "max ms", "/ nginx"
             for (i = 1; i <= nh; i++) print http[i]
         }
         if (nf) {
