@@ -633,7 +633,9 @@ fn admit(
     };
     workers.open[to].inc();
     let task = if to == thread {
-        tokio::spawn(conn::serve(open, stream, peer))
+        // Boxed: tokio moves a task's future several times while spawning
+        // it and on each change of stage; a box moves as one pointer.
+        tokio::spawn(Box::pin(conn::serve(open, stream, peer)))
     } else {
         // Off this thread's reactor, onto the other's.
         let stream = match stream.into_std() {
@@ -645,7 +647,7 @@ fn admit(
         };
         workers.handles[to].spawn(async move {
             match tokio::net::TcpStream::from_std(stream) {
-                Ok(stream) => conn::serve(open, stream, peer).await,
+                Ok(stream) => Box::pin(conn::serve(open, stream, peer)).await,
                 Err(e) => {
                     tracing::warn!(listener = %open.listener.name, %peer, error = %e, "connection closed: its data thread could not take it");
                 }
