@@ -58,10 +58,13 @@ impl Spread {
 
     /// Where a connection accepted on thread `me` is served, counted there
     /// until the returned guard drops: on `me`, unless the thread it looks
-    /// at this turn has at least 2 and an eighth fewer connections (an
-    /// eighth of that thread's count): against 32, at least 6 fewer. The
-    /// jitter of short connections stays under that; a burst on one thread
-    /// ends within it (34 against 30 for 64 connections on two threads).
+    /// at this turn has at least 4 and an eighth fewer connections (an
+    /// eighth of that thread's count): against 32, at least 8 fewer. The
+    /// jitter of short connections mostly stays under that (with 8 short
+    /// connections a thread, a slack of 2 handed over one connection in
+    /// four, each costing two `epoll_ctl` calls and a wake-up); a burst on
+    /// one thread ends within it (35 against 29 for 64 connections on two
+    /// threads).
     pub fn place(self: &Arc<Self>, me: usize) -> Placed {
         let n = self.threads();
         let me = me.min(n - 1);
@@ -74,7 +77,7 @@ impl Spread {
             });
             let other = (me + offset) % n;
             let theirs = self.load(other);
-            if self.load(me) > theirs + 1 + theirs / 8 {
+            if self.load(me) > theirs + 3 + theirs / 8 {
                 thread = other;
             }
         }
@@ -123,7 +126,7 @@ mod tests {
         let held: Vec<Placed> = (0..64).map(|_| spread.place(0)).collect();
         let on0 = held.iter().filter(|p| p.thread() == 0).count();
         assert_eq!(on0 + spread.load(1), 64);
-        assert!((32..=35).contains(&on0), "thread 0 kept {on0} of 64");
+        assert!((32..=36).contains(&on0), "thread 0 kept {on0} of 64");
         assert_eq!(spread.load(0), on0);
         drop(held);
         assert_eq!((spread.load(0), spread.load(1)), (0, 0));
@@ -134,8 +137,8 @@ mod tests {
         let spread = Spread::new(2);
         let _theirs: Vec<Placed> = (0..30).map(|_| spread.on(1)).collect();
         let mine: Vec<Placed> = (0..30).map(|_| spread.on(0)).collect();
-        // Jitter within the slack: 35 against 30 stays.
-        let more: Vec<Placed> = (0..5).map(|_| spread.place(0)).collect();
+        // Jitter within the slack: 37 against 30 stays.
+        let more: Vec<Placed> = (0..7).map(|_| spread.place(0)).collect();
         assert!(more.iter().all(|p| p.thread() == 0));
         // Past it, the next one goes.
         assert_eq!(spread.place(0).thread(), 1);

@@ -511,9 +511,9 @@ async fn connections_opened_at_once_are_spread_over_the_data_threads() {
         .map(|t| metric_sum(&text, "nlb_data_thread_connections", &[("thread", t)]))
         .collect();
     assert_eq!(per_thread.iter().sum::<f64>(), 64.0, "{per_thread:?}");
-    // Within the spread's slack: 2 and an eighth of the lighter thread.
+    // Within the spread's slack: 4 and an eighth of the lighter thread.
     assert!(
-        per_thread.iter().all(|&n| n >= 28.0),
+        per_thread.iter().all(|&n| n >= 26.0),
         "64 connections were served {per_thread:?} by the two data threads"
     );
     assert_eq!(backend.open(), 64);

@@ -483,9 +483,9 @@ async fn connections_opened_at_once_are_spread_over_the_data_threads() {
         }
     }
     assert_eq!(per_thread[0] + per_thread[1], 64);
-    // Within the spread's slack: 2 and an eighth of the lighter thread.
+    // Within the spread's slack: 4 and an eighth of the lighter thread.
     assert!(
-        per_thread.iter().all(|&n| n >= 28),
+        per_thread.iter().all(|&n| n >= 26),
         "64 connections were served {per_thread:?} by the two data threads"
     );
     drop(held);
