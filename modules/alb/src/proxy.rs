@@ -10,7 +10,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body as _, Incoming};
@@ -409,6 +409,10 @@ struct Hop<'a> {
     rid: &'a HeaderValue,
 }
 
+/// How many headers [`Alb::upstream_request`] may add: the four forwarding
+/// headers, `x-request-id` and `Host`.
+const ADDED_HEADERS: usize = 6;
+
 /// Methods safe to send twice (RFC 9110 §9.2.2).
 fn idempotent(m: &Method) -> bool {
     matches!(
@@ -647,10 +651,14 @@ impl Alb {
         *r.method_mut() = parts.method.clone();
         *r.uri_mut() = upstream.uri(endpoint, path)?;
         *r.version_mut() = upstream.protocol.version();
-        // A copy of the map as it is (its hash table too), not a rebuild
-        // header by header.
+        // A copy with room for the headers added below: a clone has none
+        // (its entries exactly fill their vector), so each of the five
+        // inserts that follow would grow it again.
         let h = r.headers_mut();
-        *h = parts.headers.clone();
+        *h = HeaderMap::with_capacity(parts.headers.len() + ADDED_HEADERS);
+        for (name, value) in &parts.headers {
+            h.append(name.clone(), value.clone());
+        }
         headers::strip_hop_by_hop(h, keep_upgrade);
         headers::add_forwarding(h, &peer.names, peer.tls, ex.host.as_ref());
         h.insert(X_REQUEST_ID, rid.clone());
