@@ -21,7 +21,7 @@ use switchyard_sdk::{Connection, Context};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::alb::Alb;
-use crate::cluster::Outcome;
+use crate::cluster::{Outcome, MAX_ATTEMPTS};
 use crate::conn_timer::{ConnTimer, HeaderTimer};
 use crate::deadline::{Arrived, FirstRequest};
 use crate::headers::{self, X_REQUEST_ID};
@@ -698,8 +698,16 @@ impl Alb {
         // sending it: no body, and a method safe to repeat (a connect
         // failure never sent anything, so it may go again with no body).
         let mut body = Some(body);
-        let mut tried: Vec<usize> = Vec::new();
-        let attempts = upstream.cluster.spec().retry.attempts.max(1);
+        // The endpoints tried so far, on the stack (a `Vec` cost an
+        // allocation per request): at most one per attempt.
+        let attempts = upstream
+            .cluster
+            .spec()
+            .retry
+            .attempts
+            .clamp(1, MAX_ATTEMPTS);
+        let mut tried = [0usize; MAX_ATTEMPTS as usize];
+        let mut tried_len = 0;
         upstream.cluster.request_started_at(ex.started);
         // The answer of the last failed attempt: what the client gets if no
         // untried endpoint is left for a retry.
@@ -712,7 +720,7 @@ impl Alb {
             } else {
                 Instant::now()
             };
-            let Some(pick) = upstream.cluster.pick_at(&tried, now) else {
+            let Some(pick) = upstream.cluster.pick_at(&tried[..tried_len], now) else {
                 if let Some(failure) = last_failure {
                     return failure;
                 }
@@ -725,7 +733,10 @@ impl Alb {
             if ex.attempts > 0 {
                 metrics.retries.with_label_values(&[cluster_name]).inc();
             }
-            tried.push(pick.index);
+            if let Some(slot) = tried.get_mut(tried_len) {
+                *slot = pick.index;
+                tried_len += 1;
+            }
             ex.attempts += 1;
             ex.endpoint = Some(pick.endpoint.clone());
             let this_body = match body.take() {
