@@ -421,10 +421,28 @@ fn idempotent(m: &Method) -> bool {
     )
 }
 
+/// A request's `Host` headers, looked up once for routing and admission's
+/// checks: the first, and whether there is another.
+#[derive(Clone, Copy)]
+struct HostHeader<'a> {
+    first: Option<&'a HeaderValue>,
+    repeated: bool,
+}
+
+impl<'a> HostHeader<'a> {
+    fn of<B>(req: &'a Request<B>) -> Self {
+        let mut all = req.headers().get_all(header::HOST).iter();
+        HostHeader {
+            first: all.next(),
+            repeated: all.next().is_some(),
+        }
+    }
+}
+
 /// The host a request is for: HTTP/2's `:authority` (or an absolute
 /// HTTP/1 target's), else `Host`; and whether it is the `Host` header
 /// itself. `None` when it names no host.
-fn host_of<B>(req: &Request<B>) -> (Option<HeaderValue>, bool) {
+fn host_of<B>(req: &Request<B>, host_header: HostHeader<'_>) -> (Option<HeaderValue>, bool) {
     if let Some(a) = req.uri().authority() {
         // Never a `user@` part: it names no host.
         let host = a.as_str().rsplit('@').next().unwrap_or_default();
@@ -433,7 +451,7 @@ fn host_of<B>(req: &Request<B>) -> (Option<HeaderValue>, bool) {
         }
         return (HeaderValue::from_str(host).ok(), false);
     }
-    match req.headers().get(header::HOST) {
+    match host_header.first {
         // The header value itself (a reference count, not a copy).
         Some(h) if !h.is_empty() && h.to_str().is_ok() => (Some(h.clone()), true),
         _ => (None, false),
@@ -452,7 +470,8 @@ impl Alb {
     ) -> Response<ProxyBody> {
         let rid = headers::request_id(req.headers());
         let (limits, access_log) = self.request_settings();
-        let (host, host_is_header) = host_of(&req);
+        let host_header = HostHeader::of(&req);
+        let (host, host_is_header) = host_of(&req, host_header);
         let mut ex = Exchange {
             started: Instant::now(),
             client: peer.addr,
@@ -466,7 +485,7 @@ impl Alb {
             attempts: 0,
         };
         let max_body = limits.max_body_bytes;
-        let mut resp = match self.admit(&req, &mut ex, ctx, &limits) {
+        let mut resp = match self.admit(&req, host_header, &mut ex, ctx, &limits) {
             Err(early) => hold_request(req, *early),
             Ok(upstream) => {
                 if headers::is_websocket_upgrade(req.headers()) && req.version() == Version::HTTP_11
@@ -497,6 +516,7 @@ impl Alb {
     fn admit(
         &self,
         req: &Request<Incoming>,
+        host_header: HostHeader<'_>,
         ex: &mut Exchange,
         ctx: &Context,
         limits: &crate::config::Limits,
@@ -538,8 +558,7 @@ impl Alb {
         // One host per request: the request target's authority and `Host`
         // must agree, or the ALB would route on one and the origin serve
         // the other.
-        let mut hosts = req.headers().get_all(header::HOST).iter();
-        if let (Some(_), Some(_)) = (hosts.next(), hosts.next()) {
+        if host_header.repeated {
             return Err(Box::new(local(
                 StatusCode::BAD_REQUEST,
                 "the request has more than one Host header",
@@ -547,9 +566,7 @@ impl Alb {
         }
         if let (Some(authority), Some(h)) = (
             req.uri().authority(),
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok()),
+            host_header.first.and_then(|h| h.to_str().ok()),
         ) {
             let a = authority.as_str().rsplit('@').next().unwrap_or_default();
             if !a.eq_ignore_ascii_case(h.trim()) {
