@@ -383,6 +383,9 @@ pub struct Exchange {
     /// The path, for the access log (`None` when it is off).
     pub path: Option<String>,
     pub route: Option<Arc<str>>,
+    /// The route's metric series, when it has them (else they are looked
+    /// up by the route's name at the end).
+    pub route_metrics: Option<Arc<crate::metrics::RouteMetrics>>,
     pub cluster: Option<Arc<str>>,
     pub endpoint: Option<Arc<crate::cluster::Endpoint>>,
     pub attempts: u32,
@@ -480,6 +483,7 @@ impl Alb {
             host_is_header,
             path: access_log.then(|| req.uri().path().to_string()),
             route: None,
+            route_metrics: None,
             cluster: None,
             endpoint: None,
             attempts: 0,
@@ -590,6 +594,7 @@ impl Alb {
             )));
         };
         ex.route = Some(route.shared_id().clone());
+        ex.route_metrics = route.metrics().cloned();
         ex.cluster = Some(route.shared_cluster().clone());
         // Keys are built only when limits exist: the common case pays
         // nothing for rate limiting.
@@ -1004,8 +1009,12 @@ impl Alb {
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(ex.started);
         let route = ex.route.as_deref().unwrap_or("-");
-        self.route_metrics(route)
-            .record(status.as_u16(), elapsed.as_secs_f64());
+        match &ex.route_metrics {
+            Some(m) => m.record(status.as_u16(), elapsed.as_secs_f64()),
+            None => self
+                .route_metrics(route)
+                .record(status.as_u16(), elapsed.as_secs_f64()),
+        }
         ctx.stats
             .record_request_at(elapsed, status.as_u16() < 500, now);
         if access_log {
