@@ -138,20 +138,17 @@ async fn serve_http<S>(
             names: headers::ClientNames::new(client.ip()),
         },
     });
-    let svc = service_fn(move |req: Request<Incoming>| {
+    let respond = move |req: Request<Incoming>| {
         arrived.mark();
         let c = on_conn.clone();
-        // Boxed: the request's future is a few KiB, and hyper moves the
-        // future it gets (into its dispatcher; for HTTP/2 into a spawned
-        // task, which moves it three times). A box moves as a pointer.
-        Box::pin(async move {
+        async move {
             Ok::<_, Infallible>(
                 c.alb
                     .handle(req, &c.peer, &c.ctx, &c.tunnels, c.upstream_timer.as_ref())
                     .await,
             )
-        })
-    });
+        }
+    };
     // The connection until it ends, or until the SDK asks it to finish:
     // then the requests in flight finish, the client is told to go (GOAWAY,
     // Connection: close), and it ends.
@@ -178,7 +175,10 @@ async fn serve_http<S>(
             hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-                .serve_connection(io, svc)
+                // Boxed: the request's future is a few KiB, and HTTP/2
+                // spawns it as a task, which moves it three times. A box
+                // moves as a pointer.
+                .serve_connection(io, service_fn(move |req| Box::pin(respond(req))))
         );
     } else {
         drive!(hyper::server::conn::http1::Builder::new()
@@ -191,7 +191,10 @@ async fn serve_http<S>(
             // own 431 (with a body saying why) rather than hyper's bare one.
             .max_buf_size(limits.max_header_bytes.saturating_mul(2).max(8192))
             .max_headers(limits.max_headers)
-            .serve_connection(io, svc)
+            // Not boxed: hyper's HTTP/1 dispatcher keeps the request's
+            // future in a place of its own, made once per connection, and
+            // moves it there once; a box per request cost an allocation.
+            .serve_connection(io, service_fn(respond))
             .with_upgrades());
     }
     // A WebSocket outlives hyper's connection: the connection is done when
