@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -709,16 +709,23 @@ impl Alb {
         let (parts, incoming) = req.into_parts();
         let empty_body = incoming.is_end_stream();
         // Whether reading the client's body failed: then the failure is the
-        // client's, not the endpoint's.
-        let client_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = client_failed.clone();
-        let body: ProxyBody =
-            Limited::new(incoming, usize::try_from(max_body).unwrap_or(usize::MAX))
-                .map_err(move |e| {
-                    flag.store(true, std::sync::atomic::Ordering::Relaxed);
-                    BoxError::from(e)
-                })
-                .boxed();
+        // client's, not the endpoint's. A body known to be empty (most
+        // requests) cannot fail and goes as an empty body that says the
+        // same (ended, length 0): no flag, no limit, nothing allocated.
+        let (body, client_failed): (ProxyBody, _) =
+            if empty_body && incoming.size_hint().exact() == Some(0) {
+                (Empty::new().map_err(|e| match e {}).boxed(), None)
+            } else {
+                let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let flag = failed.clone();
+                let body = Limited::new(incoming, usize::try_from(max_body).unwrap_or(usize::MAX))
+                    .map_err(move |e| {
+                        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                        BoxError::from(e)
+                    })
+                    .boxed();
+                (body, Some(failed))
+            };
         // A request can go again only when nothing of it is lost by
         // sending it: no body, and a method safe to repeat (a connect
         // failure never sent anything, so it may go again with no body).
@@ -838,7 +845,10 @@ impl Alb {
                             format!("the request body is larger than {max_body} bytes"),
                         );
                     }
-                    if client_failed.load(std::sync::atomic::Ordering::Relaxed) {
+                    if client_failed
+                        .as_ref()
+                        .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
+                    {
                         metrics.refused.with_label_values(&["client_body"]).inc();
                         return local(
                             StatusCode::BAD_REQUEST,
