@@ -124,13 +124,13 @@ impl Alb {
 
     fn refresh_route_metrics(&self) {
         let Some(m) = self.metrics.get() else { return };
-        let mut map: NameMap<Arc<RouteMetrics>> = self
-            .routes
-            .load()
-            .routes()
-            .iter()
-            .map(|r| (r.id().to_string(), Arc::new(RouteMetrics::new(m, r.id()))))
-            .collect();
+        let routes = self.routes.load();
+        let mut map: NameMap<Arc<RouteMetrics>> = NameMap::default();
+        for r in routes.routes() {
+            let series = Arc::new(RouteMetrics::new(m, r.id()));
+            r.set_metrics(series.clone());
+            map.insert(r.id().to_string(), series);
+        }
         map.insert("-".into(), Arc::new(RouteMetrics::new(m, "-")));
         self.route_metrics.store(Arc::new(map));
     }

@@ -102,6 +102,7 @@ impl AlbMetrics {
 
 /// One route's series, resolved once per route table rather than per
 /// request (a label lookup hashes and locks).
+#[derive(Debug)]
 pub struct RouteMetrics {
     by_class: [prometheus::IntCounter; 5],
     duration: prometheus::Histogram,

@@ -10,9 +10,9 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -21,7 +21,7 @@ use switchyard_sdk::{Connection, Context};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::alb::Alb;
-use crate::cluster::Outcome;
+use crate::cluster::{Outcome, MAX_ATTEMPTS};
 use crate::conn_timer::{ConnTimer, HeaderTimer};
 use crate::deadline::{Arrived, FirstRequest};
 use crate::headers::{self, X_REQUEST_ID};
@@ -138,20 +138,17 @@ async fn serve_http<S>(
             names: headers::ClientNames::new(client.ip()),
         },
     });
-    let svc = service_fn(move |req: Request<Incoming>| {
+    let respond = move |req: Request<Incoming>| {
         arrived.mark();
         let c = on_conn.clone();
-        // Boxed: the request's future is a few KiB, and hyper moves the
-        // future it gets (into its dispatcher; for HTTP/2 into a spawned
-        // task, which moves it three times). A box moves as a pointer.
-        Box::pin(async move {
+        async move {
             Ok::<_, Infallible>(
                 c.alb
                     .handle(req, &c.peer, &c.ctx, &c.tunnels, c.upstream_timer.as_ref())
                     .await,
             )
-        })
-    });
+        }
+    };
     // The connection until it ends, or until the SDK asks it to finish:
     // then the requests in flight finish, the client is told to go (GOAWAY,
     // Connection: close), and it ends.
@@ -178,7 +175,10 @@ async fn serve_http<S>(
             hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-                .serve_connection(io, svc)
+                // Boxed: the request's future is a few KiB, and HTTP/2
+                // spawns it as a task, which moves it three times. A box
+                // moves as a pointer.
+                .serve_connection(io, service_fn(move |req| Box::pin(respond(req))))
         );
     } else {
         drive!(hyper::server::conn::http1::Builder::new()
@@ -191,7 +191,10 @@ async fn serve_http<S>(
             // own 431 (with a body saying why) rather than hyper's bare one.
             .max_buf_size(limits.max_header_bytes.saturating_mul(2).max(8192))
             .max_headers(limits.max_headers)
-            .serve_connection(io, svc)
+            // Not boxed: hyper's HTTP/1 dispatcher keeps the request's
+            // future in a place of its own, made once per connection, and
+            // moves it there once; a box per request cost an allocation.
+            .serve_connection(io, service_fn(respond))
             .with_upgrades());
     }
     // A WebSocket outlives hyper's connection: the connection is done when
@@ -383,6 +386,9 @@ pub struct Exchange {
     /// The path, for the access log (`None` when it is off).
     pub path: Option<String>,
     pub route: Option<Arc<str>>,
+    /// The route's metric series, when it has them (else they are looked
+    /// up by the route's name at the end).
+    pub route_metrics: Option<Arc<crate::metrics::RouteMetrics>>,
     pub cluster: Option<Arc<str>>,
     pub endpoint: Option<Arc<crate::cluster::Endpoint>>,
     pub attempts: u32,
@@ -409,6 +415,10 @@ struct Hop<'a> {
     rid: &'a HeaderValue,
 }
 
+/// How many headers [`Alb::upstream_request`] may add: the four forwarding
+/// headers, `x-request-id` and `Host`.
+const ADDED_HEADERS: usize = 6;
+
 /// Methods safe to send twice (RFC 9110 §9.2.2).
 fn idempotent(m: &Method) -> bool {
     matches!(
@@ -417,10 +427,28 @@ fn idempotent(m: &Method) -> bool {
     )
 }
 
+/// A request's `Host` headers, looked up once for routing and admission's
+/// checks: the first, and whether there is another.
+#[derive(Clone, Copy)]
+struct HostHeader<'a> {
+    first: Option<&'a HeaderValue>,
+    repeated: bool,
+}
+
+impl<'a> HostHeader<'a> {
+    fn of<B>(req: &'a Request<B>) -> Self {
+        let mut all = req.headers().get_all(header::HOST).iter();
+        HostHeader {
+            first: all.next(),
+            repeated: all.next().is_some(),
+        }
+    }
+}
+
 /// The host a request is for: HTTP/2's `:authority` (or an absolute
 /// HTTP/1 target's), else `Host`; and whether it is the `Host` header
 /// itself. `None` when it names no host.
-fn host_of<B>(req: &Request<B>) -> (Option<HeaderValue>, bool) {
+fn host_of<B>(req: &Request<B>, host_header: HostHeader<'_>) -> (Option<HeaderValue>, bool) {
     if let Some(a) = req.uri().authority() {
         // Never a `user@` part: it names no host.
         let host = a.as_str().rsplit('@').next().unwrap_or_default();
@@ -429,7 +457,7 @@ fn host_of<B>(req: &Request<B>) -> (Option<HeaderValue>, bool) {
         }
         return (HeaderValue::from_str(host).ok(), false);
     }
-    match req.headers().get(header::HOST) {
+    match host_header.first {
         // The header value itself (a reference count, not a copy).
         Some(h) if !h.is_empty() && h.to_str().is_ok() => (Some(h.clone()), true),
         _ => (None, false),
@@ -448,7 +476,8 @@ impl Alb {
     ) -> Response<ProxyBody> {
         let rid = headers::request_id(req.headers());
         let (limits, access_log) = self.request_settings();
-        let (host, host_is_header) = host_of(&req);
+        let host_header = HostHeader::of(&req);
+        let (host, host_is_header) = host_of(&req, host_header);
         let mut ex = Exchange {
             started: Instant::now(),
             client: peer.addr,
@@ -457,12 +486,13 @@ impl Alb {
             host_is_header,
             path: access_log.then(|| req.uri().path().to_string()),
             route: None,
+            route_metrics: None,
             cluster: None,
             endpoint: None,
             attempts: 0,
         };
         let max_body = limits.max_body_bytes;
-        let mut resp = match self.admit(&req, &mut ex, ctx, &limits) {
+        let mut resp = match self.admit(&req, host_header, &mut ex, ctx, &limits) {
             Err(early) => hold_request(req, *early),
             Ok(upstream) => {
                 if headers::is_websocket_upgrade(req.headers()) && req.version() == Version::HTTP_11
@@ -493,6 +523,7 @@ impl Alb {
     fn admit(
         &self,
         req: &Request<Incoming>,
+        host_header: HostHeader<'_>,
         ex: &mut Exchange,
         ctx: &Context,
         limits: &crate::config::Limits,
@@ -534,8 +565,7 @@ impl Alb {
         // One host per request: the request target's authority and `Host`
         // must agree, or the ALB would route on one and the origin serve
         // the other.
-        let mut hosts = req.headers().get_all(header::HOST).iter();
-        if let (Some(_), Some(_)) = (hosts.next(), hosts.next()) {
+        if host_header.repeated {
             return Err(Box::new(local(
                 StatusCode::BAD_REQUEST,
                 "the request has more than one Host header",
@@ -543,9 +573,7 @@ impl Alb {
         }
         if let (Some(authority), Some(h)) = (
             req.uri().authority(),
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok()),
+            host_header.first.and_then(|h| h.to_str().ok()),
         ) {
             let a = authority.as_str().rsplit('@').next().unwrap_or_default();
             if !a.eq_ignore_ascii_case(h.trim()) {
@@ -569,6 +597,7 @@ impl Alb {
             )));
         };
         ex.route = Some(route.shared_id().clone());
+        ex.route_metrics = route.metrics().cloned();
         ex.cluster = Some(route.shared_cluster().clone());
         // Keys are built only when limits exist: the common case pays
         // nothing for rate limiting.
@@ -647,10 +676,14 @@ impl Alb {
         *r.method_mut() = parts.method.clone();
         *r.uri_mut() = upstream.uri(endpoint, path)?;
         *r.version_mut() = upstream.protocol.version();
-        // A copy of the map as it is (its hash table too), not a rebuild
-        // header by header.
+        // A copy with room for the headers added below: a clone has none
+        // (its entries exactly fill their vector), so each of the five
+        // inserts that follow would grow it again.
         let h = r.headers_mut();
-        *h = parts.headers.clone();
+        *h = HeaderMap::with_capacity(parts.headers.len() + ADDED_HEADERS);
+        for (name, value) in &parts.headers {
+            h.append(name.clone(), value.clone());
+        }
         headers::strip_hop_by_hop(h, keep_upgrade);
         headers::add_forwarding(h, &peer.names, peer.tls, ex.host.as_ref());
         h.insert(X_REQUEST_ID, rid.clone());
@@ -676,22 +709,37 @@ impl Alb {
         let (parts, incoming) = req.into_parts();
         let empty_body = incoming.is_end_stream();
         // Whether reading the client's body failed: then the failure is the
-        // client's, not the endpoint's.
-        let client_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = client_failed.clone();
-        let body: ProxyBody =
-            Limited::new(incoming, usize::try_from(max_body).unwrap_or(usize::MAX))
-                .map_err(move |e| {
-                    flag.store(true, std::sync::atomic::Ordering::Relaxed);
-                    BoxError::from(e)
-                })
-                .boxed();
+        // client's, not the endpoint's. A body known to be empty (most
+        // requests) cannot fail and goes as an empty body that says the
+        // same (ended, length 0): no flag, no limit, nothing allocated.
+        let (body, client_failed): (ProxyBody, _) =
+            if empty_body && incoming.size_hint().exact() == Some(0) {
+                (Empty::new().map_err(|e| match e {}).boxed(), None)
+            } else {
+                let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let flag = failed.clone();
+                let body = Limited::new(incoming, usize::try_from(max_body).unwrap_or(usize::MAX))
+                    .map_err(move |e| {
+                        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                        BoxError::from(e)
+                    })
+                    .boxed();
+                (body, Some(failed))
+            };
         // A request can go again only when nothing of it is lost by
         // sending it: no body, and a method safe to repeat (a connect
         // failure never sent anything, so it may go again with no body).
         let mut body = Some(body);
-        let mut tried: Vec<usize> = Vec::new();
-        let attempts = upstream.cluster.spec().retry.attempts.max(1);
+        // The endpoints tried so far, on the stack (a `Vec` cost an
+        // allocation per request): at most one per attempt.
+        let attempts = upstream
+            .cluster
+            .spec()
+            .retry
+            .attempts
+            .clamp(1, MAX_ATTEMPTS);
+        let mut tried = [0usize; MAX_ATTEMPTS as usize];
+        let mut tried_len = 0;
         upstream.cluster.request_started_at(ex.started);
         // The answer of the last failed attempt: what the client gets if no
         // untried endpoint is left for a retry.
@@ -704,7 +752,7 @@ impl Alb {
             } else {
                 Instant::now()
             };
-            let Some(pick) = upstream.cluster.pick_at(&tried, now) else {
+            let Some(pick) = upstream.cluster.pick_at(&tried[..tried_len], now) else {
                 if let Some(failure) = last_failure {
                     return failure;
                 }
@@ -717,7 +765,10 @@ impl Alb {
             if ex.attempts > 0 {
                 metrics.retries.with_label_values(&[cluster_name]).inc();
             }
-            tried.push(pick.index);
+            if let Some(slot) = tried.get_mut(tried_len) {
+                *slot = pick.index;
+                tried_len += 1;
+            }
             ex.attempts += 1;
             ex.endpoint = Some(pick.endpoint.clone());
             let this_body = match body.take() {
@@ -794,7 +845,10 @@ impl Alb {
                             format!("the request body is larger than {max_body} bytes"),
                         );
                     }
-                    if client_failed.load(std::sync::atomic::Ordering::Relaxed) {
+                    if client_failed
+                        .as_ref()
+                        .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
+                    {
                         metrics.refused.with_label_values(&["client_body"]).inc();
                         return local(
                             StatusCode::BAD_REQUEST,
@@ -968,8 +1022,12 @@ impl Alb {
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(ex.started);
         let route = ex.route.as_deref().unwrap_or("-");
-        self.route_metrics(route)
-            .record(status.as_u16(), elapsed.as_secs_f64());
+        match &ex.route_metrics {
+            Some(m) => m.record(status.as_u16(), elapsed.as_secs_f64()),
+            None => self
+                .route_metrics(route)
+                .record(status.as_u16(), elapsed.as_secs_f64()),
+        }
         ctx.stats
             .record_request_at(elapsed, status.as_u16() < 500, now);
         if access_log {

@@ -55,12 +55,14 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use regex::{Regex, RegexBuilder};
 use serde::{Deserialize, Serialize};
 use shared_types::pb;
+
+use crate::metrics::RouteMetrics;
 
 /// The most routes one table holds.
 pub const MAX_ROUTES: usize = 10_000;
@@ -633,6 +635,9 @@ pub struct Route {
     hosts: Vec<HostPattern>,
     path: CompiledPath,
     headers: Vec<HeaderCondition>,
+    /// The route's metric series, set once the metrics are registered:
+    /// a request records into them without looking them up by name.
+    metrics: OnceLock<Arc<RouteMetrics>>,
 }
 
 impl Route {
@@ -683,6 +688,7 @@ impl Route {
             hosts,
             path,
             headers,
+            metrics: OnceLock::new(),
         })
     }
 
@@ -704,6 +710,16 @@ impl Route {
     /// [`cluster`](Self::cluster), shared.
     pub fn shared_cluster(&self) -> &Arc<str> {
         &self.shared_cluster
+    }
+
+    /// The route's metric series, once set.
+    pub fn metrics(&self) -> Option<&Arc<RouteMetrics>> {
+        self.metrics.get()
+    }
+
+    /// Sets the route's metric series (the first one set stays).
+    pub fn set_metrics(&self, metrics: Arc<RouteMetrics>) {
+        let _ = self.metrics.set(metrics);
     }
 
     /// The route as configured.
