@@ -628,10 +628,12 @@ fn start(
     let module = shared.module.clone();
     let ctx = shared.ctx.clone();
     let settings = shared.settings.clone();
-    let task = tokio::spawn(async move {
+    // Boxed: tokio moves a task's future several times while spawning it
+    // and at each change of stage; a box moves as one pointer.
+    let task = tokio::spawn(Box::pin(async move {
         let _counted = (tracked, placed);
         serve_one(stream, peer, local, closing, module, ctx, &settings).await;
-    });
+    }));
     shared.conns.set_abort(id, task.abort_handle());
 }
 
