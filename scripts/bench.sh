@@ -254,7 +254,7 @@ wrk_run() {
 
 # alb_median LOAD TARGET: the RESULT line of LOAD against TARGET over its
 # ROUND lines: the counts (requests, errors, non-2xx, failed) summed, the
-# rest the median.
+# maximum (max_ms) the largest, the rest the median.
 alb_median() {
     grep "^ROUND bench=alb load=$1 target=$2 " "$RESULTS" | awk '
         {
@@ -280,6 +280,7 @@ alb_median() {
                     med = 0
                     for (i = 1; i <= m; i++) med += s[i]
                 }
+                if (key ~ /^max_/) med = s[m]
                 line = line sprintf(" %s=%s", key, key ~ /_ms$/ ? sprintf("%.3f", med) : sprintf("%.0f", med))
             }
             print line
@@ -383,6 +384,10 @@ EOF
     # spell of this shared machine falls on all of them; each target's
     # median is its result.
     local rounds="${BENCH_ROUNDS:-3}" load round target port order
+    [[ $rounds =~ ^[1-9][0-9]*$ ]] || {
+        echo "BENCH_ROUNDS: $rounds is not a number of rounds (1 or more)" >&2
+        exit 2
+    }
     for load in keepalive close h2load; do
         for round in $(seq 1 "$rounds"); do
             order="origin nginx alb"

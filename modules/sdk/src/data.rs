@@ -461,6 +461,9 @@ pub fn spawn_workers(
                         Ok(listener) => accept_loop(listener, &shared, peers, stop).await,
                         Err(e) => {
                             tracing::error!(thread = index, error = %e, "data thread cannot use the listener");
+                            // Its inbox goes too: a thread handing it a
+                            // connection then serves the connection itself.
+                            drop(peers);
                         }
                     }
                     let _ = done.send(());
@@ -592,9 +595,11 @@ async fn accept_loop(
             );
         }
     }
-    // Nothing more is handed to this thread; what already was is served.
+    // Nothing more is handed to this thread; what already was is served
+    // (`recv`, not `try_recv`: a send under way when the inbox closed is
+    // waited for, where `try_recv` could find it not yet there).
     peers.inbox.close();
-    while let Ok(handed) = peers.inbox.try_recv() {
+    while let Some(handed) = peers.inbox.recv().await {
         take(handed, local, shared);
     }
 }

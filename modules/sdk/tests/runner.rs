@@ -475,8 +475,11 @@ async fn connections_opened_at_once_are_spread_over_the_data_threads() {
     let mut per_thread = [0usize; 2];
     for s in &mut held {
         let mut line = [0u8; 8];
-        let n = s.read(&mut line).await.unwrap();
-        match &line[..n] {
+        tokio::time::timeout(SOON, s.read_exact(&mut line))
+            .await
+            .expect("each connection says its thread in time")
+            .unwrap();
+        match &line[..] {
             b"Some(0)\n" => per_thread[0] += 1,
             b"Some(1)\n" => per_thread[1] += 1,
             other => panic!("served off the data threads: {other:?}"),

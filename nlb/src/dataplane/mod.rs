@@ -634,45 +634,55 @@ fn admit(
         rejected("rate_limited");
         return;
     }
-    dp.open.fetch_add(1, Ordering::Relaxed);
-    dp.metrics.open.inc();
-    listener.open.fetch_add(1, Ordering::Relaxed);
-    listener.active.inc();
-    let id = dp.next_id.fetch_add(1, Ordering::Relaxed);
     let Some(workers) = dp.workers.get() else {
         // Accept loops run on the data threads, so they exist.
         return;
     };
+    /// Where a connection is served: on the thread that accepted it, or,
+    /// taken off that thread's reactor, on another.
+    enum Served {
+        Here(tokio::net::TcpStream),
+        There(std::net::TcpStream),
+    }
+    // Placed before anything is counted: a connection that cannot move
+    // leaves no count behind.
     let placed = workers.spread.place(thread);
     let to = placed.thread();
+    let served = if to == thread {
+        Served::Here(stream)
+    } else {
+        match stream.into_std() {
+            Ok(s) => Served::There(s),
+            Err(e) => {
+                tracing::warn!(listener = %listener.name, %peer, error = %e, "connection closed: it could not be handed to another data thread");
+                return;
+            }
+        }
+    };
+    dp.open.fetch_add(1, Ordering::Relaxed);
+    dp.metrics.open.inc();
+    listener.open.fetch_add(1, Ordering::Relaxed);
+    listener.active.inc();
+    workers.open[to].inc();
+    let id = dp.next_id.fetch_add(1, Ordering::Relaxed);
     let open = Open {
         dp: dp.clone(),
         listener: listener.clone(),
         id,
         placed,
     };
-    workers.open[to].inc();
-    let task = if to == thread {
+    let task = match served {
         // Boxed: tokio moves a task's future several times while spawning
         // it and on each change of stage; a box moves as one pointer.
-        tokio::spawn(Box::pin(conn::serve(open, stream, peer)))
-    } else {
-        // Off this thread's reactor, onto the other's.
-        let stream = match stream.into_std() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(listener = %listener.name, %peer, error = %e, "connection closed: it could not be handed to another data thread");
-                return;
-            }
-        };
-        workers.handles[to].spawn(async move {
+        Served::Here(stream) => tokio::spawn(Box::pin(conn::serve(open, stream, peer))),
+        Served::There(stream) => workers.handles[to].spawn(async move {
             match tokio::net::TcpStream::from_std(stream) {
                 Ok(stream) => Box::pin(conn::serve(open, stream, peer)).await,
                 Err(e) => {
                     tracing::warn!(listener = %open.listener.name, %peer, error = %e, "connection closed: its data thread could not take it");
                 }
             }
-        })
+        }),
     };
     dp.live.enter(id, listener.id, task.abort_handle());
 }
