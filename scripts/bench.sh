@@ -222,6 +222,33 @@ AWK_MS='function ms(v) {
     return v
 }'
 
+# pid_tree PID: PID and its children, one a line.
+pid_tree() {
+    echo "$1"
+    cat /proc/"$1"/task/*/children 2>/dev/null | tr ' ' '\n' | sed '/^$/d' || true
+}
+
+# tree_cpu PID: utime + stime, in clock ticks, of PID and its children
+# (nothing without a PID).
+tree_cpu() {
+    [ -n "$1" ] || return 0
+    local p
+    for p in $(pid_tree "$1"); do
+        sed 's/.*) //' "/proc/$p/stat" 2>/dev/null || true
+    done | awk '{ t += $12 + $13 } END { print t + 0 }'
+}
+
+CPU_HZ="$(getconf CLK_TCK)"
+
+# cpu_per TICKS0 TICKS1 COUNT SCALE FIELD: " FIELD=x", x the CPU seconds
+# between the two readings times SCALE divided by COUNT; nothing without
+# both readings or a count.
+cpu_per() {
+    [ -n "$1" ] && [ -n "$2" ] || return 0
+    awk -v a="$1" -v b="$2" -v n="$3" -v scale="$4" -v field="$5" -v hz="$CPU_HZ" \
+        'BEGIN { if (n > 0) printf " %s=%.2f", field, (b - a) / hz * scale / n }'
+}
+
 # wrk_stats URL [wrk args]: one wrk load (its report to stderr), then its
 # numbers as key=value fields on one line.
 wrk_stats() {
@@ -243,13 +270,20 @@ wrk_stats() {
         }'
 }
 
-# wrk_run KIND TARGET URL [wrk args]: one wrk load, a ROUND line.
+CPU_PID="" # alb: the process (tree) whose CPU a load is charged to
+
+# wrk_run KIND TARGET URL [wrk args]: one wrk load, a ROUND line, with the
+# CPU of CPU_PID's process tree per request (per connection with
+# `Connection: close`) when it is set.
 wrk_run() {
     local kind="$1" target="$2" url="$3"
     shift 3
-    local stats
+    local stats c0 c1
+    c0="$(tree_cpu "$CPU_PID")"
     stats="$(wrk_stats "$url" "$@")"
-    echo "ROUND bench=alb load=$kind target=$target $stats" | tee -a "$RESULTS"
+    c1="$(tree_cpu "$CPU_PID")"
+    local requests="${stats##*requests=}"
+    echo "ROUND bench=alb load=$kind target=$target $stats$(cpu_per "$c0" "$c1" "${requests%% *}" 1e6 cpu_us_per_req)" | tee -a "$RESULTS"
 }
 
 # alb_median LOAD TARGET: the RESULT line of LOAD against TARGET over its
@@ -281,7 +315,8 @@ alb_median() {
                     for (i = 1; i <= m; i++) med += s[i]
                 }
                 if (key ~ /^max_/) med = s[m]
-                line = line sprintf(" %s=%s", key, key ~ /_ms$/ ? sprintf("%.3f", med) : sprintf("%.0f", med))
+                line = line sprintf(" %s=%s", key, key ~ /_ms$/ ? sprintf("%.3f", med) : \
+                    key ~ /^cpu_/ ? sprintf("%.2f", med) : sprintf("%.0f", med))
             }
             print line
         }' | sed "s/^/RESULT bench=alb load=$1 target=$2 rounds=${BENCH_ROUNDS:-3}/" | tee -a "$RESULTS"
@@ -400,6 +435,11 @@ EOF
                 */nginx) port=$proxy ;;
                 */alb) port=$alb ;;
                 esac
+                case $target in
+                origin) CPU_PID=$origin_pid ;;
+                nginx) CPU_PID=$proxy_pid ;;
+                alb) CPU_PID=$alb_pid ;;
+                esac
                 case $load in
                 keepalive)
                     say "alb: wrk, keep-alive, 1 KiB, $target (round $round of $rounds)"
@@ -420,6 +460,7 @@ EOF
             alb_median "$load" "$target"
         done
     done
+    CPU_PID=""
     kill "$alb_pid" "$proxy_pid" "$origin_pid" 2>/dev/null || true
     wait "$alb_pid" "$proxy_pid" "$origin_pid" 2>/dev/null || true
 }
@@ -434,21 +475,9 @@ L4_IPERF=""    # its port that leads to the origin's iperf3 server
 L4_NLB_SKIP="" # why the NLB rows are skipped, once known
 declare -A L4_PORT
 
-# pid_tree PID: PID and its children, one a line.
-pid_tree() {
-    echo "$1"
-    cat /proc/"$1"/task/*/children 2>/dev/null | tr ' ' '\n' | sed '/^$/d' || true
-}
 
-# l4_cpu: utime + stime, in clock ticks, of the target's processes (nothing
-# for direct).
-l4_cpu() {
-    [ -n "$L4_PID" ] || return 0
-    local p
-    for p in $(pid_tree "$L4_PID"); do
-        sed 's/.*) //' "/proc/$p/stat" 2>/dev/null || true
-    done | awk '{ t += $12 + $13 } END { print t + 0 }'
-}
+# l4_cpu: tree_cpu of the target (nothing for direct).
+l4_cpu() { tree_cpu "$L4_PID"; }
 
 # l4_rss: resident KiB (VmRSS) of the target's processes, summed.
 l4_rss() {
@@ -466,15 +495,6 @@ l4_kernel() {
     [ ! -r /proc/slabinfo ] || slab="$(awk 'NR > 2 { t += $2 * $4 } END { printf "%.0f", t }' /proc/slabinfo)"
     printf '%s %s\n' \
         "$(awk '$1 == "TCP:" { for (i = 2; i < NF; i++) if ($i == "mem") print $(i + 1) }' /proc/net/sockstat)" "$slab"
-}
-
-# l4_per TICKS0 TICKS1 COUNT SCALE FIELD: " FIELD=x", x the CPU seconds
-# between the two readings times SCALE divided by COUNT; nothing without
-# both readings or a count.
-l4_per() {
-    [ -n "$1" ] && [ -n "$2" ] || return 0
-    awk -v a="$1" -v b="$2" -v n="$3" -v scale="$4" -v field="$5" -v hz="$L4_HZ" \
-        'BEGIN { if (n > 0) printf " %s=%.2f", field, (b - a) / hz * scale / n }'
 }
 
 # l4_probe PORT SECONDS: until one request for /1k through 127.0.0.1:PORT
@@ -630,7 +650,7 @@ print("gbps=%.2f bytes=%d" % (s["bits_per_second"] / 1e9, s["bytes"]))
         return 0
     fi
     echo "$stats" >&2
-    echo "RESULT bench=l4 load=iperf-p$streams target=$target $stats$(l4_per "$c0" "$c1" "${stats##*bytes=}" 1e12 cpu_ms_per_gb)" | tee -a "$RESULTS"
+    echo "RESULT bench=l4 load=iperf-p$streams target=$target $stats$(cpu_per "$c0" "$c1" "${stats##*bytes=}" 1e12 cpu_ms_per_gb)" | tee -a "$RESULTS"
 }
 
 # l4_wrk TARGET KIND [wrk args]: wrk's 1 KiB load through the target, and
@@ -644,7 +664,7 @@ l4_wrk() {
     stats="$(wrk_stats "http://127.0.0.1:$L4_HTTP/1k" "$@")" || return 0
     c1="$(l4_cpu)"
     local requests="${stats##*requests=}" errors="${stats##*errors=}" non2xx="${stats##*non2xx=}"
-    echo "RESULT bench=l4 load=$kind target=$target $stats failed=$((${errors%% *} + ${non2xx%% *}))$(l4_per "$c0" "$c1" "${requests%% *}" 1e6 "$field")" | tee -a "$RESULTS"
+    echo "RESULT bench=l4 load=$kind target=$target $stats failed=$((${errors%% *} + ${non2xx%% *}))$(cpu_per "$c0" "$c1" "${requests%% *}" 1e6 "$field")" | tee -a "$RESULTS"
 }
 
 # l4_idle TARGET: L4_IDLE connections through the target, each answered
@@ -835,7 +855,6 @@ bench_l4() {
     L4_DIR="$WORK/l4"
     mkdir -p "$L4_DIR/www" "$L4_DIR/origin" "$L4_DIR/nginx" "$L4_DIR/nlb"
     head -c 1024 /dev/zero | tr '\0' x >"$L4_DIR/www/1k"
-    L4_HZ="$(getconf CLK_TCK)"
     L4_PAGE="$(getconf PAGESIZE)"
 
     # A proxy holds two descriptors per proxied connection: raise the soft
@@ -972,9 +991,10 @@ say "summary: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f
             if (f["target"] == "nginx") nginx_rps[f["load"]] = f["rps"]
             ratio = f["target"] == "alb" && nginx_rps[f["load"]] > 0 ? \
                 sprintf("%.2fx", f["rps"] / nginx_rps[f["load"]]) : "-"
-            http[++nh] = sprintf("%-10s %-7s %9s %9s %9s %9s %9s %9s", f["load"], f["target"], f["rps"],
+            http[++nh] = sprintf("%-10s %-7s %9s %9s %9s %9s %9s %9s %9s", f["load"], f["target"], f["rps"],
                 f["p50_ms"] != "" ? f["p50_ms"] : "-", f["p99_ms"] != "" ? f["p99_ms"] : "-",
-                f["mean_ms"] != "" ? f["mean_ms"] : "-", f["max_ms"] != "" ? f["max_ms"] : "-", ratio)
+                f["mean_ms"] != "" ? f["mean_ms"] : "-", f["max_ms"] != "" ? f["max_ms"] : "-",
+                f["cpu_us_per_req"] != "" ? f["cpu_us_per_req"] : "-", ratio)
         } else if (f["bench"] ~ /^fleet/) {
             fleet[++nf] = sprintf("%-13s %-16s %9s %10s %9s %10s %7s %9s %9s %8s",
                 f["bench"], f["auth"], f["instances"], f["register_s"], f["beats_per_s"], f["beat_p99_ms"],
@@ -992,8 +1012,8 @@ say "summary: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f
             for (i = 1; i <= nl; i++) print load[i]
         }
         if (nh) {
-            printf "\n%-10s %-7s %9s %9s %9s %9s %9s %9s\n", "http load", "target", "req/s", "p50 ms",
-                "p99 ms", "mean ms", "max ms", "/ nginx"
+            printf "\n%-10s %-7s %9s %9s %9s %9s %9s %9s %9s\n", "http load", "target", "req/s", "p50 ms",
+                "p99 ms", "mean ms", "max ms", "CPU us", "/ nginx"
             for (i = 1; i <= nh; i++) print http[i]
         }
         if (nf) {
