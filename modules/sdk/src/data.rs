@@ -456,7 +456,7 @@ pub fn spawn_workers(
             .spawn(move || {
                 WORKER.with(|w| w.set(Some(index)));
                 runtime.block_on(async move {
-                    tokio::spawn(keep_a_timer_due());
+                    tokio::spawn(shared_types::data_thread::keep_a_timer_due());
                     match TcpListener::from_std(socket) {
                         Ok(listener) => accept_loop(listener, &shared, peers, stop).await,
                         Err(e) => {
@@ -472,24 +472,6 @@ pub fn spawn_workers(
             })?;
     }
     Ok(Workers { accepting, exit })
-}
-
-/// How often a data thread's own timer fires (see [`keep_a_timer_due`]).
-const TICK: Duration = Duration::from_millis(250);
-
-/// A timer due every [`TICK`], for ever, beside a data thread's
-/// connections. tokio wakes a thread's driver (an eventfd write and one
-/// more `epoll_wait`) whenever a timer is set to fire before every other
-/// timer the thread holds; a module's per-connection deadlines (the ALB's
-/// header read) did that on a quiet thread for each new connection. With
-/// a timer always due within the tick, deadlines longer than it never do;
-/// the cost is four wake-ups a second.
-async fn keep_a_timer_due() {
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-    }
 }
 
 /// What every data thread serves with.

@@ -277,7 +277,7 @@ impl Dataplane {
             handles.push(runtime.handle().clone());
             std::thread::Builder::new()
                 .name(format!("dataplane-{i}"))
-                .spawn(move || runtime.block_on(keep_a_timer_due()))?;
+                .spawn(move || runtime.block_on(shared_types::data_thread::keep_a_timer_due()))?;
         }
         let open = (0..n)
             .map(|i| self.metrics.threads.with_label_values(&[&i.to_string()]))
@@ -527,26 +527,6 @@ fn bind(addr: SocketAddr, keepalive_secs: u64) -> std::io::Result<std::net::TcpL
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
     Ok(socket.into())
-}
-
-/// How often a data thread's own timer fires (see [`keep_a_timer_due`]).
-const TICK: Duration = Duration::from_millis(250);
-
-/// What a data thread runs beside its connections: a timer due every
-/// [`TICK`], for ever. tokio wakes a thread's driver (an eventfd write and
-/// one more `epoll_wait`) whenever a timer is set to fire before every
-/// other timer the thread holds; on a thread whose other timers were idle
-/// timeouts minutes away, every connection's connect deadline (and sniff
-/// deadline) did that: half a system call per connection, one in ten of
-/// the NLB's own. With a timer always due within the tick, deadlines
-/// longer than it (all the defaults) never do; the cost is four wake-ups
-/// a second.
-async fn keep_a_timer_due() {
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-    }
 }
 
 /// Accepts on one data thread (`thread`) until told to stop.
