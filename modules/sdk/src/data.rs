@@ -27,7 +27,8 @@ use parking_lot::Mutex;
 use shared_types::proxy_v2::{self, Decoded};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::runtime::Handle;
+use tokio::sync::{watch, Notify};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
@@ -426,16 +427,18 @@ pub fn spawn_workers(
     let listener = listener.into_std()?;
     let threads = threads.max(1);
     let spread = Spread::new(threads);
-    let (senders, inboxes): (Vec<_>, Vec<_>) =
-        (0..threads).map(|_| mpsc::unbounded_channel()).unzip();
-    let senders: Arc<[mpsc::UnboundedSender<Handoff>]> = senders.into();
+    let runtimes = (0..threads)
+        .map(|_| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        })
+        .collect::<io::Result<Vec<_>>>()?;
+    let handles: Arc<[Handle]> = runtimes.iter().map(|r| r.handle().clone()).collect();
     let (exit, exiting) = watch::channel(false);
     let mut accepting = Vec::new();
-    for (index, inbox) in inboxes.into_iter().enumerate() {
+    for (index, runtime) in runtimes.into_iter().enumerate() {
         let socket = listener.try_clone()?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
         let (done, accepted) = tokio::sync::oneshot::channel();
         accepting.push(accepted);
         let shared = Shared {
@@ -447,8 +450,7 @@ pub fn spawn_workers(
         let peers = Peers {
             index,
             spread: spread.clone(),
-            senders: senders.clone(),
-            inbox,
+            runtimes: handles.clone(),
         };
         let (stop, mut exiting) = (stop.clone(), exiting.clone());
         std::thread::Builder::new()
@@ -461,9 +463,6 @@ pub fn spawn_workers(
                         Ok(listener) => accept_loop(listener, &shared, peers, stop).await,
                         Err(e) => {
                             tracing::error!(thread = index, error = %e, "data thread cannot use the listener");
-                            // Its inbox goes too: a thread handing it a
-                            // connection then serves the connection itself.
-                            drop(peers);
                         }
                     }
                     let _ = done.send(());
@@ -486,28 +485,23 @@ struct Shared {
 struct Peers {
     index: usize,
     spread: Arc<Spread>,
-    /// Every thread's inbox, this one's too, by index.
-    senders: Arc<[mpsc::UnboundedSender<Handoff>]>,
-    inbox: mpsc::UnboundedReceiver<Handoff>,
+    /// Every thread's runtime, this one's too, by index.
+    runtimes: Arc<[Handle]>,
 }
 
-/// An accepted connection on its way to the thread that serves it: taken
-/// off the accepting thread's reactor, counted and tracked already.
-struct Handoff {
-    stream: std::net::TcpStream,
-    peer: SocketAddr,
-    placed: Placed,
-    tracked: Tracked,
-    closing: Closing,
+/// Where a connection is served: on the thread that accepted it, or,
+/// taken off that thread's reactor, on another.
+enum Served {
+    Here(TcpStream),
+    There(std::net::TcpStream),
 }
 
 /// Accepts until `stop` turns true, then drops the listener (the port stops
-/// taking connections; those accepted keep running, and those handed over
-/// and not yet taken are served).
+/// taking connections; those accepted keep running).
 async fn accept_loop(
     listener: TcpListener,
     shared: &Shared,
-    mut peers: Peers,
+    peers: Peers,
     mut stop: watch::Receiver<bool>,
 ) {
     let local = listener.local_addr().ok();
@@ -518,10 +512,6 @@ async fn accept_loop(
     loop {
         let accepted = tokio::select! {
             _ = &mut stopped => break,
-            Some(handed) = peers.inbox.recv() => {
-                take(handed, local, shared);
-                continue;
-            }
             r = listener.accept() => r,
         };
         let (stream, peer) = match accepted {
@@ -542,83 +532,51 @@ async fn accept_loop(
             continue;
         }
         let _ = stream.set_nodelay(true);
-        let (tracked, closing) = conns.track();
         let placed = peers.spread.place(peers.index);
         let to = placed.thread();
-        if to == peers.index {
-            start(stream, peer, local, (tracked, closing, placed), shared);
-            continue;
-        }
-        // Another thread holds clearly fewer: it serves this one.
-        let stream = match stream.into_std() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(%peer, error = %e, "data connection closed: it could not be handed to another data thread");
-                continue;
+        let served = if to == peers.index {
+            Served::Here(stream)
+        } else {
+            // Another thread holds clearly fewer: it serves this one.
+            match stream.into_std() {
+                Ok(s) => Served::There(s),
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "data connection closed: it could not be handed to another data thread");
+                    continue;
+                }
             }
         };
-        let handed = Handoff {
-            stream,
-            peer,
-            placed,
-            tracked,
-            closing,
-        };
-        if let Err(mpsc::error::SendError(back)) = peers.senders[to].send(handed) {
-            // That thread has stopped taking connections: serve it here.
-            let here = peers.spread.on(peers.index);
-            take(
-                Handoff {
-                    placed: here,
-                    ..back
-                },
-                local,
-                shared,
-            );
-        }
-    }
-    // Nothing more is handed to this thread; what already was is served
-    // (`recv`, not `try_recv`: a send under way when the inbox closed is
-    // waited for, where `try_recv` could find it not yet there).
-    peers.inbox.close();
-    while let Some(handed) = peers.inbox.recv().await {
-        take(handed, local, shared);
+        start(&peers.runtimes[to], served, (peer, local), placed, shared);
     }
 }
 
-/// Serves a connection handed over by another thread (or back to this one).
-fn take(handed: Handoff, local: Option<SocketAddr>, shared: &Shared) {
-    let Handoff {
-        stream,
-        peer,
-        placed,
-        tracked,
-        closing,
-    } = handed;
-    match TcpStream::from_std(stream) {
-        Ok(stream) => start(stream, peer, local, (tracked, closing, placed), shared),
-        Err(e) => {
-            tracing::warn!(%peer, error = %e, "data connection closed: this data thread could not take it");
-        }
-    }
-}
-
-/// Serves `stream` on a task of its own on this thread.
+/// Serves a connection on a task of its own on `runtime`'s thread.
 fn start(
-    stream: TcpStream,
-    peer: SocketAddr,
-    local: Option<SocketAddr>,
-    (tracked, closing, placed): (Tracked, Closing, Placed),
+    runtime: &Handle,
+    served: Served,
+    (peer, local): (SocketAddr, Option<SocketAddr>),
+    placed: Placed,
     shared: &Shared,
 ) {
+    let (tracked, closing) = shared.conns.track();
     let id = tracked.id;
     let module = shared.module.clone();
     let ctx = shared.ctx.clone();
     let settings = shared.settings.clone();
     // Boxed: tokio moves a task's future several times while spawning it
     // and at each change of stage; a box moves as one pointer.
-    let task = tokio::spawn(Box::pin(async move {
+    let task = runtime.spawn(Box::pin(async move {
         let _counted = (tracked, placed);
+        let stream = match served {
+            Served::Here(stream) => stream,
+            Served::There(stream) => match TcpStream::from_std(stream) {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "data connection closed: its data thread could not take it");
+                    return;
+                }
+            },
+        };
         serve_one(stream, peer, local, closing, module, ctx, &settings).await;
     }));
     shared.conns.set_abort(id, task.abort_handle());
