@@ -17,6 +17,7 @@ pub mod cluster;
 pub mod config;
 pub mod conn_timer;
 pub mod deadline;
+pub mod h1;
 pub mod headers;
 pub mod metrics;
 pub mod pool;

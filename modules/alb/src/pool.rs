@@ -4,18 +4,21 @@
 //! The pool is split per data thread ([`switchyard_sdk::data::worker`]): a
 //! request takes an idle connection opened on its own thread, so a client
 //! connection and the upstream connection serving it never wake each
-//! other's threads. HTTP/1.1 connections serve one request at a time and go
-//! back to their shard's idle list once the answer has been read to its
-//! end; an HTTP/2 connection is shared by every request of its shard.
+//! other's threads. HTTP/1.1 connections serve one request at a time, with
+//! the ALB's own client ([`crate::h1`]), and go back to their shard's idle
+//! list once the answer has been read to its end; an HTTP/2 connection is
+//! shared by every request of its shard.
 //!
-//! A connection idle for `idle_timeout` closes itself; one the origin
-//! closed is noticed and skipped when next taken, and a request that a
-//! stale connection refused before sending a byte goes on another one.
+//! An idle HTTP/1.1 connection is closed after `idle_timeout` (a sweep
+//! runs every half of it); one the origin closed is noticed and skipped
+//! when next taken, and a request without a body that a reused connection
+//! ended before any answer came goes on another one when its method is
+//! safe to repeat.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -28,12 +31,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
 use rustls::pki_types::ServerName;
 use shared_types::time::mono_ms as now_ms;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::cluster::UpstreamProtocol;
-use crate::upstream::ProxyBody;
+use crate::h1::{self, Io};
+use crate::upstream::{BoxError, ProxyBody};
 
 /// How connections to a cluster's endpoints are opened and kept.
 pub struct Connector {
@@ -52,8 +55,11 @@ pub struct Connector {
 pub enum UpstreamError {
     /// No connection could be opened: nothing was sent.
     Connect(String),
-    /// The exchange failed after the connection was open.
+    /// The exchange failed after the connection was open (HTTP/2, an
+    /// upgrade).
     Http(hyper::Error),
+    /// The exchange failed after the connection was open (HTTP/1.1).
+    H1(h1::Error),
 }
 
 impl UpstreamError {
@@ -68,6 +74,7 @@ impl std::fmt::Display for UpstreamError {
         match self {
             UpstreamError::Connect(why) => f.write_str(why),
             UpstreamError::Http(e) => write!(f, "{e}"),
+            UpstreamError::H1(e) => write!(f, "{e}"),
         }
     }
 }
@@ -77,6 +84,7 @@ impl std::error::Error for UpstreamError {
         match self {
             UpstreamError::Connect(_) => None,
             UpstreamError::Http(e) => Some(e),
+            UpstreamError::H1(e) => Some(e),
         }
     }
 }
@@ -92,6 +100,8 @@ pub struct EndpointPool {
     /// requests that find none wait for that one instead of each opening
     /// their own.
     h2_opening: Box<[tokio::sync::Mutex<()>]>,
+    /// Whether the sweep of idle connections has been started.
+    sweeping: AtomicBool,
 }
 
 #[derive(Default)]
@@ -100,13 +110,14 @@ struct Shard {
     h2: Option<(http2::SendRequest<ProxyBody>, Arc<Usage>)>,
 }
 
+/// An idle HTTP/1.1 connection, and since when it has been idle.
 struct Idle {
-    sender: http1::SendRequest<ProxyBody>,
-    usage: Arc<Usage>,
+    conn: h1::Conn,
+    since_ms: u64,
 }
 
-/// What a connection's task needs to know to close it when idle: the
-/// requests in flight on it, and since when it has had none.
+/// What an HTTP/2 connection's task needs to know to close it when idle:
+/// the requests in flight on it, and since when it has had none.
 #[derive(Default)]
 struct Usage {
     busy: AtomicUsize,
@@ -148,6 +159,7 @@ impl EndpointPool {
             connector,
             shards: (0..=cores).map(|_| Mutex::default()).collect(),
             h2_opening: (0..=cores).map(|_| tokio::sync::Mutex::new(())).collect(),
+            sweeping: AtomicBool::new(false),
         }
     }
 
@@ -178,41 +190,43 @@ impl EndpointPool {
         mut req: Request<ProxyBody>,
     ) -> Result<Response<Leased>, UpstreamError> {
         let shard = self.shard();
-        loop {
-            let taken = self.shards[shard].lock().idle.pop();
-            let Some(Idle { mut sender, usage }) = taken else {
-                break;
-            };
-            // Ready at once unless the last answer's end is still being
-            // processed; an error means the origin closed it.
-            if sender.ready().await.is_err() {
+        while let Some(mut conn) = self.take_idle(shard) {
+            if !conn.is_usable() {
                 continue;
             }
-            usage.start();
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(self.lease_h1(resp, sender, usage, shard)),
-                Err(mut e) => {
-                    usage.end();
-                    match e.take_message() {
-                        // Not sent: the connection was going away. Another
-                        // one takes it, nothing was lost.
-                        Some(r) => req = r,
-                        None => return Err(UpstreamError::Http(e.into_error())),
-                    }
-                }
+            match conn.send(req).await {
+                Ok(resp) => return Ok(self.lease_h1(resp, shard)),
+                // The origin had closed it: nothing was lost, another
+                // connection takes the request.
+                Err(h1::Failed {
+                    unsent: Some(r), ..
+                }) => req = r,
+                Err(failed) => return Err(UpstreamError::H1(failed.error)),
             }
         }
         // Opening is the rare path: boxed, so its (large) future does not
         // make every request's future larger.
-        let (mut sender, usage) = Box::pin(self.open_h1(false)).await?;
-        usage.start();
-        match sender.send_request(req).await {
-            Ok(resp) => Ok(self.lease_h1(resp, sender, usage, shard)),
-            Err(e) => {
-                usage.end();
-                Err(UpstreamError::Http(e))
-            }
+        let conn = h1::Conn::new(Box::pin(self.connect()).await?);
+        match conn.send(req).await {
+            Ok(resp) => Ok(self.lease_h1(resp, shard)),
+            Err(failed) => Err(UpstreamError::H1(failed.error)),
         }
+    }
+
+    /// The shard's most recently used idle connection, unless it has been
+    /// idle too long (then it and all older ones are closed).
+    fn take_idle(&self, shard: usize) -> Option<h1::Conn> {
+        let mut s = self.shards[shard].lock();
+        let idle = s.idle.pop()?;
+        if now_ms().saturating_sub(idle.since_ms) >= self.idle_ms() {
+            s.idle.clear();
+            return None;
+        }
+        Some(idle.conn)
+    }
+
+    fn idle_ms(&self) -> u64 {
+        self.connector.idle_timeout.as_millis() as u64
     }
 
     /// Sends a request that asks to upgrade (WebSocket) on a connection of
@@ -221,22 +235,26 @@ impl EndpointPool {
         &self,
         req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let (mut sender, _usage) = self.open_h1(true).await?;
+        let io = self.connect().await?;
+        let (mut sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(UpstreamError::Http)?;
+        let usage = Arc::new(Usage::default());
+        tokio::spawn(watch_idle(
+            conn.with_upgrades(),
+            usage,
+            self.connector.idle_timeout,
+        ));
         sender.send_request(req).await.map_err(UpstreamError::Http)
     }
 
-    fn lease_h1(
-        self: &Arc<Self>,
-        resp: Response<Incoming>,
-        sender: http1::SendRequest<ProxyBody>,
-        usage: Arc<Usage>,
-        shard: usize,
-    ) -> Response<Leased> {
+    fn lease_h1(self: &Arc<Self>, resp: Response<h1::Answer>, shard: usize) -> Response<Leased> {
         let lease = Lease {
-            usage,
-            back: Some((self.clone(), shard, sender)),
+            usage: None,
+            back: Some((self.clone(), shard)),
         };
-        resp.map(|body| Leased::new(body, lease))
+        resp.map(|body| Leased::new(Inner::H1(body), lease))
     }
 
     async fn send_h2(
@@ -260,9 +278,12 @@ impl EndpointPool {
             }
         };
         usage.start();
-        let lease = Lease { usage, back: None };
+        let lease = Lease {
+            usage: Some(usage),
+            back: None,
+        };
         match sender.send_request(req).await {
-            Ok(resp) => Ok(resp.map(|body| Leased::new(body, lease))),
+            Ok(resp) => Ok(resp.map(|body| Leased::new(Inner::H2(body), lease))),
             Err(e) => Err(UpstreamError::Http(e)),
         }
     }
@@ -282,19 +303,23 @@ impl EndpointPool {
 
     /// Puts an HTTP/1.1 connection whose answer has been read back on its
     /// shard's idle list (when there is room).
-    fn put_back(&self, shard: usize, sender: http1::SendRequest<ProxyBody>, usage: Arc<Usage>) {
-        if sender.is_closed() {
-            return;
-        }
+    fn put_back(self: &Arc<Self>, shard: usize, conn: h1::Conn) {
         let max = self.connector.max_idle;
-        let mut s = self.shards[shard].lock();
-        if s.idle.len() >= max {
-            s.idle.retain(|i| !i.sender.is_closed());
+        {
+            let mut s = self.shards[shard].lock();
             if s.idle.len() >= max {
                 return;
             }
+            s.idle.push(Idle {
+                conn,
+                since_ms: now_ms(),
+            });
         }
-        s.idle.push(Idle { sender, usage });
+        if !self.sweeping.load(Ordering::Relaxed) && !self.sweeping.swap(true, Ordering::Relaxed) {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(sweep(Arc::downgrade(self)));
+            }
+        }
     }
 
     /// A connection to the endpoint: TCP, then TLS when configured, within
@@ -323,25 +348,6 @@ impl EndpointPool {
                 timeout.as_millis()
             ))),
         }
-    }
-
-    async fn open_h1(
-        &self,
-        upgrades: bool,
-    ) -> Result<(http1::SendRequest<ProxyBody>, Arc<Usage>), UpstreamError> {
-        let io = self.connect().await?;
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(io))
-            .await
-            .map_err(UpstreamError::Http)?;
-        let usage = Arc::new(Usage::default());
-        let idle = self.connector.idle_timeout;
-        if upgrades {
-            tokio::spawn(watch_idle(conn.with_upgrades(), usage.clone(), idle));
-        } else {
-            tokio::spawn(watch_idle(conn, usage.clone(), idle));
-        }
-        Ok((sender, usage))
     }
 
     async fn open_h2(&self) -> Result<(http2::SendRequest<ProxyBody>, Arc<Usage>), UpstreamError> {
@@ -402,9 +408,32 @@ where
     .await
 }
 
-/// A connection: TCP or TLS over TCP.
-trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+/// Closes the pool's HTTP/1.1 connections idle for its idle timeout,
+/// checking every half of it, for as long as the pool is in use.
+async fn sweep(pool: Weak<EndpointPool>) {
+    let every = match pool.upgrade() {
+        Some(p) => (p.connector.idle_timeout / 2).max(Duration::from_millis(10)),
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        let idle_ms = pool.idle_ms();
+        let now = now_ms();
+        for shard in pool.shards.iter() {
+            // Oldest first: the list is used from its end.
+            let mut s = shard.lock();
+            let expired = s
+                .idle
+                .iter()
+                .take_while(|i| now.saturating_sub(i.since_ms) >= idle_ms)
+                .count();
+            s.idle.drain(..expired);
+        }
+    }
+}
 
 /// The innermost error's text (`connection refused`, a certificate
 /// problem), which says more than the outer ones.
@@ -421,44 +450,50 @@ fn innermost(e: &io::Error) -> String {
 }
 
 /// An answer's claim on its connection: the request counts as in flight
-/// until the body is done, and an HTTP/1.1 connection goes back to the pool
-/// once its body has been read to the end (not when dropped early: then the
-/// connection is unusable and closes).
+/// (HTTP/2) until the body is done, and an HTTP/1.1 connection goes back
+/// to the pool once its body has been read to the end (not when dropped
+/// early: then the connection is unusable and closes).
 struct Lease {
-    usage: Arc<Usage>,
-    back: Option<(Arc<EndpointPool>, usize, http1::SendRequest<ProxyBody>)>,
+    usage: Option<Arc<Usage>>,
+    back: Option<(Arc<EndpointPool>, usize)>,
 }
 
-impl Lease {
-    fn finish(self, read_to_end: bool) {
-        self.usage.end();
-        if let (Some((pool, shard, sender)), true) = (self.back, read_to_end) {
-            pool.put_back(shard, sender, self.usage);
-        }
-    }
+enum Inner {
+    H1(h1::Answer),
+    H2(Incoming),
 }
 
 /// An upstream answer's body, holding its connection's lease.
 pub struct Leased {
-    body: Incoming,
+    body: Inner,
     lease: Option<Lease>,
 }
 
 impl Leased {
-    fn new(body: Incoming, lease: Lease) -> Self {
+    fn new(body: Inner, lease: Lease) -> Self {
         let mut leased = Leased {
             body,
             lease: Some(lease),
         };
-        if leased.body.is_end_stream() {
+        if leased.is_end_stream() {
             leased.release(true);
         }
         leased
     }
 
     fn release(&mut self, read_to_end: bool) {
-        if let Some(lease) = self.lease.take() {
-            lease.finish(read_to_end);
+        let Some(lease) = self.lease.take() else {
+            return;
+        };
+        if let Some(usage) = &lease.usage {
+            usage.end();
+        }
+        if let (Some((pool, shard)), Inner::H1(answer), true) =
+            (lease.back, &mut self.body, read_to_end)
+        {
+            if let Some(conn) = answer.finish() {
+                pool.put_back(shard, conn);
+            }
         }
     }
 }
@@ -471,16 +506,19 @@ impl Drop for Leased {
 
 impl Body for Leased {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let r = Pin::new(&mut self.body).poll_frame(cx);
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let r: Poll<Option<Result<Frame<Bytes>, BoxError>>> = match &mut self.body {
+            Inner::H1(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+            Inner::H2(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+        };
         match &r {
             // The end: hyper may never ask again once a sized body is in.
-            Poll::Ready(Some(Ok(_))) if self.body.is_end_stream() => self.release(true),
+            Poll::Ready(Some(Ok(_))) if self.is_end_stream() => self.release(true),
             Poll::Ready(None) => self.release(true),
             Poll::Ready(Some(Err(_))) => self.release(false),
             _ => {}
@@ -489,11 +527,17 @@ impl Body for Leased {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        match &self.body {
+            Inner::H1(b) => b.is_end_stream(),
+            Inner::H2(b) => b.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match &self.body {
+            Inner::H1(b) => b.size_hint(),
+            Inner::H2(b) => b.size_hint(),
+        }
     }
 }
 

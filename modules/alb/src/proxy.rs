@@ -336,7 +336,7 @@ impl<T: Unpin> http_body::Body for Keeping<T> {
     }
 }
 
-/// An upstream answer's body as the client gets it (hyper's errors boxed),
+/// An upstream answer's body as the client gets it (its errors boxed),
 /// with what must live as long as it (the endpoint's in-flight count).
 struct Forwarded<B, T> {
     body: B,
@@ -345,7 +345,8 @@ struct Forwarded<B, T> {
 
 impl<B, T> http_body::Body for Forwarded<B, T>
 where
-    B: http_body::Body<Data = Bytes, Error = hyper::Error> + Unpin,
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
     T: Unpin,
 {
     type Data = Bytes;
@@ -357,7 +358,7 @@ where
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
         std::pin::Pin::new(&mut self.body)
             .poll_frame(cx)
-            .map(|frame| frame.map(|r| r.map_err(BoxError::from)))
+            .map(|frame| frame.map(|r| r.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -420,7 +421,7 @@ struct Hop<'a> {
 const ADDED_HEADERS: usize = 6;
 
 /// Methods safe to send twice (RFC 9110 §9.2.2).
-fn idempotent(m: &Method) -> bool {
+pub(crate) fn idempotent(m: &Method) -> bool {
     matches!(
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
@@ -915,7 +916,8 @@ impl Alb {
     /// keeping took one each).
     fn downstream_response<B, T>(&self, resp: Response<B>, kept: T) -> Response<ProxyBody>
     where
-        B: http_body::Body<Data = Bytes, Error = hyper::Error> + Send + Sync + Unpin + 'static,
+        B: http_body::Body<Data = Bytes> + Send + Sync + Unpin + 'static,
+        B::Error: Into<BoxError>,
         T: Send + Sync + Unpin + 'static,
     {
         let (mut parts, body) = resp.into_parts();
