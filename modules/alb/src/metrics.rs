@@ -17,7 +17,7 @@ pub struct AlbMetrics {
     pub tls_reloads: IntCounterVec,
     /// `reason` (`no_route`, `rate_limited`, `body_too_large`,
     /// `no_cluster`, `no_endpoint`, `tls_handshake`, `header_timeout`,
-    /// `header_too_large`, `client_body`).
+    /// `header_too_large`, `client_body`, `method`).
     pub refused: IntCounterVec,
     /// `refused{reason="header_timeout"}`, resolved once: every connection
     /// holds it (a label lookup hashes and locks).
@@ -93,6 +93,7 @@ impl AlbMetrics {
             "header_timeout",
             "header_too_large",
             "client_body",
+            "method",
         ] {
             m.refused.with_label_values(&[r]);
         }

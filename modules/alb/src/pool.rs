@@ -17,7 +17,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -100,13 +100,13 @@ pub struct EndpointPool {
     /// requests that find none wait for that one instead of each opening
     /// their own.
     h2_opening: Box<[tokio::sync::Mutex<()>]>,
-    /// Whether the sweep of idle connections has been started.
-    sweeping: AtomicBool,
 }
 
 #[derive(Default)]
 struct Shard {
     idle: Vec<Idle>,
+    /// The sweep of `idle`, once started.
+    sweeper: Option<tokio::task::JoinHandle<()>>,
     h2: Option<(http2::SendRequest<ProxyBody>, Arc<Usage>)>,
 }
 
@@ -159,7 +159,6 @@ impl EndpointPool {
             connector,
             shards: (0..=cores).map(|_| Mutex::default()).collect(),
             h2_opening: (0..=cores).map(|_| tokio::sync::Mutex::new(())).collect(),
-            sweeping: AtomicBool::new(false),
         }
     }
 
@@ -196,11 +195,16 @@ impl EndpointPool {
             }
             match conn.send(req).await {
                 Ok(resp) => return Ok(self.lease_h1(resp, shard)),
-                // The origin had closed it: nothing was lost, another
-                // connection takes the request.
+                // The origin had closed it as the request went: the request
+                // goes once more, on a new connection (not on another idle
+                // one, which may be as stale, so that a request is sent
+                // twice at most).
                 Err(h1::Failed {
                     unsent: Some(r), ..
-                }) => req = r,
+                }) => {
+                    req = r;
+                    break;
+                }
                 Err(failed) => return Err(UpstreamError::H1(failed.error)),
             }
         }
@@ -219,7 +223,10 @@ impl EndpointPool {
         let mut s = self.shards[shard].lock();
         let idle = s.idle.pop()?;
         if now_ms().saturating_sub(idle.since_ms) >= self.idle_ms() {
-            s.idle.clear();
+            // Closed once the lock is let go.
+            let expired = std::mem::take(&mut s.idle);
+            drop(s);
+            drop((idle, expired));
             return None;
         }
         Some(idle.conn)
@@ -304,20 +311,19 @@ impl EndpointPool {
     /// Puts an HTTP/1.1 connection whose answer has been read back on its
     /// shard's idle list (when there is room).
     fn put_back(self: &Arc<Self>, shard: usize, conn: h1::Conn) {
-        let max = self.connector.max_idle;
-        {
-            let mut s = self.shards[shard].lock();
-            if s.idle.len() >= max {
-                return;
-            }
-            s.idle.push(Idle {
-                conn,
-                since_ms: now_ms(),
-            });
+        let mut s = self.shards[shard].lock();
+        if s.idle.len() >= self.connector.max_idle {
+            return;
         }
-        if !self.sweeping.load(Ordering::Relaxed) && !self.sweeping.swap(true, Ordering::Relaxed) {
+        s.idle.push(Idle {
+            conn,
+            since_ms: now_ms(),
+        });
+        // The shard's sweep runs on the thread that uses the shard (again,
+        // should the runtime it ran on have stopped).
+        if s.sweeper.as_ref().is_none_or(|t| t.is_finished()) {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(sweep(Arc::downgrade(self)));
+                s.sweeper = Some(runtime.spawn(sweep(Arc::downgrade(self), shard)));
             }
         }
     }
@@ -408,9 +414,9 @@ where
     .await
 }
 
-/// Closes the pool's HTTP/1.1 connections idle for its idle timeout,
+/// Closes a shard's HTTP/1.1 connections idle for the idle timeout,
 /// checking every half of it, for as long as the pool is in use.
-async fn sweep(pool: Weak<EndpointPool>) {
+async fn sweep(pool: Weak<EndpointPool>, shard: usize) {
     let every = match pool.upgrade() {
         Some(p) => (p.connector.idle_timeout / 2).max(Duration::from_millis(10)),
         None => return,
@@ -422,16 +428,18 @@ async fn sweep(pool: Weak<EndpointPool>) {
         };
         let idle_ms = pool.idle_ms();
         let now = now_ms();
-        for shard in pool.shards.iter() {
-            // Oldest first: the list is used from its end.
-            let mut s = shard.lock();
-            let expired = s
+        // Oldest first: the list is used from its end. Closed once the lock
+        // is let go.
+        let expired: Vec<Idle> = {
+            let mut s = pool.shards[shard].lock();
+            let n = s
                 .idle
                 .iter()
                 .take_while(|i| now.saturating_sub(i.since_ms) >= idle_ms)
                 .count();
-            s.idle.drain(..expired);
-        }
+            s.idle.drain(..n).collect()
+        };
+        drop(expired);
     }
 }
 
@@ -735,6 +743,62 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(fetch(&p, addr).await, "ok");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_get_a_stale_connection_dropped_goes_once_more_on_a_new_one() {
+        // Answers the first request on each connection; a second one is
+        // counted and the connection closed without an answer.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let (a, d) = (accepted.clone(), dropped.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut tcp, _) = listener.accept().await.unwrap();
+                a.fetch_add(1, Ordering::SeqCst);
+                let d = d.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    for answered in [true, false] {
+                        let mut have = 0;
+                        while !buf[..have].windows(4).any(|w| w == b"\r\n\r\n") {
+                            match tcp.read(&mut buf[have..]).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => have += n,
+                            }
+                        }
+                        if answered {
+                            tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                                .await
+                                .unwrap();
+                        } else {
+                            d.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                });
+            }
+        });
+        let p = pool(addr, UpstreamProtocol::Http1, 8, 60_000);
+        // Three idle connections, each of which will drop its next request.
+        let three: Vec<_> = (0..3).map(|_| fetch(&p, addr)).collect();
+        for body in futures::future::join_all(three).await {
+            assert_eq!(body, "ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        assert_eq!(fetch(&p, addr).await, "ok");
+        // Sent on one stale connection, then on a new one: twice, not once
+        // per idle connection.
+        assert_eq!(dropped.load(Ordering::SeqCst), 1);
+        assert_eq!(accepted.load(Ordering::SeqCst), 4);
+        // A POST is not sent again.
+        let post = Request::post("/")
+            .header(http::header::HOST, addr.to_string())
+            .body(Empty::<Bytes>::new().map_err(|e| match e {}).boxed())
+            .unwrap();
+        assert!(p.send(post).await.is_err());
+        assert_eq!(dropped.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

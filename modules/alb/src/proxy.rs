@@ -558,6 +558,15 @@ impl Alb {
                 "the request's headers are larger than {max_head} bytes"
             ));
         }
+        // A reverse proxy opens no tunnels: a 2xx answer to CONNECT would
+        // turn the upstream connection into one.
+        if req.method() == Method::CONNECT {
+            metrics.refused.with_label_values(&["method"]).inc();
+            return Err(Box::new(local(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "CONNECT is not proxied: the ALB is a reverse proxy",
+            )));
+        }
         // HTTP/2 has no head size hyper counts headers by: count them here.
         let max_headers = limits.max_headers;
         if req.headers().len() > max_headers {
