@@ -100,6 +100,18 @@ impl Parsed {
                     .split(|&b| b == b',')
                     .map(<[u8]>::trim_ascii)
                     .rfind(|t| !t.is_empty());
+                // Only `chunked` is spoken: another coding (gzip) would
+                // reach the client undone, with nothing saying so.
+                let other = value
+                    .as_bytes()
+                    .split(|&b| b == b',')
+                    .map(<[u8]>::trim_ascii)
+                    .any(|t| !t.is_empty() && !t.eq_ignore_ascii_case(b"chunked"));
+                if other {
+                    return Err(Error::Answer(format!(
+                        "Transfer-Encoding {value:?}: only chunked is accepted"
+                    )));
+                }
                 if let Some(last) = last {
                     te = Some(last.eq_ignore_ascii_case(b"chunked"));
                 } else if te.is_none() {
@@ -382,14 +394,23 @@ impl Body for Answer {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         let this = &mut *self;
-        // The request body still going out, as far as it can now. If it
-        // fails, the answer may still come whole: sending stops.
+        // The request body still going out, as far as it can now. When
+        // the origin stops taking it, the answer may still come whole:
+        // sending stops. When the client's body fails (cut, too long),
+        // the origin would wait for the rest: the exchange ends here.
         if let (Some(sending), Some(conn)) = (this.sending.as_mut(), this.conn.as_mut()) {
             if let Poll::Ready(r) = sending.poll_write(&mut *conn.io, cx) {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "the rest of the request body was not sent");
-                }
                 this.sending = None;
+                match r {
+                    Ok(()) => {}
+                    Err(e @ Error::Io(..)) => {
+                        tracing::debug!(error = %e, "the rest of the request body was not sent");
+                    }
+                    Err(e) => {
+                        this.fail();
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                }
             }
         }
         loop {

@@ -51,6 +51,9 @@ const READ_MIN: usize = 4 * 1024;
 /// Request body bytes gathered before they are written.
 const WRITE_SIZE: usize = 16 * 1024;
 
+/// What an [`Error::Io`] was doing: writing the request.
+const SENDING: &str = "sending the request";
+
 /// A connection: TCP, or TLS over TCP.
 pub trait Io: AsyncRead + AsyncWrite + Send + Sync + Unpin {
     fn tcp(&self) -> &TcpStream;
@@ -228,13 +231,18 @@ impl Conn {
         let stale = self.reused
             && match &error {
                 Error::Closed => true,
-                Error::Io(_, e) => matches!(
-                    e.kind(),
-                    io::ErrorKind::BrokenPipe
-                        | io::ErrorKind::ConnectionReset
-                        | io::ErrorKind::NotConnected
-                        | io::ErrorKind::UnexpectedEof
-                ),
+                // A read that failed before a byte came is `Closed`; one
+                // that failed later had part of an answer: not stale.
+                Error::Io(doing, e) => {
+                    *doing == SENDING
+                        && matches!(
+                            e.kind(),
+                            io::ErrorKind::BrokenPipe
+                                | io::ErrorKind::ConnectionReset
+                                | io::ErrorKind::NotConnected
+                                | io::ErrorKind::UnexpectedEof
+                        )
+                }
                 _ => false,
             };
         let unsent = (stale && crate::proxy::idempotent(&parts.method))
@@ -284,14 +292,11 @@ impl Conn {
     async fn write(&mut self, out: &mut Vec<u8>) -> Result<(), Error> {
         let r = self.io.write_all(out).await;
         out.clear();
-        r.map_err(|e| Error::Io("sending the request", e))
+        r.map_err(|e| Error::Io(SENDING, e))
     }
 
     async fn flush(&mut self) -> Result<(), Error> {
-        self.io
-            .flush()
-            .await
-            .map_err(|e| Error::Io("sending the request", e))
+        self.io.flush().await.map_err(|e| Error::Io(SENDING, e))
     }
 
     /// Reads the final answer's head (interim `1xx` answers are skipped)

@@ -81,6 +81,12 @@ impl Sending {
         cx: &mut Context<'_>,
     ) -> Poll<Result<(), Error>> {
         loop {
+            // What is written goes, so that `out` holds at most a write's
+            // worth plus one frame, however the writes fall.
+            if self.at > 0 {
+                self.out.drain(..self.at);
+                self.at = 0;
+            }
             // Gather frames until there is a write's worth, or no more now.
             let mut waiting = false;
             while !self.ended && self.out.len() - self.at < WRITE_SIZE {
@@ -98,7 +104,7 @@ impl Sending {
                 match Pin::new(&mut *io).poll_write(cx, &self.out[self.at..]) {
                     Poll::Ready(Ok(0)) => {
                         return Poll::Ready(Err(Error::Io(
-                            "sending the request",
+                            SENDING,
                             io::ErrorKind::WriteZero.into(),
                         )))
                     }
@@ -110,9 +116,7 @@ impl Sending {
                         }
                         continue;
                     }
-                    Poll::Ready(Err(e)) => {
-                        return Poll::Ready(Err(Error::Io("sending the request", e)))
-                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(Error::Io(SENDING, e))),
                     Poll::Pending => return Poll::Pending,
                 }
             }
@@ -122,9 +126,7 @@ impl Sending {
                 Poll::Ready(Ok(())) if self.ended => return Poll::Ready(Ok(())),
                 Poll::Ready(Ok(())) if waiting => return Poll::Pending,
                 Poll::Ready(Ok(())) => continue,
-                Poll::Ready(Err(e)) => {
-                    return Poll::Ready(Err(Error::Io("sending the request", e)))
-                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(Error::Io(SENDING, e))),
                 Poll::Pending => return Poll::Pending,
             }
         }

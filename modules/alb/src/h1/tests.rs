@@ -607,13 +607,17 @@ async fn an_early_answer_from_an_origin_that_stops_reading_but_stays_reaches_the
 
 #[tokio::test]
 async fn lax_framing_from_an_origin_is_refused() {
-    let cases: [(&'static [u8], &str); 6] = [
+    let cases: [(&'static [u8], &str); 7] = [
         (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\r\n", "chunk-size line"),
         (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n \r\n", "chunk-size line"),
         (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;a\nb\r\nhello\r\n0\r\n\r\n", "chunk-size line"),
         (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5 x\r\nhello\r\n0\r\n\r\n", "chunk-size line"),
         (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n11111111111111111\r\n", "chunk-size line"),
         (b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n", "HTTP/1.0"),
+        (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+            "only chunked",
+        ),
     ];
     for (answer, says) in cases {
         let (addr, _seen) = origin(vec![(0, answer)]).await;
@@ -794,4 +798,45 @@ async fn a_reused_tls_connection_closed_without_close_notify_gives_back_a_get() 
     // Sent at once, before the close is seen.
     let failed = fails(c.send(request(Method::GET, empty())).await);
     assert!(failed.unsent.is_some(), "{}", failed.error);
+}
+
+#[tokio::test]
+async fn a_request_body_that_fails_after_an_early_answer_ends_the_exchange() {
+    // The origin answers at once and echoes; the client's body sends a
+    // little, then fails (cut off, or over the limit).
+    let addr = streaming_origin(
+        true,
+        true,
+        b"HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\n",
+    )
+    .await;
+    let first = futures::stream::iter(vec![Ok::<_, BoxError>(Frame::data(Bytes::from_static(
+        b"some",
+    )))]);
+    let then_fail = futures::stream::once(async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Err::<Frame<Bytes>, BoxError>("the client went away".into())
+    });
+    let body = StreamBody::new(futures::StreamExt::chain(first, then_fail)).boxed();
+    let exchange = async {
+        let resp = conn(addr)
+            .await
+            .send(request(Method::PUT, body))
+            .await
+            .ok()
+            .unwrap();
+        let mut body = resp.into_body();
+        loop {
+            match body.frame().await {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => break (e.to_string(), body.finish().is_none()),
+                None => panic!("the answer ended as if whole"),
+            }
+        }
+    };
+    let (error, dropped) = tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .expect("the exchange ended (the origin is not left waiting)");
+    assert!(error.contains("the client went away"), "{error}");
+    assert!(dropped);
 }
