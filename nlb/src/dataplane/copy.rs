@@ -9,6 +9,7 @@ use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 thread_local! {
@@ -192,6 +193,17 @@ async fn one_way(from: &TcpStream, to: &TcpStream, buffer: usize, count: &Atomic
                 return Way::ReadFailed;
             }
         };
+        if n > 0 && n < buf.len() {
+            // A short read has drained the socket, and epoll (edge
+            // triggered) reports the next bytes anew: the readiness is
+            // forgotten, so the next turn waits for them instead of asking
+            // the kernel once more for nothing (a read that fails with
+            // EAGAIN, one per message each way). tokio does the same for
+            // its own short reads; `try_read` leaves it to the caller.
+            let _ = from.try_io(Interest::READABLE, || {
+                Err::<(), _>(io::ErrorKind::WouldBlock.into())
+            });
+        }
         if n == 0 {
             give(buf);
             if discarding {
