@@ -13,8 +13,8 @@
 #
 # Knobs (environment): BENCH_DURATION (s, default 10), BENCH_WARMUP (2),
 # BENCH_CONCURRENCY (32), BENCH_CONNECTIONS (4), BENCH_FLEET (10000 instances),
-# BENCH_ROUNDS (alb: 3 rounds of every load, the targets taking turns, the
-# median reported), BENCH_FLEET_WINDOW (30 s), BENCH_FLEET_CONNECTIONS (BENCH_CONNECTIONS; the
+# BENCH_ROUNDS (alb and l4: 3 rounds of every load, the targets taking
+# turns, the median reported), BENCH_FLEET_WINDOW (30 s), BENCH_FLEET_CONNECTIONS (BENCH_CONNECTIONS; the
 # number of instances gives each its own connection, as separate module
 # processes would have), BENCH_AUTH ("off on": which auth modes to run).
 # l4 only: BENCH_L4_TARGETS ("direct haproxy nginx nlb-declared nlb-sniffing"),
@@ -286,11 +286,12 @@ wrk_run() {
     echo "ROUND bench=alb load=$kind target=$target $stats$(cpu_per "$c0" "$c1" "${requests%% *}" 1e6 cpu_us_per_req)" | tee -a "$RESULTS"
 }
 
-# alb_median LOAD TARGET: the RESULT line of LOAD against TARGET over its
-# ROUND lines: the counts (requests, errors, non-2xx, failed) summed, the
-# maximum (max_ms) the largest, the rest the median.
-alb_median() {
-    grep "^ROUND bench=alb load=$1 target=$2 " "$RESULTS" | awk '
+# round_median BENCH LOAD TARGET: the RESULT line of LOAD against TARGET
+# over its ROUND lines: the counts (requests, errors, non-2xx, failed)
+# summed, the maximum (max_ms) the largest, the rest the median. None when
+# the target had no round (it did not start).
+round_median() {
+    { grep "^ROUND bench=$1 load=$2 target=$3 " "$RESULTS" || true; } | awk '
         {
             for (i = 5; i <= NF; i++) {
                 split($i, kv, "=")
@@ -316,10 +317,10 @@ alb_median() {
                 }
                 if (key ~ /^max_/) med = s[m]
                 line = line sprintf(" %s=%s", key, key ~ /_ms$/ ? sprintf("%.3f", med) : \
-                    key ~ /^cpu_/ ? sprintf("%.2f", med) : sprintf("%.0f", med))
+                    key ~ /^(cpu_|gbps$)/ ? sprintf("%.2f", med) : sprintf("%.0f", med))
             }
-            print line
-        }' | sed "s/^/RESULT bench=alb load=$1 target=$2 rounds=${BENCH_ROUNDS:-3}/" | tee -a "$RESULTS"
+            if (nk) print line
+        }' | sed "s/^/RESULT bench=$1 load=$2 target=$3 rounds=${BENCH_ROUNDS:-3}/" | tee -a "$RESULTS"
 }
 
 # h2_run TARGET URL: one h2load load (HTTP/2 prior knowledge), a ROUND line.
@@ -457,7 +458,7 @@ EOF
             done
         done
         for target in origin nginx alb; do
-            alb_median "$load" "$target"
+            round_median alb "$load" "$target"
         done
     done
     CPU_PID=""
@@ -650,7 +651,7 @@ print("gbps=%.2f bytes=%d" % (s["bits_per_second"] / 1e9, s["bytes"]))
         return 0
     fi
     echo "$stats" >&2
-    echo "RESULT bench=l4 load=iperf-p$streams target=$target $stats$(cpu_per "$c0" "$c1" "${stats##*bytes=}" 1e12 cpu_ms_per_gb)" | tee -a "$RESULTS"
+    echo "ROUND bench=l4 load=iperf-p$streams target=$target $stats$(cpu_per "$c0" "$c1" "${stats##*bytes=}" 1e12 cpu_ms_per_gb)" | tee -a "$RESULTS"
 }
 
 # l4_wrk TARGET KIND [wrk args]: wrk's 1 KiB load through the target, and
@@ -664,7 +665,7 @@ l4_wrk() {
     stats="$(wrk_stats "http://127.0.0.1:$L4_HTTP/1k" "$@")" || return 0
     c1="$(l4_cpu)"
     local requests="${stats##*requests=}" errors="${stats##*errors=}" non2xx="${stats##*non2xx=}"
-    echo "RESULT bench=l4 load=$kind target=$target $stats failed=$((${errors%% *} + ${non2xx%% *}))$(cpu_per "$c0" "$c1" "${requests%% *}" 1e6 "$field")" | tee -a "$RESULTS"
+    echo "ROUND bench=l4 load=$kind target=$target $stats failed=$((${errors%% *} + ${non2xx%% *}))$(cpu_per "$c0" "$c1" "${requests%% *}" 1e6 "$field")" | tee -a "$RESULTS"
 }
 
 # l4_idle TARGET: L4_IDLE connections through the target, each answered
@@ -899,17 +900,39 @@ bench_l4() {
         exit 1
     fi
 
-    for target in "${targets[@]}"; do
-        say "l4: $target"
-        l4_start "$target" || continue
-        l4_iperf "$target" 1
-        l4_iperf "$target" 8
-        say "l4: wrk, keep-alive, 1 KiB, $target"
-        l4_wrk "$target" keepalive
-        say "l4: wrk, a new connection per request, 1 KiB, $target"
-        l4_wrk "$target" close -H "Connection: close"
-        l4_idle "$target"
-        l4_stop
+    # The loads run BENCH_ROUNDS times against every target, the targets
+    # taking turns (in reverse order every other round), so that a slow
+    # spell of this shared machine falls on all of them; each target's
+    # median is its result. The idle connections (memory, which does not
+    # move with the machine) are held in the first round only.
+    local rounds="${BENCH_ROUNDS:-3}" round order load
+    [[ $rounds =~ ^[1-9][0-9]*$ ]] || {
+        echo "BENCH_ROUNDS: $rounds is not a number of rounds (1 or more)" >&2
+        exit 2
+    }
+    for round in $(seq 1 "$rounds"); do
+        order=("${targets[@]}")
+        if [ $((round % 2)) -eq 0 ]; then
+            order=()
+            for ((i = ${#targets[@]} - 1; i >= 0; i--)); do order+=("${targets[$i]}"); done
+        fi
+        for target in "${order[@]}"; do
+            say "l4: $target (round $round of $rounds)"
+            l4_start "$target" || continue
+            l4_iperf "$target" 1
+            l4_iperf "$target" 8
+            say "l4: wrk, keep-alive, 1 KiB, $target"
+            l4_wrk "$target" keepalive
+            say "l4: wrk, a new connection per request, 1 KiB, $target"
+            l4_wrk "$target" close -H "Connection: close"
+            [ "$round" -gt 1 ] || l4_idle "$target"
+            l4_stop
+        done
+    done
+    for load in iperf-p1 iperf-p8 keepalive close; do
+        for target in "${targets[@]}"; do
+            round_median l4 "$load" "$target"
+        done
     done
     if [ "${BENCH_L4_CALLGRIND:-0}" = 1 ]; then
         for target in "${targets[@]}"; do
