@@ -7,11 +7,12 @@
 //! and one per body chunk). The answer's body reads the same socket as it
 //! is polled, and hands the connection back once read to its end.
 //!
-//! What it speaks: requests with an empty, sized or chunked body (trailers
-//! kept when chunked); answers framed by `Content-Length`, chunked (with
-//! trailers) or by the close, `1xx` interim answers skipped, `HEAD`, `204`
-//! and `304` without a body. Upgrades (WebSocket) stay on hyper's client,
-//! on a connection of their own.
+//! What it speaks: requests with an empty, sized or chunked body (the
+//! trailers that may go kept), the answer read while the body goes;
+//! answers framed by `Content-Length`, chunked (with trailers) or by the
+//! close, read strictly (RFC 9112 §6.3, §7.1), `1xx` interim answers
+//! skipped, `HEAD`, `204` and `304` without a body. Upgrades (WebSocket)
+//! stay on hyper's client, on a connection of their own.
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -23,7 +24,6 @@ use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::upstream::{BoxError, ProxyBody};
 
@@ -55,21 +55,9 @@ const WRITE_SIZE: usize = 16 * 1024;
 const SENDING: &str = "sending the request";
 
 /// A connection: TCP, or TLS over TCP.
-pub trait Io: AsyncRead + AsyncWrite + Send + Sync + Unpin {
-    fn tcp(&self) -> &TcpStream;
-}
+pub trait Io: AsyncRead + AsyncWrite + Send + Sync + Unpin {}
 
-impl Io for TcpStream {
-    fn tcp(&self) -> &TcpStream {
-        self
-    }
-}
-
-impl Io for tokio_rustls::client::TlsStream<TcpStream> {
-    fn tcp(&self) -> &TcpStream {
-        self.get_ref().0
-    }
-}
+impl<T: AsyncRead + AsyncWrite + Send + Sync + Unpin> Io for T {}
 
 /// An open HTTP/1.1 connection to an endpoint, between requests.
 pub struct Conn {

@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 use super::*;
 
