@@ -9,11 +9,11 @@
 //! list once the answer has been read to its end; an HTTP/2 connection is
 //! shared by every request of its shard.
 //!
-//! An idle HTTP/1.1 connection is closed after `idle_timeout` (a sweep
-//! runs every half of it); one the origin closed is noticed and skipped
-//! when next taken, and a request without a body that a reused connection
-//! ended before any answer came goes on another one when its method is
-//! safe to repeat.
+//! An idle HTTP/1.1 connection is closed after `idle_timeout` (each shard
+//! sweeps its own every half of it); one the origin closed is noticed and
+//! skipped when next taken, and a request without a body that a reused
+//! connection ended before any answer came goes once more, on a new
+//! connection, when its method is safe to repeat.
 
 use std::io;
 use std::pin::Pin;
