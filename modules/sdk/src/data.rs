@@ -425,6 +425,9 @@ pub fn spawn_workers(
     stop: watch::Receiver<bool>,
 ) -> io::Result<Workers> {
     let listener = listener.into_std()?;
+    // Nagle off on the listening socket: accepted sockets inherit it, so
+    // no connection pays a system call for it.
+    socket2::SockRef::from(&listener).set_tcp_nodelay(true)?;
     let threads = threads.max(1);
     let spread = Spread::new(threads);
     let runtimes = (0..threads)
@@ -531,7 +534,6 @@ async fn accept_loop(
             drop(stream);
             continue;
         }
-        let _ = stream.set_nodelay(true);
         let placed = peers.spread.place(peers.index);
         let to = placed.thread();
         let served = if to == peers.index {

@@ -437,6 +437,51 @@ async fn connections_are_served_on_the_configured_data_threads() {
         .unwrap();
 }
 
+/// Writes whether Nagle is off on the connection's socket, then closes it.
+struct Nodelay;
+
+#[switchyard_sdk::async_trait]
+impl Module for Nodelay {
+    fn descriptor(&self) -> Descriptor {
+        Quiet.descriptor()
+    }
+
+    async fn serve(&self, mut conn: Connection) {
+        use tokio::io::AsyncWriteExt;
+        let line = format!("{:?}\n", conn.stream.get_ref().nodelay());
+        let _ = conn.stream.write_all(line.as_bytes()).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn data_connections_have_nagle_off_on_every_thread() {
+    use tokio::io::AsyncReadExt;
+    let mut cfg = config("127.0.0.1:1", "nodelay-1");
+    cfg.data.threads = 2;
+    let running = Runner::new(Nodelay, cfg).start().await.unwrap();
+    // Opened at once, so that some are handed to the other thread.
+    let mut connecting = tokio::task::JoinSet::new();
+    for _ in 0..32 {
+        let addr = running.data_addr;
+        connecting.spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let mut line = String::new();
+            s.read_to_string(&mut line).await.unwrap();
+            line
+        });
+    }
+    let lines = connecting.join_all().await;
+    assert_eq!(lines.len(), 32);
+    for line in lines {
+        assert_eq!(line.trim(), "Ok(true)");
+    }
+    running.stop(StopReason::Signal);
+    tokio::time::timeout(SOON, running.wait())
+        .await
+        .unwrap()
+        .unwrap();
+}
+
 /// Writes which data thread serves the connection, then holds it until the
 /// client closes.
 struct Holds;
