@@ -17,8 +17,8 @@ pub(super) struct Head {
     pub(super) version: Version,
     pub(super) headers: HeaderMap,
     pub(super) keep_alive: bool,
-    /// `Transfer-Encoding`: whether there is one, and whether its last
-    /// coding is `chunked`.
+    /// `Transfer-Encoding`: whether there is one, and whether it names
+    /// `chunked` (the only coding taken).
     te: Option<bool>,
     /// `Content-Length`, or why it is not one.
     length: Result<Option<u64>, String>,
@@ -94,29 +94,23 @@ impl Parsed {
                     keep_alive_asked |= token.eq_ignore_ascii_case(b"keep-alive");
                 }
             } else if name == TRANSFER_ENCODING {
-                // The last coding of the last line that names one.
-                let last = value
-                    .as_bytes()
-                    .split(|&b| b == b',')
-                    .map(<[u8]>::trim_ascii)
-                    .rfind(|t| !t.is_empty());
                 // Only `chunked` is spoken: another coding (gzip) would
-                // reach the client undone, with nothing saying so.
-                let other = value
+                // reach the client undone, with nothing saying so. So the
+                // body is chunked once a line names a coding; lines that
+                // name none leave it to run to the close.
+                let mut codings = value
                     .as_bytes()
                     .split(|&b| b == b',')
                     .map(<[u8]>::trim_ascii)
-                    .any(|t| !t.is_empty() && !t.eq_ignore_ascii_case(b"chunked"));
-                if other {
+                    .filter(|t| !t.is_empty())
+                    .peekable();
+                let named = codings.peek().is_some();
+                if codings.any(|t| !t.eq_ignore_ascii_case(b"chunked")) {
                     return Err(Error::Answer(format!(
                         "Transfer-Encoding {value:?}: only chunked is accepted"
                     )));
                 }
-                if let Some(last) = last {
-                    te = Some(last.eq_ignore_ascii_case(b"chunked"));
-                } else if te.is_none() {
-                    te = Some(false);
-                }
+                te = Some(te == Some(true) || named);
             } else if name == CONTENT_LENGTH {
                 length = length.and_then(|known| content_length(&value, known));
             }
@@ -160,7 +154,7 @@ impl Head {
         }
         match (self.te, &self.length) {
             (Some(true), _) => Ok(Kind::Chunked(Chunk::Size)),
-            // Not chunked last: the body runs to the close.
+            // A coding named nowhere: the body runs to the close.
             (Some(false), _) => Ok(Kind::Close),
             (None, Ok(length)) => Ok(length.map_or(Kind::Close, Kind::Length)),
             (None, Err(why)) => Err(Error::Answer(why.clone())),
@@ -224,6 +218,16 @@ fn chunk_size(buf: &[u8]) -> Result<Option<(usize, u64, usize)>, Error> {
         return Err(bad());
     }
     Ok(Some((lf + 1, size, rest.len())))
+}
+
+/// What has been read of a body with `left` bytes to come, up to them, as a
+/// frame, and how many are left after it; `None` if nothing has been read.
+fn take_up_to(buf: &mut BytesMut, left: u64) -> Option<(Frame<Bytes>, u64)> {
+    if buf.is_empty() {
+        return None;
+    }
+    let n = (buf.len() as u64).min(left) as usize;
+    Some((Frame::data(buf.split_to(n).freeze()), left - n as u64))
 }
 
 /// How much of the body is left, by its framing.
@@ -296,17 +300,15 @@ impl Answer {
             match self.kind {
                 Kind::Done => return Ok(None),
                 Kind::Length(left) => {
-                    if buf.is_empty() {
+                    let Some((frame, left)) = take_up_to(buf, left) else {
                         return Ok(None);
-                    }
-                    let n = (buf.len() as u64).min(left) as usize;
-                    let left = left - n as u64;
+                    };
                     self.kind = if left == 0 {
                         Kind::Done
                     } else {
                         Kind::Length(left)
                     };
-                    return Ok(Some(Frame::data(buf.split_to(n).freeze())));
+                    return Ok(Some(frame));
                 }
                 Kind::Close => {
                     if buf.is_empty() {
@@ -332,17 +334,15 @@ impl Answer {
                     });
                 }
                 Kind::Chunked(Chunk::Data(left)) => {
-                    if buf.is_empty() {
+                    let Some((frame, left)) = take_up_to(buf, left) else {
                         return Ok(None);
-                    }
-                    let n = (buf.len() as u64).min(left) as usize;
-                    let left = left - n as u64;
+                    };
                     self.kind = Kind::Chunked(if left == 0 {
                         Chunk::DataEnd
                     } else {
                         Chunk::Data(left)
                     });
-                    return Ok(Some(Frame::data(buf.split_to(n).freeze())));
+                    return Ok(Some(frame));
                 }
                 Kind::Chunked(Chunk::DataEnd) => {
                     if buf.len() < 2 {

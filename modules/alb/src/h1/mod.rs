@@ -116,6 +116,16 @@ pub struct Failed {
     pub unsent: Option<Request<ProxyBody>>,
 }
 
+/// A failure after which the request cannot go again.
+impl From<Error> for Failed {
+    fn from(error: Error) -> Self {
+        Failed {
+            error,
+            unsent: None,
+        }
+    }
+}
+
 impl Conn {
     pub fn new(io: Box<dyn Io>) -> Self {
         Conn {
@@ -153,11 +163,7 @@ impl Conn {
         let mut out = Vec::with_capacity(512);
         let framing = encode_head(&mut out, &parts, &body);
         if body.is_end_stream() {
-            let mut r = self.write(&mut out).await;
-            if r.is_ok() {
-                r = self.flush().await;
-            }
-            return match r {
+            return match self.write_whole(&out).await {
                 Ok(()) => match self.read_head(head_only).await {
                     Ok((head, kind)) => Ok(self.answer(head, kind, true, None)),
                     Err(error) => Err(self.failed(error, parts, body)),
@@ -184,10 +190,7 @@ impl Conn {
         match sent {
             Ok(None) => match self.read_head(head_only).await {
                 Ok((head, kind)) => Ok(self.answer(head, kind, true, None)),
-                Err(error) => Err(Failed {
-                    error,
-                    unsent: None,
-                }),
+                Err(error) => Err(error.into()),
             },
             // The final answer came before the body was all sent: the
             // body goes on as the answer is read (an origin that echoes
@@ -199,15 +202,9 @@ impl Conn {
             // that answer says more than the write error.
             Err(error @ Error::Io(..)) => match self.read_head(head_only).await {
                 Ok((head, kind)) => Ok(self.answer(head, kind, false, None)),
-                Err(_) => Err(Failed {
-                    error,
-                    unsent: None,
-                }),
+                Err(_) => Err(error.into()),
             },
-            Err(error) => Err(Failed {
-                error,
-                unsent: None,
-            }),
+            Err(error) => Err(error.into()),
         }
     }
 
@@ -277,14 +274,14 @@ impl Conn {
         s.poll_write(&mut *self.io, cx).map_ok(|()| None)
     }
 
-    async fn write(&mut self, out: &mut Vec<u8>) -> Result<(), Error> {
-        let r = self.io.write_all(out).await;
-        out.clear();
-        r.map_err(|e| Error::Io(SENDING, e))
-    }
-
-    async fn flush(&mut self) -> Result<(), Error> {
-        self.io.flush().await.map_err(|e| Error::Io(SENDING, e))
+    /// Writes a request that is all in `out`, and flushes it (TLS holds
+    /// records until then).
+    async fn write_whole(&mut self, out: &[u8]) -> Result<(), Error> {
+        let written = match self.io.write_all(out).await {
+            Ok(()) => self.io.flush().await,
+            Err(e) => Err(e),
+        };
+        written.map_err(|e| Error::Io(SENDING, e))
     }
 
     /// Reads the final answer's head (interim `1xx` answers are skipped)
