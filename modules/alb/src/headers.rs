@@ -42,6 +42,25 @@ fn hop_index(name: &HeaderName) -> Option<usize> {
     }
 }
 
+/// Whether `name` describes one hop (`Upgrade` included): never passed on
+/// as it came.
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    hop_index(name).is_some()
+}
+
+/// Whether the ALB sets `name` itself on the way to the origin: the
+/// forwarding headers and `x-request-id`.
+pub fn set_by_proxy(name: &HeaderName) -> bool {
+    [
+        X_FORWARDED_FOR,
+        X_FORWARDED_PROTO,
+        X_FORWARDED_HOST,
+        FORWARDED,
+        X_REQUEST_ID,
+    ]
+    .contains(name)
+}
+
 /// Whether a `Connection` token names a header that is removed anyway (or
 /// no header at all: `close`), so there is nothing more to look for.
 fn removed_anyway(token: &str, keep_upgrade: bool) -> bool {

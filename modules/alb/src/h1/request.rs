@@ -2,6 +2,7 @@
 //! and written while the answer may already be coming.
 
 use super::*;
+use crate::headers;
 
 /// How the request's body is framed.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -178,44 +179,28 @@ impl Sending {
 }
 
 /// Whether a request trailer goes on: not one that frames, routes,
-/// authenticates or describes the message (RFC 9110 §6.5.1), and none of
-/// the headers the ALB itself sets for the origin, which a client could
-/// otherwise add after them.
+/// authenticates or describes the message (RFC 9110 §6.5.1), nor a
+/// hop-by-hop one, nor one the ALB itself sets for the origin, which a
+/// client could otherwise add after it.
 fn trailer_allowed(name: &HeaderName) -> bool {
     use http::header::*;
     const NOT: &[HeaderName] = &[
         AUTHORIZATION,
         CACHE_CONTROL,
-        CONNECTION,
         CONTENT_ENCODING,
         CONTENT_LENGTH,
         CONTENT_RANGE,
         CONTENT_TYPE,
         COOKIE,
         EXPECT,
-        FORWARDED,
         HOST,
         MAX_FORWARDS,
         PRAGMA,
-        PROXY_AUTHENTICATE,
-        PROXY_AUTHORIZATION,
         RANGE,
         SET_COOKIE,
-        TE,
         TRAILER,
-        TRANSFER_ENCODING,
-        UPGRADE,
         VIA,
         WARNING,
     ];
-    !NOT.contains(name)
-        && !matches!(
-            name.as_str(),
-            "keep-alive"
-                | "proxy-connection"
-                | "x-forwarded-for"
-                | "x-forwarded-proto"
-                | "x-forwarded-host"
-                | "x-request-id"
-        )
+    !NOT.contains(name) && !headers::is_hop_by_hop(name) && !headers::set_by_proxy(name)
 }
