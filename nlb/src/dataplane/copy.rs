@@ -125,6 +125,7 @@ pub async fn both_ways(
                 w = &mut up, if up_end.is_none() => up_end = Some(w),
                 w = &mut down, if down_end.is_none() => down_end = Some(w),
             }
+            ended.store(true, Ordering::Relaxed);
             if down_end.is_some() && up_end.is_none() {
                 upstream_first = true;
             }
@@ -173,20 +174,8 @@ pub async fn both_ways(
 
 /// Copies `from` to `to` until `from` ends, then ends `to`'s writing side
 /// (the other direction goes on). `ended`: whether a direction has ended,
-/// shared by the two.
+/// shared by the two (set by [`both_ways`] when one does).
 async fn one_way(
-    from: &TcpStream,
-    to: &TcpStream,
-    buffer: usize,
-    count: &AtomicU64,
-    ended: &AtomicBool,
-) -> Way {
-    let way = copy_until_end(from, to, buffer, count, ended).await;
-    ended.store(true, Ordering::Relaxed);
-    way
-}
-
-async fn copy_until_end(
     from: &TcpStream,
     to: &TcpStream,
     buffer: usize,
