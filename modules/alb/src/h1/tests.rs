@@ -92,6 +92,31 @@ fn fails(r: Result<Response<Answer>, Failed>) -> Failed {
     }
 }
 
+/// The answer to a `method` request with `body`, on a new connection to
+/// `addr`.
+async fn answer_to(
+    addr: std::net::SocketAddr,
+    method: Method,
+    body: ProxyBody,
+) -> Response<Answer> {
+    match conn(addr).await.send(request(method, body)).await {
+        Ok(resp) => resp,
+        Err(f) => panic!("no answer: {}", f.error),
+    }
+}
+
+/// Reads `body` until it fails, and says how; `whole` is the panic if it
+/// ends instead.
+async fn body_error(body: &mut Answer, whole: &str) -> Error {
+    loop {
+        match body.frame().await {
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return e,
+            None => panic!("{whole}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_sized_answer_is_read_and_its_connection_reused() {
     let (addr, mut seen) = origin(vec![
@@ -133,12 +158,7 @@ async fn a_chunked_answer_is_decoded_with_its_trailers() {
           5;ext=1\r\nhello\r\n1\r\n!\r\n0\r\ngrpc-status: 0\r\n\r\n",
     )])
     .await;
-    let resp = conn(addr)
-        .await
-        .send(request(Method::GET, empty()))
-        .await
-        .ok()
-        .unwrap();
+    let resp = answer_to(addr, Method::GET, empty()).await;
     let (data, trailers, c) = read_all(resp).await;
     assert_eq!(data, b"hello!");
     assert_eq!(trailers.unwrap()["grpc-status"], "0");
@@ -180,12 +200,7 @@ async fn an_answer_with_both_a_coding_and_a_length_is_chunked_and_not_reused() {
           5\r\nhello\r\n0\r\n\r\n",
     )])
     .await;
-    let resp = conn(addr)
-        .await
-        .send(request(Method::GET, empty()))
-        .await
-        .ok()
-        .unwrap();
+    let resp = answer_to(addr, Method::GET, empty()).await;
     assert!(
         resp.headers().get(CONTENT_LENGTH).is_none(),
         "the length is not passed on"
@@ -202,12 +217,7 @@ async fn empty_header_values_are_kept_empty() {
         b"HTTP/1.1 200 OK\r\nx-empty:\r\nx-blank:   \r\ncontent-length: 0\r\n\r\n",
     )])
     .await;
-    let resp = conn(addr)
-        .await
-        .send(request(Method::GET, empty()))
-        .await
-        .ok()
-        .unwrap();
+    let resp = answer_to(addr, Method::GET, empty()).await;
     assert_eq!(resp.headers()["x-empty"], "");
     assert_eq!(resp.headers()["x-blank"], "");
 }
@@ -215,12 +225,7 @@ async fn empty_header_values_are_kept_empty() {
 #[tokio::test]
 async fn an_answer_without_a_length_runs_to_the_close_and_is_not_reused() {
     let (addr, _seen) = origin(vec![(0, b"HTTP/1.1 200 OK\r\n\r\nall of it")]).await;
-    let resp = conn(addr)
-        .await
-        .send(request(Method::GET, empty()))
-        .await
-        .ok()
-        .unwrap();
+    let resp = answer_to(addr, Method::GET, empty()).await;
     let (data, _, c) = read_all(resp).await;
     assert_eq!(data, b"all of it");
     assert!(c.is_none());
@@ -234,12 +239,7 @@ async fn interim_answers_are_skipped() {
           HTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n",
     )])
     .await;
-    let resp = conn(addr)
-        .await
-        .send(request(Method::GET, empty()))
-        .await
-        .ok()
-        .unwrap();
+    let resp = answer_to(addr, Method::GET, empty()).await;
     assert_eq!(resp.status(), 201);
     assert!(resp.headers().get("link").is_none());
 }
@@ -293,20 +293,9 @@ async fn a_body_cut_short_is_an_error_and_the_connection_is_dropped() {
         b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
     ] {
         let (addr, _seen) = origin(vec![(0, answer)]).await;
-        let resp = conn(addr)
-            .await
-            .send(request(Method::GET, empty()))
-            .await
-            .ok()
-            .unwrap();
+        let resp = answer_to(addr, Method::GET, empty()).await;
         let mut body = resp.into_body();
-        let err = loop {
-            match body.frame().await {
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => break e,
-                None => panic!("the body ended without an error"),
-            }
-        };
+        let err = body_error(&mut body, "the body ended without an error").await;
         assert!(
             err.to_string().contains("body") || err.to_string().contains("chunk"),
             "{err}"
@@ -356,12 +345,7 @@ async fn a_request_body_of_unknown_length_is_chunked_with_its_trailers() {
         Ok(Frame::trailers(trailers)),
     ];
     let body = StreamBody::new(futures::stream::iter(frames)).boxed();
-    let resp = conn(addr)
-        .await
-        .send(request(Method::POST, body))
-        .await
-        .ok()
-        .unwrap();
+    let resp = answer_to(addr, Method::POST, body).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(seen.recv().await.unwrap(), sent.to_vec());
 }
@@ -369,12 +353,7 @@ async fn a_request_body_of_unknown_length_is_chunked_with_its_trailers() {
 #[tokio::test]
 async fn an_empty_post_says_its_length_is_zero() {
     let (addr, mut seen) = origin(vec![(0, b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")]).await;
-    conn(addr)
-        .await
-        .send(request(Method::POST, empty()))
-        .await
-        .ok()
-        .unwrap();
+    answer_to(addr, Method::POST, empty()).await;
     let got = String::from_utf8(seen.recv().await.unwrap()).unwrap();
     assert!(got.ends_with("content-length: 0\r\n\r\n"), "{got}");
 }
@@ -427,12 +406,7 @@ async fn a_reused_connection_the_origin_closed_gives_back_a_get_not_a_post() {
     for (method, given_back) in [(Method::GET, true), (Method::POST, false)] {
         let (addr, _seen) =
             origin(vec![(0, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")]).await;
-        let resp = conn(addr)
-            .await
-            .send(request(Method::GET, empty()))
-            .await
-            .ok()
-            .unwrap();
+        let resp = answer_to(addr, Method::GET, empty()).await;
         let (_, _, c) = read_all(resp).await;
         let mut c = c.unwrap();
         // The origin closes after its one answer.
@@ -483,12 +457,7 @@ async fn an_idle_connection_is_not_usable_once_the_origin_sends_unasked() {
         tcp.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
         tokio::time::sleep(Duration::from_secs(5)).await;
     });
-    let resp = conn(addr)
-        .await
-        .send(request(Method::GET, empty()))
-        .await
-        .ok()
-        .unwrap();
+    let resp = answer_to(addr, Method::GET, empty()).await;
     let (_, _, c) = read_all(resp).await;
     let mut c = c.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -561,12 +530,7 @@ async fn an_origin_that_echoes_as_it_reads_gets_the_whole_body_and_answers_it() 
         .map_err(|e| match e {})
         .boxed();
     let exchange = async {
-        let resp = conn(addr)
-            .await
-            .send(request(Method::PUT, body))
-            .await
-            .ok()
-            .unwrap();
+        let resp = answer_to(addr, Method::PUT, body).await;
         read_all(resp).await
     };
     let (data, _, c) = tokio::time::timeout(Duration::from_secs(30), exchange)
@@ -588,12 +552,7 @@ async fn an_early_answer_from_an_origin_that_stops_reading_but_stays_reaches_the
     )
     .await;
     let exchange = async {
-        let resp = conn(addr)
-            .await
-            .send(request(Method::PUT, streamed(64 << 20)))
-            .await
-            .ok()
-            .unwrap();
+        let resp = answer_to(addr, Method::PUT, streamed(64 << 20)).await;
         let status = resp.status();
         (status, read_all(resp).await)
     };
@@ -624,14 +583,8 @@ async fn lax_framing_from_an_origin_is_refused() {
         let text = match conn(addr).await.send(request(Method::GET, empty())).await {
             Err(f) => f.error.to_string(),
             Ok(resp) => {
-                let mut body = resp.into_body();
-                loop {
-                    match body.frame().await {
-                        Some(Ok(_)) => continue,
-                        Some(Err(e)) => break e.to_string(),
-                        None => panic!("{:?} was taken", String::from_utf8_lossy(answer)),
-                    }
-                }
+                let taken = format!("{:?} was taken", String::from_utf8_lossy(answer));
+                body_error(&mut resp.into_body(), &taken).await.to_string()
             }
         };
         assert!(text.contains(says), "{text:?} should say {says:?}");
@@ -642,12 +595,7 @@ async fn lax_framing_from_an_origin_is_refused() {
         b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2 ;a=\"b\";c\r\nok\r\n0\r\n\r\n",
     )])
     .await;
-    let resp = conn(addr)
-        .await
-        .send(request(Method::GET, empty()))
-        .await
-        .ok()
-        .unwrap();
+    let resp = answer_to(addr, Method::GET, empty()).await;
     assert_eq!(read_all(resp).await.0, b"ok");
 }
 
@@ -681,12 +629,7 @@ async fn request_trailers_that_would_override_the_proxys_headers_are_dropped() {
         Ok(Frame::trailers(trailers)),
     ];
     let body = StreamBody::new(futures::stream::iter(frames)).boxed();
-    conn(addr)
-        .await
-        .send(request(Method::POST, body))
-        .await
-        .ok()
-        .unwrap();
+    answer_to(addr, Method::POST, body).await;
     assert_eq!(seen.recv().await.unwrap(), sent.to_vec());
 }
 
@@ -700,12 +643,7 @@ async fn a_body_sent_with_a_204_or_to_a_head_keeps_the_connection_from_the_pool(
         ),
     ] {
         let (addr, _seen) = origin(vec![(0, answer)]).await;
-        let resp = conn(addr)
-            .await
-            .send(request(method.clone(), empty()))
-            .await
-            .ok()
-            .unwrap();
+        let resp = answer_to(addr, method.clone(), empty()).await;
         let (data, _, c) = read_all(resp).await;
         assert!(data.is_empty());
         assert!(c.is_none(), "{method}: bytes after a body-less answer");
@@ -819,20 +757,10 @@ async fn a_request_body_that_fails_after_an_early_answer_ends_the_exchange() {
     });
     let body = StreamBody::new(futures::StreamExt::chain(first, then_fail)).boxed();
     let exchange = async {
-        let resp = conn(addr)
-            .await
-            .send(request(Method::PUT, body))
-            .await
-            .ok()
-            .unwrap();
+        let resp = answer_to(addr, Method::PUT, body).await;
         let mut body = resp.into_body();
-        loop {
-            match body.frame().await {
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => break (e.to_string(), body.finish().is_none()),
-                None => panic!("the answer ended as if whole"),
-            }
-        }
+        let error = body_error(&mut body, "the answer ended as if whole").await;
+        (error.to_string(), body.finish().is_none())
     };
     let (error, dropped) = tokio::time::timeout(Duration::from_secs(10), exchange)
         .await
