@@ -37,6 +37,28 @@ usage() {
 
 say() { printf '\n== %s\n' "$*"; }
 
+# The rounds the alb and l4 loads run in (BENCH_ROUNDS), checked before
+# anything is built.
+ROUNDS="${BENCH_ROUNDS:-3}"
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || {
+    echo "BENCH_ROUNDS: $ROUNDS is not a number of rounds (1 or more)" >&2
+    exit 2
+}
+
+# in_turn ROUND TARGET...: the targets in the order they take in ROUND:
+# as given, and reversed every other round, so that a slow spell of this
+# shared machine falls on all of them.
+in_turn() {
+    local round="$1" i
+    shift
+    if [ $((round % 2)) -eq 1 ]; then
+        echo "$@"
+    else
+        for ((i = $#; i >= 1; i--)); do printf '%s ' "${!i}"; done
+        echo
+    fi
+}
+
 [ $# -le 1 ] || usage
 case "${1:-all}" in
 all) selected=("${BENCHES[@]}") ;;
@@ -320,7 +342,7 @@ round_median() {
                     key ~ /^(cpu_|gbps$)/ ? sprintf("%.2f", med) : sprintf("%.0f", med))
             }
             if (nk) print line
-        }' | sed "s/^/RESULT bench=$1 load=$2 target=$3 rounds=${BENCH_ROUNDS:-3}/" | tee -a "$RESULTS"
+        }' | sed "s/^/RESULT bench=$1 load=$2 target=$3 rounds=$ROUNDS/" | tee -a "$RESULTS"
 }
 
 # h2_run TARGET URL: one h2load load (HTTP/2 prior knowledge), a ROUND line.
@@ -419,16 +441,10 @@ EOF
     # taking turns (in reverse order every other round), so that a slow
     # spell of this shared machine falls on all of them; each target's
     # median is its result.
-    local rounds="${BENCH_ROUNDS:-3}" load round target port order
-    [[ $rounds =~ ^[1-9][0-9]*$ ]] || {
-        echo "BENCH_ROUNDS: $rounds is not a number of rounds (1 or more)" >&2
-        exit 2
-    }
+    local load round target port
     for load in keepalive close h2load; do
-        for round in $(seq 1 "$rounds"); do
-            order="origin nginx alb"
-            [ $((round % 2)) -eq 1 ] || order="alb nginx origin"
-            for target in $order; do
+        for round in $(seq 1 "$ROUNDS"); do
+            for target in $(in_turn "$round" origin nginx alb); do
                 case $load/$target in
                 h2load/origin) port=$origin_h2 ;;
                 h2load/nginx) port=$proxy_h2 ;;
@@ -443,15 +459,15 @@ EOF
                 esac
                 case $load in
                 keepalive)
-                    say "alb: wrk, keep-alive, 1 KiB, $target (round $round of $rounds)"
+                    say "alb: wrk, keep-alive, 1 KiB, $target (round $round of $ROUNDS)"
                     wrk_run keepalive "$target" "http://127.0.0.1:$port/1k"
                     ;;
                 close)
-                    say "alb: wrk, a new connection per request, 1 KiB, $target (round $round of $rounds)"
+                    say "alb: wrk, a new connection per request, 1 KiB, $target (round $round of $ROUNDS)"
                     wrk_run close "$target" "http://127.0.0.1:$port/1k" -H "Connection: close"
                     ;;
                 h2load)
-                    say "alb: h2load, HTTP/2 prior knowledge, 1 KiB, $target (round $round of $rounds)"
+                    say "alb: h2load, HTTP/2 prior knowledge, 1 KiB, $target (round $round of $ROUNDS)"
                     h2_run "$target" "http://127.0.0.1:$port/1k"
                     ;;
                 esac
@@ -905,19 +921,10 @@ bench_l4() {
     # spell of this shared machine falls on all of them; each target's
     # median is its result. The idle connections (memory, which does not
     # move with the machine) are held in the first round only.
-    local rounds="${BENCH_ROUNDS:-3}" round order load
-    [[ $rounds =~ ^[1-9][0-9]*$ ]] || {
-        echo "BENCH_ROUNDS: $rounds is not a number of rounds (1 or more)" >&2
-        exit 2
-    }
-    for round in $(seq 1 "$rounds"); do
-        order=("${targets[@]}")
-        if [ $((round % 2)) -eq 0 ]; then
-            order=()
-            for ((i = ${#targets[@]} - 1; i >= 0; i--)); do order+=("${targets[$i]}"); done
-        fi
-        for target in "${order[@]}"; do
-            say "l4: $target (round $round of $rounds)"
+    local round load
+    for round in $(seq 1 "$ROUNDS"); do
+        for target in $(in_turn "$round" "${targets[@]}"); do
+            say "l4: $target (round $round of $ROUNDS)"
             l4_start "$target" || continue
             l4_iperf "$target" 1
             l4_iperf "$target" 8
