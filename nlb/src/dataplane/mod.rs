@@ -26,11 +26,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use futures::FutureExt;
 use parking_lot::Mutex;
 use prometheus::{IntCounter, IntGauge};
+use shared_types::accept::Acceptor;
 use shared_types::spread::{Placed, Spread};
-use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tokio::task::{AbortHandle, JoinHandle};
 
@@ -536,17 +535,21 @@ async fn accept_loop(
     socket: std::net::TcpListener,
     mut stop: watch::Receiver<bool>,
 ) {
-    let socket = match TcpListener::from_std(socket) {
+    let socket = match Acceptor::new(socket) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(listener = %listener.name, error = %e, "data thread cannot use the listener");
             return;
         }
     };
+    // One wait for the stop signal across all accepts (a new one per
+    // accept cost a watch poll and its waker registration each time).
+    let stopped = stop.wait_for(|s| *s);
+    tokio::pin!(stopped);
     loop {
         let accepted = tokio::select! {
             biased;
-            _ = stop.wait_for(|s| *s) => break,
+            _ = &mut stopped => break,
             r = socket.accept() => r,
         };
         match accepted {
@@ -572,7 +575,7 @@ async fn accept_loop(
         }
     }
     // Connections the kernel already completed are served, not reset.
-    while let Some(Ok((stream, peer))) = socket.accept().now_or_never() {
+    while let Some((stream, peer)) = socket.accept_queued() {
         admit(&dp, (&listener, thread), stream, peer);
     }
     tracing::debug!(listener = %listener.name, "stopped accepting");
@@ -580,11 +583,12 @@ async fn accept_loop(
 
 /// Applies the caps to a connection accepted on data thread `thread` and
 /// starts serving it: on that thread, or on another that holds clearly
-/// fewer connections (see [`shared_types::spread`]).
+/// fewer connections (see [`shared_types::spread`]). The socket is on no
+/// reactor yet: the thread that serves it registers it, once.
 fn admit(
     dp: &Arc<Dataplane>,
     (listener, thread): (&Arc<ListenerShared>, usize),
-    stream: tokio::net::TcpStream,
+    stream: std::net::TcpStream,
     peer: SocketAddr,
 ) {
     let rejected = |reason: &str| {
@@ -618,27 +622,8 @@ fn admit(
         // Accept loops run on the data threads, so they exist.
         return;
     };
-    /// Where a connection is served: on the thread that accepted it, or,
-    /// taken off that thread's reactor, on another.
-    enum Served {
-        Here(tokio::net::TcpStream),
-        There(std::net::TcpStream),
-    }
-    // Placed before anything is counted: a connection that cannot move
-    // leaves no count behind.
     let placed = workers.spread.place(thread);
     let to = placed.thread();
-    let served = if to == thread {
-        Served::Here(stream)
-    } else {
-        match stream.into_std() {
-            Ok(s) => Served::There(s),
-            Err(e) => {
-                tracing::warn!(listener = %listener.name, %peer, error = %e, "connection closed: it could not be handed to another data thread");
-                return;
-            }
-        }
-    };
     dp.open.fetch_add(1, Ordering::Relaxed);
     dp.metrics.open.inc();
     listener.open.fetch_add(1, Ordering::Relaxed);
@@ -651,18 +636,20 @@ fn admit(
         id,
         placed,
     };
-    let task = match served {
-        // Boxed: tokio moves a task's future several times while spawning
-        // it and on each change of stage; a box moves as one pointer.
-        Served::Here(stream) => tokio::spawn(Box::pin(conn::serve(open, stream, peer))),
-        Served::There(stream) => workers.handles[to].spawn(async move {
-            match tokio::net::TcpStream::from_std(stream) {
-                Ok(stream) => Box::pin(conn::serve(open, stream, peer)).await,
-                Err(e) => {
-                    tracing::warn!(listener = %open.listener.name, %peer, error = %e, "connection closed: its data thread could not take it");
-                }
+    let serve = async move {
+        match tokio::net::TcpStream::from_std(stream) {
+            Ok(stream) => conn::serve(open, stream, peer).await,
+            Err(e) => {
+                tracing::warn!(listener = %open.listener.name, %peer, error = %e, "connection closed: its data thread could not take it");
             }
-        }),
+        }
+    };
+    // Boxed: tokio moves a task's future several times while spawning it
+    // and on each change of stage; a box moves as one pointer.
+    let task = if to == thread {
+        tokio::spawn(Box::pin(serve))
+    } else {
+        workers.handles[to].spawn(Box::pin(serve))
     };
     dp.live.enter(id, listener.id, task.abort_handle());
 }
