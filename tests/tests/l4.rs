@@ -393,6 +393,31 @@ async fn a_declared_listener_routes_without_reading_so_the_server_speaks_first()
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_backend_named_by_host_name_is_resolved_when_connecting() {
+    let sb = Sandbox::new();
+    let a = DataServer::start("backend-a", Behaviour::Echo).await;
+    let port = a.addr.port();
+    let nlb = start_nlb(&sb, &[("pool", "tcp")], |l| {
+        format!(
+            "backends:\n  web: [\"localhost:{port}\"]\n\
+             routes:\n  - {{route_id: web, protocol: tcp, destination_port: {}, metadata: {{backend: web}}}}\n",
+            l.port("pool")
+        )
+    })
+    .await;
+    let to = nlb.listeners.addr("pool");
+    let got = run_bounded(20, 4, LOAD_DEADLINE, move |i| banner_from(source(i), to)).await;
+    let (by, failures) = tally(&got);
+    assert!(
+        failures.is_empty(),
+        "{} failed: {failures:?}",
+        failures.len()
+    );
+    assert_eq!(by.get("backend-a").copied(), Some(20), "{by:?}");
+    assert_eq!(a.accepted(), 20);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_static_pool_shares_connections_and_survives_a_closed_backend() {
     let sb = Sandbox::new();
     let a = DataServer::start("backend-a", Behaviour::Echo).await;

@@ -218,7 +218,13 @@ async fn forward(
             continue;
         };
         let timeout = Duration::from_millis(settings.connect_timeout_ms);
-        match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
+        let connect = async {
+            match endpoint.socket_addr {
+                Some(parsed) => TcpStream::connect(parsed).await,
+                None => TcpStream::connect(address).await,
+            }
+        };
+        match tokio::time::timeout(timeout, connect).await {
             Ok(Ok(upstream)) => {
                 endpoint.counters.connect_succeeded();
                 let now = unix_millis(SystemTime::now());

@@ -219,6 +219,7 @@ impl Instance {
             id: self.info.instance_id.clone(),
             module_type: self.module_type,
             address: self.data_address.clone(),
+            socket_addr: crate::routing::endpoint::socket_addr(self.data_address.as_deref()),
             version: self.info.version.clone(),
             state: self.state().0,
             max_connections: u32::try_from(self.info.max_connections).unwrap_or(0),

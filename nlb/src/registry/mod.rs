@@ -227,6 +227,7 @@ impl Registry {
                             id,
                             module_type: ModuleType::Unspecified,
                             address: Some(addr.clone()),
+                            socket_addr: crate::routing::endpoint::socket_addr(Some(addr)),
                             version: String::new(),
                             state: EndpointState::Healthy,
                             max_connections: 0,

@@ -1,6 +1,7 @@
 //! What the routing core balances over: module instances and static backend
 //! addresses, each with live counters shared across snapshots.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -176,6 +177,10 @@ pub struct Endpoint {
     pub module_type: ModuleType,
     /// Where traffic goes (`metadata["data_address"]`); `None` takes no traffic.
     pub address: Option<String>,
+    /// `address` parsed, when it is an IP address and port (see
+    /// [`socket_addr`]): connections go there without parsing it each time.
+    /// A host name is resolved at each connect.
+    pub socket_addr: Option<SocketAddr>,
     pub version: String,
     pub state: EndpointState,
     /// 0 = unlimited.
@@ -185,6 +190,11 @@ pub struct Endpoint {
     /// The instance asked for a PROXY v2 header.
     pub proxy_protocol: bool,
     pub counters: Arc<EndpointCounters>,
+}
+
+/// `address` as an IP address and port, if it is one.
+pub fn socket_addr(address: Option<&str>) -> Option<SocketAddr> {
+    address?.parse().ok()
 }
 
 impl Endpoint {

@@ -19,6 +19,7 @@ fn instance(id: &str, module_type: ModuleType, version: &str) -> Endpoint {
         id: id.to_string(),
         module_type,
         address: Some(format!("{id}.test:8080")),
+        socket_addr: None,
         version: version.to_string(),
         state: EndpointState::Healthy,
         max_connections: 0,
@@ -1314,4 +1315,20 @@ fn slow_start_keeps_a_new_instance_from_taking_every_connection() {
         without >= 25,
         "without a ramp the new one takes most: {without}"
     );
+}
+
+#[test]
+fn ip_addresses_are_parsed_once_and_host_names_left_to_connect() {
+    use super::endpoint::socket_addr;
+    assert_eq!(
+        socket_addr(Some("127.0.0.1:8080")),
+        Some("127.0.0.1:8080".parse().unwrap())
+    );
+    assert_eq!(
+        socket_addr(Some("[::1]:5432")),
+        Some("[::1]:5432".parse().unwrap())
+    );
+    assert_eq!(socket_addr(Some("db.internal:5432")), None);
+    assert_eq!(socket_addr(Some("localhost:80")), None);
+    assert_eq!(socket_addr(None), None);
 }
