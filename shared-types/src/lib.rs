@@ -10,12 +10,11 @@
 //! that the NLB and the module SDK share, and [`sniff`], the protocol
 //! detectors the NLB runs on a connection's first bytes (pure bytes too, here
 //! so that the fuzz targets reach them). And [`spread`], which evens out
-//! connections over the data threads of both, [`data_thread`], the timer
-//! each of those threads keeps, and [`accept`], how they accept.
+//! connections over the data threads of both, and [`data_thread`], the timer
+//! each of those threads keeps.
 
 #![deny(unsafe_code)]
 
-pub mod accept;
 pub mod data_thread;
 pub mod error;
 pub mod names;

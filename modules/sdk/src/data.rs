@@ -35,7 +35,6 @@ use tokio::time::Instant;
 use crate::context::Context;
 use crate::module::Module;
 use crate::stats::{ConnectionGuard, Stats};
-use shared_types::accept::Acceptor;
 use shared_types::spread::{Placed, Spread};
 
 /// One data connection, handed to the module.
@@ -463,7 +462,7 @@ pub fn spawn_workers(
                 WORKER.with(|w| w.set(Some(index)));
                 runtime.block_on(async move {
                     tokio::spawn(shared_types::data_thread::keep_a_timer_due());
-                    match Acceptor::new(socket) {
+                    match TcpListener::from_std(socket) {
                         Ok(listener) => accept_loop(listener, &shared, peers, stop).await,
                         Err(e) => {
                             tracing::error!(thread = index, error = %e, "data thread cannot use the listener");
@@ -493,10 +492,17 @@ struct Peers {
     runtimes: Arc<[Handle]>,
 }
 
+/// Where a connection is served: on the thread that accepted it, or,
+/// taken off that thread's reactor, on another.
+enum Served {
+    Here(TcpStream),
+    There(std::net::TcpStream),
+}
+
 /// Accepts until `stop` turns true, then drops the listener (the port stops
 /// taking connections; those accepted keep running).
 async fn accept_loop(
-    listener: Acceptor,
+    listener: TcpListener,
     shared: &Shared,
     peers: Peers,
     mut stop: watch::Receiver<bool>,
@@ -528,23 +534,28 @@ async fn accept_loop(
             drop(stream);
             continue;
         }
-        // This thread serves it, or another that holds clearly fewer.
         let placed = peers.spread.place(peers.index);
-        start(
-            &peers.runtimes[placed.thread()],
-            stream,
-            (peer, local),
-            placed,
-            shared,
-        );
+        let to = placed.thread();
+        let served = if to == peers.index {
+            Served::Here(stream)
+        } else {
+            // Another thread holds clearly fewer: it serves this one.
+            match stream.into_std() {
+                Ok(s) => Served::There(s),
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "data connection closed: it could not be handed to another data thread");
+                    continue;
+                }
+            }
+        };
+        start(&peers.runtimes[to], served, (peer, local), placed, shared);
     }
 }
 
-/// Serves a connection on a task of its own on `runtime`'s thread, which
-/// registers its socket (on no reactor until then).
+/// Serves a connection on a task of its own on `runtime`'s thread.
 fn start(
     runtime: &Handle,
-    stream: std::net::TcpStream,
+    served: Served,
     (peer, local): (SocketAddr, Option<SocketAddr>),
     placed: Placed,
     shared: &Shared,
@@ -558,12 +569,15 @@ fn start(
     // and at each change of stage; a box moves as one pointer.
     let task = runtime.spawn(Box::pin(async move {
         let _counted = (tracked, placed);
-        let stream = match TcpStream::from_std(stream) {
-            Ok(stream) => stream,
-            Err(e) => {
-                tracing::warn!(%peer, error = %e, "data connection closed: its data thread could not take it");
-                return;
-            }
+        let stream = match served {
+            Served::Here(stream) => stream,
+            Served::There(stream) => match TcpStream::from_std(stream) {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "data connection closed: its data thread could not take it");
+                    return;
+                }
+            },
         };
         serve_one(stream, peer, local, closing, module, ctx, &settings).await;
     }));

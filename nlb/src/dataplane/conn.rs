@@ -32,9 +32,16 @@ struct Report {
 }
 
 /// Serves one accepted connection until it ends (the drain deadline aborts
-/// the task).
-pub(crate) async fn serve(open: Open, client: TcpStream, peer: SocketAddr) {
+/// the task). The socket joins this thread's reactor here.
+pub(crate) async fn serve(open: Open, client: std::net::TcpStream, peer: SocketAddr) {
     let (dp, listener) = (&open.dp, &open.listener);
+    let client = match TcpStream::from_std(client) {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::warn!(listener = %listener.name, %peer, error = %e, "connection closed: its data thread could not take it");
+            return;
+        }
+    };
     let settings = dp.settings();
     let started = Instant::now();
     let mut report = Report {
@@ -118,6 +125,9 @@ async fn forward(
     // Bytes read before forwarding (PROXY header's tail, sniffed bytes):
     // replayed to the instance.
     let mut pending: Vec<u8> = Vec::new();
+    if ls.proxy_protocol || ls.protocol.is_none() {
+        read_arrived(client, &mut pending);
+    }
     let mut client_addr = peer;
     let mut dst = None;
     if ls.proxy_protocol {
@@ -383,6 +393,26 @@ fn keepalive(s: &TcpStream, settings: &DataplaneConfig) {
         let _ = socket2::SockRef::from(s).set_tcp_keepalive(&ka);
     }
 }
+
+/// Reads into `buf` what the client has sent already, straight from the
+/// socket. The data threads register accepted sockets themselves (see
+/// [`shared_types::accept`]), and a socket so registered reads as not ready
+/// until the reactor's first event: a listener that reads first (a PROXY
+/// header, or sniffing) would wait a turn of the reactor for bytes that are
+/// usually there. Nothing there, the end, or an error: nothing is read, and
+/// the reads that follow find out as they would have. At most
+/// [`FIRST_READ`] bytes: a longer first message (a large TLS ClientHello)
+/// has its rest read once the reactor has seen it.
+fn read_arrived(s: &TcpStream, buf: &mut Vec<u8>) {
+    use std::io::Read;
+    buf.resize(FIRST_READ, 0);
+    let n = (&*socket2::SockRef::from(s)).read(buf).unwrap_or(0);
+    buf.truncate(n);
+}
+
+/// How much [`read_arrived`] reads: a PROXY header, or the first bytes of
+/// a request, whole (the buffer is zeroed first, so not more).
+const FIRST_READ: usize = 1024;
 
 /// Reads from `s` into `buf` (appending) once bytes are there; `Ok(0)` at
 /// the end of the stream.

@@ -14,6 +14,7 @@
 //! closes; a removed one stops accepting and its connections finish until
 //! the drain deadline.
 
+mod accept;
 pub mod conn;
 pub mod copy;
 pub mod limit;
@@ -28,13 +29,13 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use prometheus::{IntCounter, IntGauge};
-use shared_types::accept::Acceptor;
 use shared_types::spread::{Placed, Spread};
 use tokio::sync::{watch, Notify};
 use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::config::{DataplaneConfig, ListenerConfig};
 use crate::routing::{Cidr, Detected, Router};
+use accept::Acceptor;
 use limit::SourceLimiter;
 use metrics::DataplaneMetrics;
 
@@ -636,20 +637,13 @@ fn admit(
         id,
         placed,
     };
-    let serve = async move {
-        match tokio::net::TcpStream::from_std(stream) {
-            Ok(stream) => conn::serve(open, stream, peer).await,
-            Err(e) => {
-                tracing::warn!(listener = %open.listener.name, %peer, error = %e, "connection closed: its data thread could not take it");
-            }
-        }
-    };
     // Boxed: tokio moves a task's future several times while spawning it
     // and on each change of stage; a box moves as one pointer.
+    let serve = Box::pin(conn::serve(open, stream, peer));
     let task = if to == thread {
-        tokio::spawn(Box::pin(serve))
+        tokio::spawn(serve)
     } else {
-        workers.handles[to].spawn(Box::pin(serve))
+        workers.handles[to].spawn(serve)
     };
     dp.live.enter(id, listener.id, task.abort_handle());
 }

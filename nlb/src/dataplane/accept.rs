@@ -1,12 +1,17 @@
-//! Accepting on a data thread (the NLB's and the module SDK's) without
-//! registering the accepted socket.
+//! Accepting on a data thread without registering the accepted socket.
 //!
 //! tokio's `TcpListener::accept` registers each accepted socket with the
 //! accepting thread's reactor (an `epoll_ctl`). A connection that thread
-//! hands to another (see [`crate::spread`]) was then taken off that
+//! hands to another (see [`shared_types::spread`]) was then taken off that
 //! reactor (a second `epoll_ctl`) and put on the other (a third). An
 //! [`Acceptor`] hands out plain sockets instead: whichever thread serves a
 //! connection registers it once, with `tokio::net::TcpStream::from_std`.
+//!
+//! One thing tokio's accept does that `from_std` does not: it takes a new
+//! socket for readable, so the first read tries it at once. A socket
+//! registered by hand waits for the reactor's first event; the listeners
+//! that read first make up for it (see `conn::read_arrived`). The module
+//! SDK keeps tokio's accept for that reason: its modules read first.
 
 use std::io;
 use std::net::SocketAddr;
@@ -46,11 +51,6 @@ impl Acceptor {
         let (stream, peer) = self.listener.get_ref().accept().ok()?;
         Some((stream.into(), peer))
     }
-
-    /// The address it listens on.
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.get_ref().local_addr()
-    }
 }
 
 /// `listener` on the current thread's reactor, for reading.
@@ -73,8 +73,8 @@ mod tests {
     #[tokio::test]
     async fn accepted_sockets_are_non_blocking_and_serve_once_registered() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
         let acceptor = Acceptor::new(listener).unwrap();
-        let addr = acceptor.local_addr().unwrap();
         assert!(acceptor.accept_queued().is_none(), "nothing queued yet");
 
         let mut client = std::net::TcpStream::connect(addr).unwrap();
@@ -98,8 +98,8 @@ mod tests {
     #[tokio::test]
     async fn queued_connections_are_taken_in_order_without_waiting() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
         let acceptor = Acceptor::new(listener).unwrap();
-        let addr = acceptor.local_addr().unwrap();
         let clients: Vec<_> = (0..3)
             .map(|_| std::net::TcpStream::connect(addr).unwrap())
             .collect();
