@@ -62,7 +62,8 @@ impl Spread {
     /// eighth of that thread's count): against 32, at least 8 fewer. The
     /// jitter of short connections mostly stays under that (with 8 short
     /// connections a thread, a slack of 2 handed over one connection in
-    /// four, each costing two `epoll_ctl` calls and a wake-up); a burst on
+    /// four, each costing a wake-up, and in the module SDK two `epoll_ctl`
+    /// calls too); a burst on
     /// one thread ends within it (35 against 29 for 64 connections on two
     /// threads).
     pub fn place(self: &Arc<Self>, me: usize) -> Placed {

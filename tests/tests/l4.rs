@@ -393,6 +393,69 @@ async fn a_declared_listener_routes_without_reading_so_the_server_speaks_first()
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_proxy_v2_listener_strips_the_header_and_forwards_the_rest_in_order() {
+    use shared_types::proxy_v2;
+    let sb = Sandbox::new();
+    let web = DataServer::start("backend-a", Behaviour::Echo).await;
+    let addr = web.addr;
+    // Sniffing behind a trusted load balancer that sends PROXY v2.
+    let front = "auto, proxy_protocol: true, trusted_proxies: [\"127.0.0.0/8\"]";
+    let nlb = start_nlb(&sb, &[("front", front)], |l| {
+        format!(
+            "backends:\n  web: [\"{addr}\"]\n\
+             routes:\n  - {{route_id: web, protocol: http, destination_port: {}, metadata: {{backend: web}}}}\n",
+            l.port("front")
+        )
+    })
+    .await;
+    let to = nlb.listeners.addr("front");
+    let header = proxy_v2::encode(&proxy_v2::Header::proxy(
+        "203.0.113.7:40000".parse().unwrap(),
+        to,
+    ))
+    .unwrap();
+    let request: &[u8] = b"GET / HTTP/1.1\r\nHost: switchyard.test\r\n\r\n";
+    let whole = [header.as_slice(), request].concat();
+    let sends: [Vec<&[u8]>; 3] = [
+        // Header and request in one write (read at once, before the
+        // reactor has seen the socket).
+        vec![&whole],
+        // The header split, then the request.
+        vec![&header[..10], &header[10..], request],
+        // The header and the request's first bytes, then its rest.
+        vec![&whole[..header.len() + 5], &whole[header.len() + 5..]],
+    ];
+    for (i, chunks) in sends.iter().enumerate() {
+        let got = exchange(source(i), to, chunks, Duration::from_millis(30))
+            .await
+            .unwrap_or_else(|e| panic!("send {i}: {e}; nlb stderr:\n{}", nlb.stderr()));
+        assert_eq!(got.instance, "backend-a", "send {i}");
+        assert_eq!(
+            got.echoed, request,
+            "send {i}: the echo is the request alone"
+        );
+    }
+    // The backend got the request alone each time: the header went no
+    // further than the NLB.
+    let received = finished(&nlb, &web, sends.len()).await;
+    assert_eq!(received, vec![request.to_vec(); sends.len()]);
+
+    // No header: the connection is closed and counted, and the backend
+    // sees nothing of it.
+    let refused = exchange(source(9), to, &[request], Duration::from_millis(30)).await;
+    assert!(refused.is_err(), "{refused:?}");
+    metrics_until(&nlb, "the refused header counted", |text| {
+        metric_sum(
+            text,
+            "nlb_rejected_connections_total",
+            &[("listener", "front"), ("reason", "proxy_header")],
+        ) == 1.0
+    })
+    .await;
+    assert_eq!(web.accepted(), sends.len());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_backend_named_by_host_name_is_resolved_when_connecting() {
     let sb = Sandbox::new();
     let a = DataServer::start("backend-a", Behaviour::Echo).await;

@@ -46,10 +46,22 @@ impl Acceptor {
     }
 
     /// A connection already queued, without waiting; `None` when there is
-    /// none (or accepting failed).
+    /// none, or accepting failed for want of descriptors or memory. A
+    /// connection its client reset while it was queued is passed over.
     pub fn accept_queued(&self) -> Option<(std::net::TcpStream, SocketAddr)> {
-        let (stream, peer) = self.listener.get_ref().accept().ok()?;
-        Some((stream.into(), peer))
+        loop {
+            match self.listener.get_ref().accept() {
+                Ok((stream, peer)) => return Some((stream.into(), peer)),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionAborted
+                            | io::ErrorKind::ConnectionReset
+                            | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(_) => return None,
+            }
+        }
     }
 }
 

@@ -38,6 +38,10 @@ pub(crate) async fn serve(open: Open, client: std::net::TcpStream, peer: SocketA
     let client = match TcpStream::from_std(client) {
         Ok(client) => client,
         Err(e) => {
+            dp.metrics
+                .listener_errors
+                .with_label_values(&[listener.name.as_str()])
+                .inc();
             tracing::warn!(listener = %listener.name, %peer, error = %e, "connection closed: its data thread could not take it");
             return;
         }
@@ -125,9 +129,6 @@ async fn forward(
     // Bytes read before forwarding (PROXY header's tail, sniffed bytes):
     // replayed to the instance.
     let mut pending: Vec<u8> = Vec::new();
-    if ls.proxy_protocol || ls.protocol.is_none() {
-        read_arrived(client, &mut pending);
-    }
     let mut client_addr = peer;
     let mut dst = None;
     if ls.proxy_protocol {
@@ -137,7 +138,11 @@ async fn forward(
             return;
         }
         let timeout = Duration::from_millis(settings.proxy_header_timeout_ms);
-        match tokio::time::timeout(timeout, read_proxy_header(client, &mut pending)).await {
+        let header = async {
+            read_arrived(client, &mut pending).map_err(|e| e.to_string())?;
+            read_proxy_header(client, &mut pending).await
+        };
+        match tokio::time::timeout(timeout, header).await {
             Ok(Ok(h)) => {
                 if let Some(src) = h.source() {
                     client_addr = SocketAddr::new(src.ip().to_canonical(), src.port());
@@ -170,7 +175,15 @@ async fn forward(
 
     let (protocol, server_name) = match ls.protocol {
         Some(p) => (p, None),
-        None => match Box::pin(sniff(dp, listener, settings, client, &mut pending)).await {
+        None => match Box::pin(sniff(
+            dp,
+            listener,
+            settings,
+            (client, !ls.proxy_protocol),
+            &mut pending,
+        ))
+        .await
+        {
             Some(found) => found,
             None => {
                 report.outcome = "closed_while_sniffing";
@@ -394,20 +407,25 @@ fn keepalive(s: &TcpStream, settings: &DataplaneConfig) {
     }
 }
 
-/// Reads into `buf` what the client has sent already, straight from the
-/// socket. The data threads register accepted sockets themselves (see
-/// [`shared_types::accept`]), and a socket so registered reads as not ready
+/// Reads into `buf` (empty) what the client has sent already, straight
+/// from the socket. The data threads register accepted sockets themselves
+/// (see [`super::accept`]), and a socket so registered reads as not ready
 /// until the reactor's first event: a listener that reads first (a PROXY
 /// header, or sniffing) would wait a turn of the reactor for bytes that are
-/// usually there. Nothing there, the end, or an error: nothing is read, and
-/// the reads that follow find out as they would have. At most
-/// [`FIRST_READ`] bytes: a longer first message (a large TLS ClientHello)
-/// has its rest read once the reactor has seen it.
-fn read_arrived(s: &TcpStream, buf: &mut Vec<u8>) {
+/// usually there. Nothing there yet, or the end: nothing is read, and the
+/// reads that follow wait, or find the end, as they would have. A failed
+/// read is returned, as theirs would be. At most [`FIRST_READ`] bytes: a
+/// longer first message (a large TLS ClientHello) has its rest read once
+/// the reactor has seen it.
+fn read_arrived(s: &TcpStream, buf: &mut Vec<u8>) -> std::io::Result<()> {
     use std::io::Read;
     buf.resize(FIRST_READ, 0);
-    let n = (&*socket2::SockRef::from(s)).read(buf).unwrap_or(0);
-    buf.truncate(n);
+    let read = (&*socket2::SockRef::from(s)).read(buf);
+    buf.truncate(*read.as_ref().unwrap_or(&0));
+    match read {
+        Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// How much [`read_arrived`] reads: a PROXY header, or the first bytes of
@@ -457,13 +475,13 @@ async fn read_proxy_header(
 }
 
 /// Finds the protocol from the first bytes, within the byte budget and the
-/// sniff timeout. `None`: the client closed (or failed) first. On timeout
+/// sniff timeout; `unread`: nothing was read from `client` yet. `None`: the client closed (or failed) first. On timeout
 /// or no match the connection goes on as plain TCP.
 async fn sniff(
     dp: &Dataplane,
     listener: &ListenerShared,
     settings: &DataplaneConfig,
-    client: &TcpStream,
+    (client, unread): (&TcpStream, bool),
     pending: &mut Vec<u8>,
 ) -> Option<(Detected, Option<String>)> {
     let count = |outcome: &str| {
@@ -491,6 +509,9 @@ async fn sniff(
     let budget = settings.sniff_budget_bytes as usize;
     let mut sniffer = Sniffer::with_budget(budget);
     let look = async {
+        if unread {
+            read_arrived(client, pending)?;
+        }
         loop {
             if !pending.is_empty() {
                 match sniffer.feed(pending) {
