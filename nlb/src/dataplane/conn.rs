@@ -475,8 +475,9 @@ async fn read_proxy_header(
 }
 
 /// Finds the protocol from the first bytes, within the byte budget and the
-/// sniff timeout; `unread`: nothing was read from `client` yet. `None`: the client closed (or failed) first. On timeout
-/// or no match the connection goes on as plain TCP.
+/// sniff timeout (`unread`: nothing was read from `client` yet). `None`:
+/// the client closed (or failed) first. On timeout or no match the
+/// connection goes on as plain TCP.
 async fn sniff(
     dp: &Dataplane,
     listener: &ListenerShared,
