@@ -222,7 +222,7 @@ async fn one_way(
             // answer may still come. When the other direction has ended
             // already, the copy ends with this one and closing the socket
             // says it (a system call fewer per connection).
-            if !ended.swap(true, Ordering::Relaxed) {
+            if !ended.load(Ordering::Relaxed) {
                 let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
             }
             return Way::Done;

@@ -639,12 +639,7 @@ fn admit(
     };
     // Boxed: tokio moves a task's future several times while spawning it
     // and on each change of stage; a box moves as one pointer.
-    let serve = Box::pin(conn::serve(open, stream, peer));
-    let task = if to == thread {
-        tokio::spawn(serve)
-    } else {
-        workers.handles[to].spawn(serve)
-    };
+    let task = workers.handles[to].spawn(Box::pin(conn::serve(open, stream, peer)));
     dp.live.enter(id, listener.id, task.abort_handle());
 }
 
