@@ -116,6 +116,13 @@ struct Idle {
     since_ms: u64,
 }
 
+impl Idle {
+    /// Idle for `idle_ms` or longer at `now` (ms).
+    fn expired(&self, now: u64, idle_ms: u64) -> bool {
+        now.saturating_sub(self.since_ms) >= idle_ms
+    }
+}
+
 /// What an HTTP/2 connection's task needs to know to close it when idle:
 /// the requests in flight on it, and since when it has had none.
 #[derive(Default)]
@@ -222,7 +229,7 @@ impl EndpointPool {
     fn take_idle(&self, shard: usize) -> Option<h1::Conn> {
         let mut s = self.shards[shard].lock();
         let idle = s.idle.pop()?;
-        if now_ms().saturating_sub(idle.since_ms) >= self.idle_ms() {
+        if idle.expired(now_ms(), self.idle_ms()) {
             // Closed once the lock is let go.
             let expired = std::mem::take(&mut s.idle);
             drop(s);
@@ -435,7 +442,7 @@ async fn sweep(pool: Weak<EndpointPool>, shard: usize) {
             let n = s
                 .idle
                 .iter()
-                .take_while(|i| now.saturating_sub(i.since_ms) >= idle_ms)
+                .take_while(|i| i.expired(now, idle_ms))
                 .count();
             s.idle.drain(..n).collect()
         };

@@ -313,11 +313,10 @@ impl Conn {
                     }
                     Ok(Some((len, head))) => {
                         let bytes = self.buf.split_to(len).freeze();
-                        return Poll::Ready(
-                            head.build(&bytes)
-                                .and_then(|head| Ok((head.body_kind(head_only)?, head)))
-                                .map(|(kind, head)| (head, kind)),
-                        );
+                        return Poll::Ready(head.build(&bytes).and_then(|head| {
+                            let kind = head.body_kind(head_only)?;
+                            Ok((head, kind))
+                        }));
                     }
                     Ok(None) if self.buf.len() >= MAX_HEAD => {
                         return Poll::Ready(Err(Error::Answer(format!(
