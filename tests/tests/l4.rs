@@ -61,6 +61,20 @@ const FIXTURES: &[(&str, &str, &str)] = &[
     ("ffmpeg-rtmp-publish", "rtmp", "rtmp"),
 ];
 
+/// Config sections: a static pool `web` of `addrs`, and a route to it for
+/// `protocol` connections to `port`.
+fn web_pool(addrs: &[String], protocol: &str, port: u16) -> String {
+    let list = addrs
+        .iter()
+        .map(|a| format!("\"{a}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "backends:\n  web: [{list}]\n\
+         routes:\n  - {{route_id: web, protocol: {protocol}, destination_port: {port}, metadata: {{backend: web}}}}\n"
+    )
+}
+
 /// `bytes` in three pieces (as a client whose first flight spans segments).
 fn thirds(bytes: &[u8]) -> Vec<&[u8]> {
     let a = bytes.len() / 3;
@@ -401,11 +415,7 @@ async fn a_proxy_v2_listener_strips_the_header_and_forwards_the_rest_in_order() 
     // Sniffing behind a trusted load balancer that sends PROXY v2.
     let front = "auto, proxy_protocol: true, trusted_proxies: [\"127.0.0.0/8\"]";
     let nlb = start_nlb(&sb, &[("front", front)], |l| {
-        format!(
-            "backends:\n  web: [\"{addr}\"]\n\
-             routes:\n  - {{route_id: web, protocol: http, destination_port: {}, metadata: {{backend: web}}}}\n",
-            l.port("front")
-        )
+        web_pool(&[addr.to_string()], "http", l.port("front"))
     })
     .await;
     let to = nlb.listeners.addr("front");
@@ -461,11 +471,7 @@ async fn a_backend_named_by_host_name_is_resolved_when_connecting() {
     let a = DataServer::start("backend-a", Behaviour::Echo).await;
     let port = a.addr.port();
     let nlb = start_nlb(&sb, &[("pool", "tcp")], |l| {
-        format!(
-            "backends:\n  web: [\"localhost:{port}\"]\n\
-             routes:\n  - {{route_id: web, protocol: tcp, destination_port: {}, metadata: {{backend: web}}}}\n",
-            l.port("pool")
-        )
+        web_pool(&[format!("localhost:{port}")], "tcp", l.port("pool"))
     })
     .await;
     let to = nlb.listeners.addr("pool");
@@ -487,10 +493,10 @@ async fn a_static_pool_shares_connections_and_survives_a_closed_backend() {
     let mut b = DataServer::start("backend-b", Behaviour::Echo).await;
     let (a_addr, b_addr) = (a.addr, b.addr);
     let nlb = start_nlb(&sb, &[("pool", "tcp")], |l| {
-        format!(
-            "backends:\n  web: [\"{a_addr}\", \"{b_addr}\"]\n\
-             routes:\n  - {{route_id: web, protocol: tcp, destination_port: {}, metadata: {{backend: web}}}}\n",
-            l.port("pool")
+        web_pool(
+            &[a_addr.to_string(), b_addr.to_string()],
+            "tcp",
+            l.port("pool"),
         )
     })
     .await;
@@ -564,10 +570,8 @@ async fn connections_opened_at_once_are_spread_over_the_data_threads() {
     let addr = backend.addr;
     let nlb = start_nlb(&sb, &[("pool", "tcp")], |l| {
         format!(
-            "dataplane: {{threads: 2}}\n\
-             backends:\n  web: [\"{addr}\"]\n\
-             routes:\n  - {{route_id: web, protocol: tcp, destination_port: {}, metadata: {{backend: web}}}}\n",
-            l.port("pool")
+            "dataplane: {{threads: 2}}\n{}",
+            web_pool(&[addr.to_string()], "tcp", l.port("pool"))
         )
     })
     .await;
