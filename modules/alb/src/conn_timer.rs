@@ -1,12 +1,12 @@
 //! One timer per HTTP/1 connection for the deadlines its requests set one
-//! after another: hyper's header-read deadline, and the upstream answer's
-//! deadline (`request_timeout_ms`).
+//! after another: the request head's (`header_read_timeout_ms`), and the
+//! upstream answer's (`request_timeout_ms`).
 //!
 //! tokio makes a timer costly to create and to drop (each takes the timer
 //! driver's lock and touches its wheel) and cheap to move later (the wheel
-//! entry stays where it is and is moved when it comes due). hyper makes a
-//! new sleep for every request head, and `tokio::time::timeout` one for
-//! every request: a few hundred instructions each, per keep-alive request.
+//! entry stays where it is and is moved when it comes due).
+//! `tokio::time::timeout` makes one for every request: a few hundred
+//! instructions each, per keep-alive request.
 //! A [`ConnTimer`] keeps one tokio sleep for the connection and moves it to
 //! each new deadline; the deadlines and what happens when one passes are
 //! the same as before.
@@ -18,9 +18,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
@@ -80,50 +78,10 @@ impl ConnTimer {
     }
 }
 
-/// hyper's timer for one HTTP/1 server connection: its header-read
-/// deadlines on one [`ConnTimer`].
-#[derive(Clone, Default)]
-pub struct HeaderTimer(Arc<ConnTimer>);
-
-impl hyper::rt::Timer for HeaderTimer {
-    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        self.sleep_until(self.now() + duration)
-    }
-
-    fn sleep_until(&self, deadline: std::time::Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        Box::pin(HeaderDeadline {
-            timer: self.0.clone(),
-            deadline: Instant::from_std(deadline),
-        })
-    }
-
-    /// tokio's clock, as hyper-util's timer reads it (so a test's paused
-    /// clock applies).
-    fn now(&self) -> std::time::Instant {
-        Instant::now().into_std()
-    }
-}
-
-/// One header-read deadline on the connection's timer.
-struct HeaderDeadline {
-    timer: Arc<ConnTimer>,
-    deadline: Instant,
-}
-
-impl Future for HeaderDeadline {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        self.timer.poll_until(self.deadline, cx)
-    }
-}
-
-impl hyper::rt::Sleep for HeaderDeadline {}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hyper::rt::Timer as _;
+    use std::time::Duration;
 
     /// `fut`, or `Err(())` once `deadline` passed on `timer`.
     async fn timeout_at<F: Future>(
@@ -192,15 +150,5 @@ mod tests {
         .await;
         assert_eq!(r, Err(()));
         assert_eq!(Instant::now(), start + Duration::from_secs(3));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn hyper_sleeps_made_one_after_another_each_wait_their_time() {
-        let timer = HeaderTimer::default();
-        for secs in [3, 11, 11] {
-            let start = Instant::now();
-            timer.sleep(Duration::from_secs(secs)).await;
-            assert_eq!(Instant::now(), start + Duration::from_secs(secs));
-        }
     }
 }

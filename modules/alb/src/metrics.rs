@@ -94,6 +94,7 @@ impl AlbMetrics {
             "header_too_large",
             "client_body",
             "method",
+            "bad_request",
         ] {
             m.refused.with_label_values(&[r]);
         }

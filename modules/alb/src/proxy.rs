@@ -3,7 +3,6 @@
 //! endpoint with retries, and answered.
 
 use std::convert::Infallible;
-use std::future::Future as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::Poll;
@@ -22,8 +21,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::alb::Alb;
 use crate::cluster::{Outcome, MAX_ATTEMPTS};
-use crate::conn_timer::{ConnTimer, HeaderTimer};
-use crate::deadline::{Arrived, FirstRequest};
+use crate::conn_timer::ConnTimer;
+use crate::deadline::{Arrived, FirstStream};
 use crate::headers::{self, X_REQUEST_ID};
 use crate::upstream::{BoxError, ProxyBody, Upstream};
 
@@ -96,109 +95,84 @@ pub async fn serve(alb: Arc<Alb>, conn: Connection) {
 
 async fn serve_http<S>(
     alb: Arc<Alb>,
-    stream: S,
+    mut stream: S,
     client: SocketAddr,
     tls: bool,
     mut closing: Closing,
     ctx: Arc<Context>,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Send + Sync + Unpin + 'static,
 {
     let limits = alb.limits().clone();
     let header_timeout = Duration::from_millis(limits.header_read_timeout_ms);
-    // The first request's deadline answers 408; hyper's own (a second
-    // later, so it never wins the race) covers later requests.
-    let arrived = Arrived::default();
-    let mut stream = FirstRequest::new(stream, header_timeout, arrived.clone());
-    let refused = alb.metrics().refused_header_timeout.clone();
-    stream.on_timeout = Some(Box::new(move || refused.inc()));
+    let first_deadline = tokio::time::Instant::now() + header_timeout;
+    // One timer for the connection's deadlines: the request heads', and
+    // (HTTP/1 has one request in flight at a time, on this task) their
+    // upstream answers'.
+    let timer = ConnTimer::default();
     // HTTP/2 (prior knowledge, or after ALPN `h2`) or HTTP/1, from the first
-    // bytes; they are given back to the protocol that serves the rest.
-    let http2 = match read_version(&mut stream).await {
-        Ok(Some(h2)) => h2,
-        Ok(None) => return, // closed (or answered 408) before a byte came
+    // bytes; they are given to the protocol that serves the rest.
+    let (read, http2) = match read_version(&mut stream, first_deadline, &timer).await {
+        Ok(Some(read)) => read,
+        Ok(None) => return, // closed before a byte came
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+            alb.metrics().refused_header_timeout.inc();
+            use tokio::io::AsyncWriteExt;
+            let _ = stream.write_all(crate::deadline::RESPONSE).await;
+            let _ = stream.shutdown().await;
+            return;
+        }
         Err(e) => {
             tracing::debug!(%client, error = %e, "connection ended before its first request");
             return;
         }
     };
     let tunnels: Tunnels = Arc::default();
-    // One per-connection value each request clones (never one shared with
-    // other threads' connections, whose count would bounce between cores).
-    let on_conn = Arc::new(OnConnection {
-        alb,
-        ctx,
-        tunnels: tunnels.clone(),
-        // HTTP/1 has one request in flight at a time, on this task: one
-        // timer serves all their upstream deadlines.
-        upstream_timer: (!http2).then(ConnTimer::default),
-        peer: Peer {
-            addr: client,
-            tls,
-            names: headers::ClientNames::new(client.ip()),
-        },
-    });
-    let respond = move |req: Request<Incoming>| {
-        arrived.mark();
-        let c = on_conn.clone();
-        async move {
-            Ok::<_, Infallible>(
-                c.alb
-                    .handle(req, &c.peer, &c.ctx, &c.tunnels, c.upstream_timer.as_ref())
-                    .await,
-            )
-        }
+    let peer = Peer {
+        addr: client,
+        tls,
+        names: headers::ClientNames::new(client.ip()),
     };
-    // The connection until it ends, or until the SDK asks it to finish:
-    // then the requests in flight finish, the client is told to go (GOAWAY,
-    // Connection: close), and it ends.
-    macro_rules! drive {
-        ($conn:expr) => {{
-            let conn = $conn;
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(%client, error = %e, "connection ended with an error");
-                    }
-                }
-                _ = closing.wait() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
-        }};
-    }
-    let io = TokioIo::new(stream);
-    if http2 {
-        drive!(
-            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-                // Boxed: the request's future is a few KiB, and HTTP/2
-                // spawns it as a task, which moves it three times. A box
-                // moves as a pointer.
-                .serve_connection(io, service_fn(move |req| Box::pin(respond(req))))
-        );
+    if !http2 {
+        let on_conn = OnConnection {
+            alb,
+            ctx,
+            tunnels: tunnels.clone(),
+            upstream_timer: Some(timer),
+            peer,
+        };
+        let settings = crate::h1::server::Settings {
+            max_head: limits.max_header_bytes,
+            max_headers: limits.max_headers,
+            header_timeout,
+        };
+        let timer = on_conn
+            .upstream_timer
+            .as_ref()
+            .unwrap_or_else(|| unreachable!());
+        crate::h1::server::serve(
+            stream,
+            read,
+            first_deadline,
+            settings,
+            timer,
+            closing.clone(),
+            &on_conn,
+        )
+        .await;
     } else {
-        drive!(hyper::server::conn::http1::Builder::new()
-            // One timer for the connection's header-read deadlines, moved
-            // from one request head to the next (hyper makes a new sleep
-            // for each head).
-            .timer(HeaderTimer::default())
-            .header_read_timeout(header_timeout + Duration::from_secs(1))
-            // Room above the limit, so a head just over it reaches the ALB's
-            // own 431 (with a body saying why) rather than hyper's bare one.
-            .max_buf_size(limits.max_header_bytes.saturating_mul(2).max(8192))
-            .max_headers(limits.max_headers)
-            // Not boxed: hyper's HTTP/1 dispatcher keeps the request's
-            // future in a place of its own, made once per connection, and
-            // moves it there once; a box per request cost an allocation.
-            .serve_connection(io, service_fn(respond))
-            .with_upgrades());
+        serve_http2(
+            &alb,
+            stream,
+            read,
+            first_deadline,
+            (ctx, tunnels.clone(), peer),
+            &mut closing,
+        )
+        .await;
     }
-    // A WebSocket outlives hyper's connection: the connection is done when
-    // its tunnels are, or when the SDK wants it closed.
+    // A WebSocket outlives the connection's requests: the connection is
+    // done when its tunnels are, or when the SDK wants it closed.
     let pending: Vec<_> = std::mem::take(&mut *tunnels.lock());
     for tunnel in pending {
         let abort = tunnel.abort_handle();
@@ -209,28 +183,135 @@ async fn serve_http<S>(
     }
 }
 
+/// An HTTP/2 connection (hyper's server) until it ends, or until the SDK
+/// asks it to finish: then the streams in flight finish, the client is told
+/// to go (GOAWAY), and it ends. `read` holds its first bytes.
+async fn serve_http2<S>(
+    alb: &Arc<Alb>,
+    stream: S,
+    read: bytes::BytesMut,
+    first_deadline: tokio::time::Instant,
+    (ctx, tunnels, peer): (Arc<Context>, Tunnels, Peer),
+    closing: &mut Closing,
+) where
+    S: AsyncRead + AsyncWrite + Send + Sync + Unpin + 'static,
+{
+    let client = peer.addr;
+    let limits = alb.limits().clone();
+    // A client that opens no stream by the deadline is closed.
+    let arrived = Arrived::default();
+    let mut stream = FirstStream::new(stream, first_deadline, arrived.clone(), read);
+    let refused = alb.metrics().refused_header_timeout.clone();
+    stream.on_timeout = Some(Box::new(move || refused.inc()));
+    let on_conn = Arc::new(OnConnection {
+        alb: alb.clone(),
+        ctx,
+        tunnels,
+        upstream_timer: None,
+        peer,
+    });
+    let respond = move |req: Request<Incoming>| {
+        arrived.mark();
+        let c = on_conn.clone();
+        // A body that has ended (most requests) goes as an empty one, which
+        // boxes without allocating.
+        let req = req.map(|body| {
+            if body.is_end_stream() {
+                Empty::new().map_err(|e| match e {}).boxed()
+            } else {
+                body.map_err(BoxError::from).boxed()
+            }
+        });
+        async move {
+            Ok::<_, Infallible>(
+                c.alb
+                    .handle(req, &c.peer, &c.ctx, &c.tunnels, c.upstream_timer.as_ref())
+                    .await,
+            )
+        }
+    };
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        // Boxed: the request's future is a few KiB, and HTTP/2 spawns it as
+        // a task, which moves it three times. A box moves as a pointer.
+        .serve_connection(
+            TokioIo::new(stream),
+            service_fn(move |req| Box::pin(respond(req))),
+        );
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(%client, error = %e, "connection ended with an error");
+            }
+        }
+        _ = closing.wait() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+impl crate::h1::server::Service for OnConnection {
+    fn call(
+        &self,
+        req: Request<ProxyBody>,
+    ) -> impl std::future::Future<Output = Response<ProxyBody>> + Send {
+        self.alb.handle(
+            req,
+            &self.peer,
+            &self.ctx,
+            &self.tunnels,
+            self.upstream_timer.as_ref(),
+        )
+    }
+
+    fn refused(&self, reason: &'static str) {
+        let metrics = self.alb.metrics();
+        match reason {
+            "header_timeout" => metrics.refused_header_timeout.inc(),
+            _ => metrics.refused.with_label_values(&[reason]).inc(),
+        }
+    }
+}
+
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Reads until the first bytes tell HTTP/2 (the whole preface) from HTTP/1
-/// (anything else), and gives what it read back to `stream`: `Some(true)`
-/// for HTTP/2, `None` if the connection ended before a byte came. One
-/// read is usually enough, and it reads as much as a request head needs,
-/// so hyper's first read finds it waiting rather than making a second
-/// system call.
-async fn read_version<S>(stream: &mut FirstRequest<S>) -> std::io::Result<Option<bool>>
+/// (anything else): what was read, and `true` for HTTP/2; `None` if the
+/// connection ended before a byte came, a `TimedOut` error if nothing
+/// decided it by `deadline`. One read is usually enough, and it reads as
+/// much as a request head needs.
+async fn read_version<S>(
+    stream: &mut S,
+    deadline: tokio::time::Instant,
+    timer: &ConnTimer,
+) -> std::io::Result<Option<(bytes::BytesMut, bool)>>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + Unpin,
 {
-    use tokio::io::AsyncReadExt;
-    let mut buf = Vec::with_capacity(FIRST_READ);
+    let mut buf = bytes::BytesMut::with_capacity(FIRST_READ);
     let http2 = loop {
         let before = buf.len();
-        if stream.read_buf(&mut buf).await? == 0 {
+        let read = std::future::poll_fn(|cx| {
+            match tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *stream), cx, &mut buf) {
+                Poll::Pending => timer.poll_until(deadline, cx).map(|()| {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the first request did not arrive in time",
+                    ))
+                }),
+                ready => ready,
+            }
+        })
+        .await?;
+        if read == 0 {
             if buf.is_empty() {
                 return Ok(None);
             }
-            // Ended mid-way: hyper reads the rest, and the end.
+            // Ended mid-way: HTTP/1 reads the rest, and the end.
             break false;
         }
         let n = buf.len().min(H2_PREFACE.len());
@@ -241,8 +322,7 @@ where
             break true;
         }
     };
-    stream.unread(buf);
-    Ok(Some(http2))
+    Ok(Some((buf, http2)))
 }
 
 /// How much the first read takes: a typical request head, whole.
@@ -287,7 +367,7 @@ pub fn local(status: StatusCode, reason: impl Into<String>) -> Response<ProxyBod
 /// An answer the ALB gives before reading the request's body. The body is
 /// kept until the answer is out: dropping it first makes HTTP/2 reset the
 /// stream (CANCEL), and the client would never see the answer.
-fn hold_request(req: Request<Incoming>, resp: Response<ProxyBody>) -> Response<ProxyBody> {
+fn hold_request(req: Request<ProxyBody>, resp: Response<ProxyBody>) -> Response<ProxyBody> {
     let body = req.into_body();
     if body.is_end_stream() {
         return resp;
@@ -469,7 +549,7 @@ impl Alb {
     /// Handles one request end to end.
     pub async fn handle(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<ProxyBody>,
         peer: &Peer,
         ctx: &Context,
         tunnels: &Tunnels,
@@ -523,7 +603,7 @@ impl Alb {
     /// the request to, or the answer the ALB gives itself.
     fn admit(
         &self,
-        req: &Request<Incoming>,
+        req: &Request<ProxyBody>,
         host_header: HostHeader<'_>,
         ex: &mut Exchange,
         ctx: &Context,
@@ -707,7 +787,7 @@ impl Alb {
 
     async fn forward(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<ProxyBody>,
         ex: &mut Exchange,
         (peer, timer): (&Peer, Option<&ConnTimer>),
         upstream: &Arc<Upstream>,
@@ -942,7 +1022,7 @@ impl Alb {
     /// on 101 both sides are joined and bytes copied until either closes.
     async fn upgrade(
         self: &Arc<Self>,
-        mut req: Request<Incoming>,
+        mut req: Request<ProxyBody>,
         ex: &mut Exchange,
         (peer, tunnels): (&Peer, &Tunnels),
         upstream: &Arc<Upstream>,
@@ -961,7 +1041,15 @@ impl Alb {
         };
         ex.attempts = 1;
         ex.endpoint = Some(pick.endpoint.clone());
-        let downstream = hyper::upgrade::on(&mut req);
+        let Some(downstream) = req
+            .extensions_mut()
+            .remove::<crate::h1::server::OnUpgrade>()
+        else {
+            return local(
+                StatusCode::BAD_REQUEST,
+                "this connection cannot be upgraded",
+            );
+        };
         let (parts, _) = req.into_parts();
         let empty = Full::new(Bytes::new()).map_err(|e| match e {}).boxed();
         let up_req = match self.upstream_request(
@@ -1017,7 +1105,7 @@ impl Alb {
                 let (Ok(down), Ok(up)) = (downstream.await, upstream_io.await) else {
                     return;
                 };
-                let mut down = TokioIo::new(down);
+                let mut down = down;
                 let mut up = TokioIo::new(up);
                 let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
             });
@@ -1062,33 +1150,56 @@ impl Alb {
 /// `fut`'s output, or `None` if it is not done by `deadline`: on the
 /// connection's timer when it has one (HTTP/1), else on a timer of its own.
 /// `fut` is polled first, as `tokio::time::timeout_at` does.
-async fn within<F: std::future::Future>(
+///
+/// A future of its own rather than an `async fn`: an `async fn` keeps its
+/// argument and the pinned copy it awaits side by side, and this one holds
+/// the request's whole upstream exchange.
+fn within<F: std::future::Future>(
     timer: Option<&ConnTimer>,
     deadline: tokio::time::Instant,
     fut: F,
-) -> Option<F::Output> {
-    let mut fut = std::pin::pin!(fut);
-    // Made only when there is no connection timer, and only if `fut` is
-    // not done at once.
-    let mut own = std::pin::pin!(None::<tokio::time::Sleep>);
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+) -> Within<'_, F> {
+    Within {
+        fut,
+        timer,
+        deadline,
+        own: None,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// See [`within`].
+    struct Within<'t, F> {
+        #[pin]
+        fut: F,
+        timer: Option<&'t ConnTimer>,
+        deadline: tokio::time::Instant,
+        // Made only when there is no connection timer, and only if `fut`
+        // is not done at once.
+        #[pin]
+        own: Option<tokio::time::Sleep>,
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for Within<'_, F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if let Poll::Ready(v) = this.fut.poll(cx) {
             return Poll::Ready(Some(v));
         }
-        let passed = match timer {
-            Some(timer) => timer.poll_until(deadline, cx),
+        let passed = match this.timer {
+            Some(timer) => timer.poll_until(*this.deadline, cx),
             None => {
-                if own.is_none() {
-                    own.set(Some(tokio::time::sleep_until(deadline)));
+                if this.own.is_none() {
+                    this.own.set(Some(tokio::time::sleep_until(*this.deadline)));
                 }
-                own.as_mut()
-                    .as_pin_mut()
-                    .map_or(Poll::Pending, |s| s.poll(cx))
+                this.own.as_pin_mut().map_or(Poll::Pending, |s| s.poll(cx))
             }
         };
         passed.map(|()| None)
-    })
-    .await
+    }
 }
 
 /// The innermost error's text (hyper's outer ones say little).

@@ -65,7 +65,7 @@ impl Connection {
 }
 
 /// A connection's "please finish" signal.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct Closing(Arc<CloseSignal>);
 
 /// A flag and the tasks waiting for it: a watch channel's worth for one
@@ -88,6 +88,17 @@ impl CloseSignal {
 }
 
 impl Closing {
+    /// A signal of its own, tied to no connection the SDK tracks (for a
+    /// module's tests of its `serve`): [`Closing::close`] sets it.
+    pub fn new() -> Self {
+        Closing(Arc::default())
+    }
+
+    /// Asks whoever waits on this signal (and its clones) to finish.
+    pub fn close(&self) {
+        self.0.close();
+    }
+
     /// Resolves once the connection should finish (at once if it already
     /// should).
     pub async fn wait(&mut self) {

@@ -1,6 +1,7 @@
 //! The answer from the origin: its head parsed and framed (RFC 9112 §6.3),
 //! and its body read from the connection as it is polled.
 
+use super::framing::{content_length, Chunk, Decoder, Kind};
 use super::*;
 
 /// An answer's head as parsed, before its header values are copied out.
@@ -162,116 +163,21 @@ impl Head {
     }
 }
 
-/// The length a `Content-Length` value says (a list of equal values counts
-/// as one), given the one already known.
-fn content_length(value: &HeaderValue, known: Option<u64>) -> Result<Option<u64>, String> {
-    let mut length = known;
-    for part in value.as_bytes().split(|&b| b == b',') {
-        let digits = part.trim_ascii();
-        if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-            return Err(format!("Content-Length {value:?}"));
-        }
-        let n = digits
-            .iter()
-            .fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
-        if length.is_some_and(|l| l != n) {
-            return Err("two different Content-Length values".into());
-        }
-        length = Some(n);
-    }
-    Ok(length)
-}
-
-/// A chunk-size line at the start of `buf` (RFC 9112 §7.1): its length
-/// with the CRLF, the chunk's size, and the length of its extensions; `None`
-/// if the line is not all there yet. Strict: one to 16 hex digits first,
-/// extensions only after a `;`, no control characters, CRLF at the end.
-fn chunk_size(buf: &[u8]) -> Result<Option<(usize, u64, usize)>, Error> {
-    let window = &buf[..buf.len().min(MAX_CHUNK_LINE)];
-    let Some(lf) = window.iter().position(|&b| b == b'\n') else {
-        return if buf.len() >= MAX_CHUNK_LINE {
-            Err(Error::Answer(format!(
-                "a chunk-size line longer than {MAX_CHUNK_LINE} bytes"
-            )))
-        } else {
-            Ok(None)
-        };
-    };
-    let bad = || {
-        Error::Answer(format!(
-            "the chunk-size line {:?}",
-            String::from_utf8_lossy(&buf[..lf])
-        ))
-    };
-    let line = buf[..lf].strip_suffix(b"\r").ok_or_else(bad)?;
-    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
-    if digits == 0 || digits > 16 {
-        return Err(bad());
-    }
-    let size = line[..digits].iter().fold(0u64, |n, &d| {
-        n << 4 | u64::from(char::from(d).to_digit(16).unwrap_or_default())
-    });
-    let rest = &line[digits..];
-    let ext = rest.trim_ascii_start();
-    let fine = |b: &u8| *b == b'\t' || (b' '..=b'~').contains(b) || *b >= 0x80;
-    if !rest.iter().all(fine) || !(ext.is_empty() || ext[0] == b';') {
-        return Err(bad());
-    }
-    Ok(Some((lf + 1, size, rest.len())))
-}
-
-/// What has been read of a body with `left` bytes to come, up to them, as a
-/// frame, and how many are left after it; `None` if nothing has been read.
-fn take_up_to(buf: &mut BytesMut, left: u64) -> Option<(Frame<Bytes>, u64)> {
-    if buf.is_empty() {
-        return None;
-    }
-    let n = (buf.len() as u64).min(left) as usize;
-    Some((Frame::data(buf.split_to(n).freeze()), left - n as u64))
-}
-
-/// How much of the body is left, by its framing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Kind {
-    /// Bytes left of a sized body.
-    Length(u64),
-    Chunked(Chunk),
-    /// Until the origin closes.
-    Close,
-    /// Read to its end.
-    Done,
-}
-
-/// Where a chunked body's reading is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Chunk {
-    /// At a chunk-size line.
-    Size,
-    /// In a chunk's data, this much left.
-    Data(u64),
-    /// At the CRLF after a chunk's data.
-    DataEnd,
-    /// After the last chunk: the trailers and the final CRLF.
-    Trailers,
-}
-
 /// An upstream answer's body, read from its connection as it is polled.
 pub struct Answer {
     /// Until the body has been read to its end.
     pub(super) conn: Option<Conn>,
     /// The request body still going out, when the answer came first.
     pub(super) sending: Option<Box<Sending>>,
-    pub(super) kind: Kind,
+    pub(super) body: Decoder,
     pub(super) keep_alive: bool,
-    /// Bytes of chunk extensions so far (a chunked body).
-    pub(super) extensions: usize,
 }
 
 impl Answer {
     /// The connection, once the body has been read to its end, when it can
     /// serve another request.
     pub fn finish(&mut self) -> Option<Conn> {
-        if self.kind != Kind::Done || !self.keep_alive {
+        if !self.body.is_done() || !self.keep_alive {
             return None;
         }
         let mut conn = self.conn.take()?;
@@ -285,8 +191,8 @@ impl Answer {
 
     /// Marks an empty body done at once.
     pub(super) fn settle(&mut self) {
-        if self.kind == Kind::Length(0) {
-            self.kind = Kind::Done;
+        if self.body.kind == Kind::Length(0) {
+            self.body.kind = Kind::Done;
         }
     }
 
@@ -295,93 +201,7 @@ impl Answer {
         let Some(conn) = self.conn.as_mut() else {
             return Ok(None);
         };
-        let buf = &mut conn.buf;
-        loop {
-            match self.kind {
-                Kind::Done => return Ok(None),
-                Kind::Length(left) => {
-                    let Some((frame, left)) = take_up_to(buf, left) else {
-                        return Ok(None);
-                    };
-                    self.kind = if left == 0 {
-                        Kind::Done
-                    } else {
-                        Kind::Length(left)
-                    };
-                    return Ok(Some(frame));
-                }
-                Kind::Close => {
-                    if buf.is_empty() {
-                        return Ok(None);
-                    }
-                    return Ok(Some(Frame::data(buf.split().freeze())));
-                }
-                Kind::Chunked(Chunk::Size) => {
-                    let Some((len, size, ext)) = chunk_size(buf)? else {
-                        return Ok(None);
-                    };
-                    self.extensions += ext;
-                    if self.extensions > MAX_EXTENSIONS {
-                        return Err(Error::Answer(format!(
-                            "its chunk extensions add up to more than {MAX_EXTENSIONS} bytes"
-                        )));
-                    }
-                    buf.advance(len);
-                    self.kind = Kind::Chunked(if size == 0 {
-                        Chunk::Trailers
-                    } else {
-                        Chunk::Data(size)
-                    });
-                }
-                Kind::Chunked(Chunk::Data(left)) => {
-                    let Some((frame, left)) = take_up_to(buf, left) else {
-                        return Ok(None);
-                    };
-                    self.kind = Kind::Chunked(if left == 0 {
-                        Chunk::DataEnd
-                    } else {
-                        Chunk::Data(left)
-                    });
-                    return Ok(Some(frame));
-                }
-                Kind::Chunked(Chunk::DataEnd) => {
-                    if buf.len() < 2 {
-                        return Ok(None);
-                    }
-                    if &buf[..2] != b"\r\n" {
-                        return Err(Error::Answer("a chunk not ended by CRLF".into()));
-                    }
-                    buf.advance(2);
-                    self.kind = Kind::Chunked(Chunk::Size);
-                }
-                Kind::Chunked(Chunk::Trailers) => {
-                    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                    let parsed = match httparse::parse_headers(buf, &mut slots) {
-                        Ok(httparse::Status::Complete((len, fields))) => Some((len, fields)),
-                        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => None,
-                        _ => return Err(Error::Answer("the trailers of a chunked body".into())),
-                    };
-                    let Some((len, fields)) = parsed else {
-                        return Ok(None);
-                    };
-                    let mut trailers = HeaderMap::new();
-                    for field in fields {
-                        if let (Ok(name), Ok(value)) = (
-                            HeaderName::from_bytes(field.name.as_bytes()),
-                            HeaderValue::from_bytes(field.value),
-                        ) {
-                            trailers.append(name, value);
-                        }
-                    }
-                    buf.advance(len);
-                    self.kind = Kind::Done;
-                    if !trailers.is_empty() {
-                        return Ok(Some(Frame::trailers(trailers)));
-                    }
-                    return Ok(None);
-                }
-            }
-        }
+        self.body.next(&mut conn.buf).map_err(Error::Answer)
     }
 }
 
@@ -420,7 +240,7 @@ impl Body for Answer {
                     this.fail();
                     return Poll::Ready(Some(Err(e)));
                 }
-                Ok(None) if this.kind == Kind::Done => return Poll::Ready(None),
+                Ok(None) if this.body.is_done() => return Poll::Ready(None),
                 Ok(None) => {}
             }
             let Some(conn) = this.conn.as_mut() else {
@@ -428,8 +248,8 @@ impl Body for Answer {
             };
             match poll_read(&mut *conn.io, &mut conn.buf, cx) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Ok(0)) if this.kind == Kind::Close => {
-                    this.kind = Kind::Done;
+                Poll::Ready(Ok(0)) if this.body.kind == Kind::Close => {
+                    this.body.kind = Kind::Done;
                     this.keep_alive = false;
                     return Poll::Ready(None);
                 }
@@ -449,11 +269,11 @@ impl Body for Answer {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.kind == Kind::Done
+        self.body.is_done()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.kind {
+        match self.body.kind {
             Kind::Length(n) => SizeHint::with_exact(n),
             Kind::Done => SizeHint::with_exact(0),
             _ => SizeHint::default(),

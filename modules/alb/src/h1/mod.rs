@@ -28,12 +28,18 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use crate::upstream::{BoxError, ProxyBody};
 
 mod answer;
+mod framing;
+mod incoming;
 mod request;
+pub mod server;
+#[cfg(test)]
+mod server_tests;
 #[cfg(test)]
 mod tests;
 
 pub use answer::Answer;
-use answer::{parse_head, Head, Kind};
+use answer::{parse_head, Head};
+use framing::{Decoder, Kind};
 use request::{encode_head, Framing, Sending};
 
 /// Most header lines an answer (or a chunked body's trailers) may have,
@@ -245,9 +251,8 @@ impl Conn {
         let mut resp = Response::new(Answer {
             conn: Some(self),
             sending,
-            kind,
+            body: Decoder::new(kind),
             keep_alive: reusable && head.keep_alive,
-            extensions: 0,
         });
         *resp.status_mut() = head.status;
         *resp.version_mut() = head.version;
