@@ -27,6 +27,11 @@ use crate::headers::{self, X_REQUEST_ID};
 use crate::upstream::{BoxError, ProxyBody, Upstream};
 
 /// Serves one connection until it ends or the SDK asks it to finish.
+///
+/// The connection's HTTP future (several KiB: the request's whole exchange
+/// is in it) is boxed, here, once: held inline, it would make this future
+/// as large, and the SDK's boxing of this one and its first poll would each
+/// copy all of it.
 pub async fn serve(alb: Arc<Alb>, conn: Connection) {
     let client = conn.client;
     let ctx = conn.ctx.clone();
@@ -68,8 +73,6 @@ pub async fn serve(alb: Arc<Alb>, conn: Connection) {
         Some(config) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(config);
             match tokio::time::timeout(header_timeout, acceptor.accept(conn.stream)).await {
-                // Boxed: a TLS connection's future is large, and the
-                // plaintext one should not carry its size.
                 Ok(Ok(stream)) => {
                     Box::pin(serve_http(alb, stream, client, true, closing, ctx)).await
                 }
@@ -89,7 +92,7 @@ pub async fn serve(alb: Arc<Alb>, conn: Connection) {
                 }
             }
         }
-        None => serve_http(alb, conn.stream, client, false, closing, ctx).await,
+        None => Box::pin(serve_http(alb, conn.stream, client, false, closing, ctx)).await,
     }
 }
 
@@ -1102,7 +1105,7 @@ impl Alb {
             let upstream_io = hyper::upgrade::on(&mut resp);
             let tunnel = tokio::spawn(async move {
                 let _in_flight = in_flight;
-                let (Ok(down), Ok(up)) = (downstream.await, upstream_io.await) else {
+                let (Some(down), Ok(up)) = (downstream.await, upstream_io.await) else {
                     return;
                 };
                 let mut down = down;

@@ -1,7 +1,9 @@
 //! A client connection as the server and the request being served share
 //! it: the server writes answers on it, and the request's body reads from
 //! it (writing `100 Continue` first when the client asked for it). HTTP/1
-//! serves one request at a time, on one task: the lock is never waited on.
+//! serves one request at a time, and mostly on one task; the body may be
+//! polled from another (hyper's HTTP/2 client sends it from a task of its
+//! own), so the lock is held only for one poll at a time.
 
 use std::sync::Arc;
 use std::task::ready;
@@ -25,7 +27,8 @@ pub(super) struct Link<S> {
     /// Whether the client waits for `100 Continue`, and how much of it
     /// has been written.
     pub(super) expect: Continue,
-    /// The body broke HTTP/1.1 or the connection ended in it: the
+    /// The body broke HTTP/1.1, the connection ended in it, or the request
+    /// was answered and its body given up: the body reads no more, and the
     /// connection cannot serve another request.
     pub(super) broken: bool,
 }
@@ -62,6 +65,14 @@ impl<S: Io> Link<S> {
         Poll::Ready(Ok(()))
     }
 
+    /// Gives up the request's body: whoever still holds it gets an error
+    /// from it, not the bytes that follow on the connection.
+    pub(super) fn abandon(&mut self) {
+        if !self.body.is_done() {
+            self.broken = true;
+        }
+    }
+
     /// Skips the rest of the request body as far as it has been read:
     /// whether the body is now done (the connection can serve another
     /// request without reading more).
@@ -85,6 +96,9 @@ pub enum BodyError {
     /// The client closed the connection before the body's end.
     Closed,
     Io(io::Error),
+    /// Polled again after it failed, or after the request was answered
+    /// without it.
+    Abandoned,
 }
 
 impl std::fmt::Display for BodyError {
@@ -95,6 +109,7 @@ impl std::fmt::Display for BodyError {
                 f.write_str("the client closed the connection in the middle of the request body")
             }
             BodyError::Io(e) => write!(f, "reading the request body: {e}"),
+            BodyError::Abandoned => f.write_str("the request body is no longer being read"),
         }
     }
 }
@@ -124,8 +139,9 @@ impl<S: Io> Body for RequestBody<S> {
         let mut guard = self.link.lock();
         let link = &mut *guard;
         loop {
+            // Never an end: a body cut short must not pass for a whole one.
             if link.broken {
-                return Poll::Ready(None);
+                return Poll::Ready(Some(Err(BodyError::Abandoned)));
             }
             match link.body.next(&mut link.buf) {
                 Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
@@ -165,7 +181,7 @@ impl<S: Io> Body for RequestBody<S> {
 
     fn is_end_stream(&self) -> bool {
         let link = self.link.lock();
-        link.broken || link.body.is_done()
+        !link.broken && link.body.is_done()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -224,21 +240,27 @@ impl AsyncWrite for Upgraded {
 }
 
 /// In an upgrade request's extensions: the connection once the server has
-/// written the `101` answer. It fails when the answer is another. (Clones
+/// written the `101` answer; `None` when the answer is another. (Clones
 /// share it, as request extensions must be clonable; one of them gets it.)
 #[derive(Clone)]
-pub struct OnUpgrade(Arc<Mutex<tokio::sync::oneshot::Receiver<Upgraded>>>);
+pub struct OnUpgrade(Arc<Mutex<Option<tokio::sync::oneshot::Receiver<Upgraded>>>>);
 
 impl OnUpgrade {
     pub(super) fn new(rx: tokio::sync::oneshot::Receiver<Upgraded>) -> Self {
-        OnUpgrade(Arc::new(Mutex::new(rx)))
+        OnUpgrade(Arc::new(Mutex::new(Some(rx))))
     }
 }
 
 impl std::future::Future for OnUpgrade {
-    type Output = Result<Upgraded, tokio::sync::oneshot::error::RecvError>;
+    type Output = Option<Upgraded>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut *self.0.lock()).poll(cx)
+        let mut rx = self.0.lock();
+        let Some(pending) = rx.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let got = ready!(Pin::new(pending).poll(cx)).ok();
+        *rx = None;
+        Poll::Ready(got)
     }
 }

@@ -113,7 +113,10 @@ pub async fn serve<S, Svc>(
         .await;
         let head = match waited {
             Waited::Head(head) => head,
-            Waited::Done => return,
+            Waited::Done => {
+                shut(&link).await;
+                return;
+            }
             Waited::Late { any } => {
                 if any || first {
                     service.refused("header_timeout");
@@ -156,7 +159,25 @@ pub async fn serve<S, Svc>(
             req.extensions_mut().insert(OnUpgrade::new(rx));
             tx
         });
-        let resp = service.call(req).await;
+        // The answer, unless the client goes first: then the exchange is
+        // dropped (the upstream request with it), as nginx and hyper do.
+        // (Pinned where it is made: a named future moved into the pin
+        // would take its room twice in this future.)
+        let mut call = std::pin::pin!(service.call(req));
+        let answered = std::future::poll_fn(|cx| {
+            if let Poll::Ready(resp) = call.as_mut().poll(cx) {
+                return Poll::Ready(Some(resp));
+            }
+            if client_gone(&link, settings.max_head, cx) {
+                return Poll::Ready(None);
+            }
+            Poll::Pending
+        })
+        .await;
+        let Some(resp) = answered else {
+            tracing::debug!("the client closed its connection before its answer");
+            return;
+        };
         meta.keep_alive &= !closing_seen && !probe.is_closing();
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS && upgraded.is_some();
         let written = respond(&link, resp, &mut meta, &mut out).await;
@@ -173,13 +194,25 @@ pub async fn serve<S, Svc>(
             }
             return;
         }
+        // A holder of the request's body left (an HTTP/2 upstream still
+        // sending it, on a task of its own) reads no more of it: what
+        // follows on the connection is not its.
+        if Arc::strong_count(&link) > 1 {
+            link.lock().abandon();
+        }
         let reusable = meta.keep_alive && link.lock().skip_buffered_body();
         if !reusable {
-            if !link.lock().body.is_done() {
+            // With bytes from the client unread, a close would reset the
+            // connection, and the client could lose the answer: those are
+            // read and dropped first (as nginx's lingering close).
+            let unread = {
+                let l = link.lock();
+                !l.body.is_done() || !l.buf.is_empty()
+            };
+            if unread {
                 linger(&link, timer).await;
             } else {
-                let _ = std::future::poll_fn(|cx| Pin::new(&mut link.lock().io).poll_shutdown(cx))
-                    .await;
+                shut(&link).await;
             }
             return;
         }
@@ -479,7 +512,10 @@ impl Parsed {
 fn transfer_coding(value: &HeaderValue, seen: bool) -> Result<bool, Refusal> {
     let mut codings = tokens(value).filter(|t| !t.is_empty());
     match (codings.next(), codings.next()) {
-        (None, _) => Ok(seen),
+        (None, _) if seen => Ok(true),
+        (None, _) => Err(Refusal::bad(
+            "the request's Transfer-Encoding names no coding",
+        )),
         (Some(c), None) if c.eq_ignore_ascii_case(b"chunked") && !seen => Ok(true),
         (Some(c), None) if c.eq_ignore_ascii_case(b"chunked") => Err(Refusal::bad(
             "the request's Transfer-Encoding names chunked twice",
@@ -578,7 +614,9 @@ async fn respond<S: Io>(
     // A `HEAD` answer says the length its body would have, when known.
     let length = match framing {
         Out::Length(n) => Some(n),
-        Out::None if meta.head_only => body.size_hint().exact(),
+        // (Not a zero: the upstream client's `HEAD` answer has no body to
+        // measure, and a length of 0 would say something false.)
+        Out::None if meta.head_only => body.size_hint().exact().filter(|&n| n > 0),
         _ => None,
     };
     match (length, framing) {
@@ -754,6 +792,28 @@ async fn write_out<S: Io>(link: &Shared<S>, bytes: &[u8]) -> io::Result<()> {
     .await
 }
 
+/// Ends a connection the client has nothing more to send on: its write
+/// side is shut (with TLS, close_notify) before it is dropped.
+async fn shut<S: Io>(link: &Shared<S>) {
+    let _ = std::future::poll_fn(|cx| Pin::new(&mut link.lock().io).poll_shutdown(cx)).await;
+}
+
+/// Whether the client closed its connection (or it failed) while its
+/// request waits for an answer. Only once the request's body has been read:
+/// what is read is kept (the next requests, pipelined), up to `max_head`.
+fn client_gone<S: Io>(link: &Shared<S>, max_head: usize, cx: &mut Context<'_>) -> bool {
+    let mut guard = link.lock();
+    let l = &mut *guard;
+    while l.body.is_done() && !l.broken && l.buf.len() < max_head {
+        match poll_read(&mut l.io, &mut l.buf, cx) {
+            Poll::Pending => return false,
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return true,
+            Poll::Ready(Ok(_)) => {}
+        }
+    }
+    false
+}
+
 /// Ends a connection whose client may still be sending: the write side is
 /// shut, and what arrives is read and dropped until the client closes, or
 /// for [`LINGER_TIME`] and [`LINGER_BYTES`] at most. Closing with unread
@@ -766,10 +826,12 @@ async fn linger<S: Io>(link: &Shared<S>, timer: &ConnTimer) {
         let mut guard = link.lock();
         let l = &mut *guard;
         if !shut {
-            if ready!(Pin::new(&mut l.io).poll_shutdown(cx)).is_err() {
-                return Poll::Ready(());
+            match Pin::new(&mut l.io).poll_shutdown(cx) {
+                Poll::Ready(Ok(())) => shut = true,
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                // (TLS: its close_notify waits for room to be sent.)
+                Poll::Pending => return timer.poll_until(deadline, cx),
             }
-            shut = true;
         }
         loop {
             l.buf.clear();

@@ -23,11 +23,26 @@ enum Mode {
     Streamed,
     /// Answers 101 and echoes on the upgraded connection.
     Upgrade,
+    /// Answers 200 with an empty body.
+    Empty,
+    /// Never answers; counts the requests dropped unanswered.
+    Never,
 }
 
 struct Svc {
     mode: Mode,
     refused: parking_lot::Mutex<Vec<&'static str>>,
+    /// Requests whose answer was dropped before it was made.
+    dropped: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts one when dropped.
+struct CountDrop(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for CountDrop {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 fn text(status: StatusCode, body: String) -> Response<ProxyBody> {
@@ -42,9 +57,11 @@ impl Service for Svc {
         mut req: Request<ProxyBody>,
     ) -> impl Future<Output = Response<ProxyBody>> + Send {
         let mode = self.mode;
+        let dropped = CountDrop(self.dropped.clone());
         async move {
             match mode {
                 Mode::Echo => {
+                    std::mem::forget(dropped);
                     let line = format!(
                         "{} {} {:?} x={:?}",
                         req.method(),
@@ -66,6 +83,14 @@ impl Service for Svc {
                     }
                 }
                 Mode::Early => text(StatusCode::PAYLOAD_TOO_LARGE, "too large".into()),
+                Mode::Empty => {
+                    std::mem::forget(dropped);
+                    Response::new(http_body_util::Empty::new().map_err(|e| match e {}).boxed())
+                }
+                Mode::Never => {
+                    let _dropped = dropped;
+                    std::future::pending().await
+                }
                 Mode::Streamed => {
                     let parts = ["first,", "second"]
                         .map(|p| Ok::<_, BoxError>(Frame::data(Bytes::from_static(p.as_bytes()))));
@@ -127,6 +152,7 @@ async fn server(
     let svc = Arc::new(Svc {
         mode,
         refused: parking_lot::Mutex::new(Vec::new()),
+        dropped: Arc::default(),
     });
     let closing = switchyard_sdk::data::Closing::new();
     let (s, c) = (svc.clone(), closing.clone());
@@ -296,7 +322,7 @@ async fn a_body_of_unknown_length_is_chunked_for_1_1_and_runs_to_the_close_for_1
 #[tokio::test]
 async fn broken_or_smuggling_heads_are_refused_and_the_connection_closed() {
     let (addr, svc, _) = server(Mode::Echo).await;
-    let cases: [(&[u8], &str, &str); 7] = [
+    let cases: [(&[u8], &str, &str); 8] = [
         (
             b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
             "HTTP/1.1 400 Bad Request",
@@ -323,6 +349,11 @@ async fn broken_or_smuggling_heads_are_refused_and_the_connection_closed() {
             "not valid HTTP/1.1",
         ),
         (
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: ,\r\n\r\n",
+            "HTTP/1.1 400 Bad Request",
+            "names no coding",
+        ),
+        (
             b"GET / HTTP/1.1\r\nA: 1\r\nB: 1\r\nC: 1\r\nD: 1\r\nE: 1\r\nF: 1\r\nG: 1\r\nH: 1\r\nI: 1\r\nJ: 1\r\nK: 1\r\n\r\n",
             "HTTP/1.1 431 Request Header Fields Too Large",
             "more than 10 headers",
@@ -336,7 +367,7 @@ async fn broken_or_smuggling_heads_are_refused_and_the_connection_closed() {
     for (i, (bytes, status, why)) in cases.into_iter().enumerate() {
         let mut c = client(addr).await;
         let mut bytes = bytes.to_vec();
-        if i == 6 {
+        if i == 7 {
             // A value that takes the head over 2048 bytes.
             bytes.splice(bytes.len() - 4..bytes.len() - 4, [b'x'; 2100]);
         }
@@ -350,6 +381,7 @@ async fn broken_or_smuggling_heads_are_refused_and_the_connection_closed() {
     assert_eq!(
         refused,
         [
+            "bad_request",
             "bad_request",
             "bad_request",
             "bad_request",
@@ -517,4 +549,60 @@ async fn an_upgrade_hands_over_the_connection_with_the_bytes_sent_ahead() {
     let mut later = [0u8; 5];
     c.read_exact(&mut later).await.unwrap();
     assert_eq!(&later, b"later");
+}
+
+#[tokio::test]
+async fn a_head_answer_with_nothing_to_measure_claims_no_length() {
+    let (addr, _, _) = server(Mode::Empty).await;
+    let mut c = client(addr).await;
+    c.write_all(
+        b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let got = read_to_close(&mut c).await;
+    let answers: Vec<&str> = got.split("HTTP/1.1 200 OK\r\n").skip(1).collect();
+    assert_eq!(answers.len(), 2, "{got}");
+    assert!(!answers[0].contains("content-length"), "{got}");
+    assert!(answers[1].contains("content-length: 0\r\n"), "{got}");
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_before_its_answer_drops_the_exchange() {
+    let (addr, svc, _) = server(Mode::Never).await;
+    let mut c = client(addr).await;
+    c.write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(c);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while svc.dropped.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the exchange was not dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn requests_sent_after_a_close_are_read_and_dropped_not_reset() {
+    let (addr, _, _) = server(Mode::Echo).await;
+    for _ in 0..20 {
+        let mut c = client(addr).await;
+        let mut req = b"GET /a HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".to_vec();
+        for _ in 0..200 {
+            req.extend_from_slice(b"GET /after HTTP/1.1\r\nHost: a\r\n\r\n");
+        }
+        c.write_all(&req).await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(60), c.read_to_end(&mut got))
+            .await
+            .expect("the server closes")
+            .expect("a clean close, not a reset");
+        let got = String::from_utf8_lossy(&got);
+        assert_eq!(got.matches("HTTP/1.1 200 OK").count(), 1, "{got}");
+        assert!(got.ends_with("GET /a HTTP/1.1 x=None body="), "{got}");
+    }
 }
