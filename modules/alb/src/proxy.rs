@@ -226,11 +226,34 @@ async fn serve_http2<S>(
             }
         });
         async move {
-            Ok::<_, Infallible>(
-                c.alb
-                    .handle(req, &c.peer, &c.ctx, &c.tunnels, c.upstream_timer.as_ref())
-                    .await,
-            )
+            let mut resp = c
+                .alb
+                .handle(req, &c.peer, &c.ctx, &c.tunnels, c.upstream_timer.as_ref())
+                .await;
+            // An HTTP/1.1 origin's head, kept as it came, into the map
+            // hyper encodes.
+            if let Some(raw) = resp.extensions_mut().remove::<crate::h1::RawHead>() {
+                let mut headers = HeaderMap::new();
+                raw.append_to(&mut headers);
+                // The ALB's own headers (`x-request-id`) replace the
+                // origin's of the same name.
+                let mut last = None;
+                for (name, value) in std::mem::take(resp.headers_mut()) {
+                    match name {
+                        Some(name) => {
+                            headers.insert(name.clone(), value);
+                            last = Some(name);
+                        }
+                        None => {
+                            if let Some(name) = &last {
+                                headers.append(name.clone(), value);
+                            }
+                        }
+                    }
+                }
+                *resp.headers_mut() = headers;
+            }
+            Ok::<_, Infallible>(resp)
         }
     };
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())

@@ -16,13 +16,60 @@ pub(super) struct Parsed {
 pub(super) struct Head {
     pub(super) status: StatusCode,
     pub(super) version: Version,
-    pub(super) headers: HeaderMap,
+    pub(super) raw: RawHead,
     pub(super) keep_alive: bool,
     /// `Transfer-Encoding`: whether there is one, and whether it names
     /// `chunked` (the only coding taken).
     te: Option<bool>,
     /// `Content-Length`, or why it is not one.
     length: Result<Option<u64>, String>,
+}
+
+/// An answer's head as the origin sent it, to be passed on: its bytes, and
+/// the end-to-end fields in them (hop-by-hop ones, those `Connection`
+/// names, and the framing ones left out). No header map is made for it:
+/// the ALB's HTTP/1.1 server writes the fields as they came, and only an
+/// HTTP/2 client's answer needs a map ([`RawHead::append_to`]). It rides in
+/// the response's extensions; the response's own headers are those the ALB
+/// adds.
+#[derive(Clone, Debug)]
+pub struct RawHead {
+    bytes: Bytes,
+    /// Each field's name, and where its value is in `bytes`.
+    fields: Vec<(HeaderName, std::ops::Range<usize>)>,
+    /// The length the origin declared (its `Content-Length`), when the
+    /// body is not chunked.
+    pub content_length: Option<u64>,
+}
+
+impl RawHead {
+    /// The head of a whole answer head in `head` (tests).
+    #[cfg(test)]
+    pub(super) fn parse(head: &'static [u8]) -> Self {
+        let (len, parsed) = parse_head(head).unwrap().unwrap();
+        parsed.build(&Bytes::from_static(&head[..len])).unwrap().raw
+    }
+
+    /// The fields in order: each name and value.
+    pub fn fields(&self) -> impl Iterator<Item = (&HeaderName, &[u8])> {
+        self.fields
+            .iter()
+            .map(|(name, range)| (name, &self.bytes[range.clone()]))
+    }
+
+    /// Adds the fields (and `Content-Length`) to `headers`, values shared
+    /// with the head's bytes, not copied.
+    pub fn append_to(&self, headers: &mut HeaderMap) {
+        headers.reserve(self.fields.len() + 1);
+        for (name, range) in &self.fields {
+            if let Ok(value) = HeaderValue::from_maybe_shared(self.bytes.slice(range.clone())) {
+                headers.append(name.clone(), value);
+            }
+        }
+        if let Some(n) = self.content_length {
+            headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
+        }
+    }
 }
 
 /// Parses an answer's head from the start of `buf`: its length and the
@@ -76,23 +123,29 @@ pub(super) fn parse_head(buf: &[u8]) -> Result<Option<(usize, Parsed)>, Error> {
 }
 
 impl Parsed {
-    /// The head with its values taken from `bytes` (the head's own bytes,
-    /// shared, not copied).
+    /// The head over `bytes` (its own bytes, shared, not copied), and how
+    /// its body is framed.
     pub(super) fn build(self, bytes: &Bytes) -> Result<Head, Error> {
-        let mut headers = HeaderMap::with_capacity(self.headers.len());
+        let mut fields = Vec::with_capacity(self.headers.len());
         let mut close = false;
         let mut keep_alive_asked = false;
+        // Headers `Connection` names beyond the usual tokens: dropped too.
+        let mut named: Vec<HeaderName> = Vec::new();
         let mut te = None;
         let mut length = Ok(None);
         for (name, range) in self.headers {
-            let value = HeaderValue::from_maybe_shared(bytes.slice(range))
-                .map_err(|_| Error::Answer(format!("the value of header {name}")))?;
+            let value = &bytes[range.clone()];
             // The headers that frame the message, read on the way.
             if name == CONNECTION {
-                for token in value.as_bytes().split(|&b| b == b',') {
+                for token in value.split(|&b| b == b',') {
                     let token = token.trim_ascii();
-                    close |= token.eq_ignore_ascii_case(b"close");
-                    keep_alive_asked |= token.eq_ignore_ascii_case(b"keep-alive");
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        keep_alive_asked = true;
+                    } else if let Ok(n) = HeaderName::from_bytes(token) {
+                        named.push(n);
+                    }
                 }
             } else if name == TRANSFER_ENCODING {
                 // Only `chunked` is spoken: another coding (gzip) would
@@ -100,22 +153,26 @@ impl Parsed {
                 // body is chunked once a line names a coding; lines that
                 // name none leave it to run to the close.
                 let mut codings = value
-                    .as_bytes()
                     .split(|&b| b == b',')
                     .map(<[u8]>::trim_ascii)
                     .filter(|t| !t.is_empty())
                     .peekable();
-                let named = codings.peek().is_some();
+                let named_any = codings.peek().is_some();
                 if codings.any(|t| !t.eq_ignore_ascii_case(b"chunked")) {
                     return Err(Error::Answer(format!(
-                        "Transfer-Encoding {value:?}: only chunked is accepted"
+                        "Transfer-Encoding {:?}: only chunked is accepted",
+                        String::from_utf8_lossy(value)
                     )));
                 }
-                te = Some(te == Some(true) || named);
+                te = Some(te == Some(true) || named_any);
             } else if name == CONTENT_LENGTH {
-                length = length.and_then(|known| content_length(&value, known));
+                length = length.and_then(|known| content_length(value, known));
+            } else if !crate::headers::is_hop_by_hop(&name) {
+                fields.push((name, range));
             }
-            headers.append(name, value);
+        }
+        if !named.is_empty() {
+            fields.retain(|(name, _)| !named.contains(name));
         }
         let mut keep_alive = !close && (self.version == Version::HTTP_11 || keep_alive_asked);
         if te.is_some() && self.version == Version::HTTP_10 {
@@ -125,18 +182,21 @@ impl Parsed {
                 "an HTTP/1.0 answer with a Transfer-Encoding".into(),
             ));
         }
-        if te.is_some() && headers.contains_key(CONTENT_LENGTH) {
+        if te.is_some() && !matches!(length, Ok(None)) {
             // Both: the coding frames the body, and the length is not passed
             // on; such an answer may be an attempt to split the connection,
             // which is not used again (RFC 9112 §6.3).
-            headers.remove(CONTENT_LENGTH);
             keep_alive = false;
             length = Ok(None);
         }
         Ok(Head {
             status: self.status,
             version: self.version,
-            headers,
+            raw: RawHead {
+                bytes: bytes.clone(),
+                fields,
+                content_length: length.as_ref().ok().copied().flatten(),
+            },
             keep_alive,
             te,
             length,

@@ -4,6 +4,7 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue};
+
 use http_body::Frame;
 
 use super::{MAX_CHUNK_LINE, MAX_EXTENSIONS, MAX_HEAD, MAX_HEADERS};
@@ -148,15 +149,15 @@ impl Decoder {
 
 /// The length a `Content-Length` value says (a list of equal values counts
 /// as one), given the one already known.
-pub(super) fn content_length(
-    value: &HeaderValue,
-    known: Option<u64>,
-) -> Result<Option<u64>, String> {
+pub(super) fn content_length(value: &[u8], known: Option<u64>) -> Result<Option<u64>, String> {
     let mut length = known;
-    for part in value.as_bytes().split(|&b| b == b',') {
+    for part in value.split(|&b| b == b',') {
         let digits = part.trim_ascii();
         if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-            return Err(format!("Content-Length {value:?}"));
+            return Err(format!(
+                "Content-Length {:?}",
+                String::from_utf8_lossy(value)
+            ));
         }
         let n = digits
             .iter()

@@ -37,8 +37,8 @@ mod server_tests;
 #[cfg(test)]
 mod tests;
 
-pub use answer::Answer;
 use answer::{parse_head, Head};
+pub use answer::{Answer, RawHead};
 use framing::{Decoder, Kind};
 use request::{encode_head, Framing, Sending};
 
@@ -256,7 +256,7 @@ impl Conn {
         });
         *resp.status_mut() = head.status;
         *resp.version_mut() = head.version;
-        *resp.headers_mut() = head.headers;
+        resp.extensions_mut().insert(head.raw);
         resp.body_mut().settle();
         resp
     }

@@ -53,9 +53,14 @@ pub(super) fn encode_head(
 }
 
 pub(super) fn put_header(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    put_field(out, name, value.as_bytes());
+}
+
+/// A header line from its name and its value's bytes.
+pub(super) fn put_field(out: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
     out.extend_from_slice(name.as_str().as_bytes());
     out.extend_from_slice(b": ");
-    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
 }
 

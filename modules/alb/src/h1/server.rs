@@ -31,7 +31,8 @@ use tokio::time::Instant;
 use super::framing::{content_length, Chunk, Decoder, Kind};
 pub use super::incoming::{BodyError, OnUpgrade, Upgraded};
 use super::incoming::{Continue, Link, RequestBody, Shared};
-use super::request::put_header;
+use super::request::{put_field, put_header};
+use super::RawHead;
 use super::*;
 use crate::conn_timer::ConnTimer;
 use std::task::ready;
@@ -457,7 +458,7 @@ impl Parsed {
                 .map_err(|_| Refusal::bad(format!("the value of header {name}")))?;
             // The headers that frame the message, read on the way.
             if name == CONTENT_LENGTH {
-                length = content_length(&value, length).map_err(Refusal::bad)?;
+                length = content_length(value.as_bytes(), length).map_err(Refusal::bad)?;
             } else if name == TRANSFER_ENCODING {
                 chunked = Some(transfer_coding(&value, chunked.is_some())?);
             } else if name == CONNECTION {
@@ -565,15 +566,19 @@ async fn respond<S: Io>(
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
-    let declared = match parts.headers.get(CONTENT_LENGTH) {
+    // An HTTP/1.1 origin's head, passed on as it came (its hop-by-hop
+    // fields gone), before the headers the ALB set.
+    let raw = parts.extensions.get::<RawHead>();
+    let in_headers = match parts.headers.get(CONTENT_LENGTH) {
         Some(v) => Some(
-            content_length(v, None)
+            content_length(v.as_bytes(), None)
                 .ok()
                 .flatten()
                 .ok_or_else(|| format!("the answer's Content-Length {v:?}"))?,
         ),
         None => None,
     };
+    let declared = in_headers.or(raw.and_then(|r| r.content_length));
     let mut framing = if bodiless {
         Out::None
     } else if let Some(n) = declared {
@@ -598,6 +603,16 @@ async fn respond<S: Io>(
     out.clear();
     status_line(out, status);
     let mut has_date = false;
+    if let Some(raw) = raw {
+        for (name, value) in raw.fields() {
+            // The ALB's own headers (`x-request-id`) replace the origin's.
+            if parts.headers.keys().any(|own| own == name) {
+                continue;
+            }
+            has_date |= name == DATE;
+            put_field(out, name, value);
+        }
+    }
     for (name, value) in &parts.headers {
         if name == TRANSFER_ENCODING
             || (name == CONTENT_LENGTH
@@ -611,16 +626,21 @@ async fn respond<S: Io>(
         has_date |= name == DATE;
         put_header(out, name, value);
     }
-    // A `HEAD` answer says the length its body would have, when known.
+    // A bodiless answer to `HEAD` (or a `304`) says the length the body
+    // would have, when known.
     let length = match framing {
         Out::Length(n) => Some(n),
-        // (Not a zero: the upstream client's `HEAD` answer has no body to
-        // measure, and a length of 0 would say something false.)
-        Out::None if meta.head_only => body.size_hint().exact().filter(|&n| n > 0),
+        Out::None if status.is_informational() || status == StatusCode::NO_CONTENT => None,
+        // (Not a zero measured: the upstream client's `HEAD` answer has no
+        // body to measure, and a length of 0 would say something false.)
+        Out::None if meta.head_only => {
+            declared.or_else(|| body.size_hint().exact().filter(|&n| n > 0))
+        }
+        Out::None => declared,
         _ => None,
     };
     match (length, framing) {
-        (Some(n), _) if declared.is_none() => {
+        (Some(n), _) if in_headers.is_none() => {
             out.extend_from_slice(b"content-length: ");
             out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
             out.extend_from_slice(b"\r\n");

@@ -27,6 +27,8 @@ enum Mode {
     Empty,
     /// Never answers; counts the requests dropped unanswered.
     Never,
+    /// Passes on an origin's head, with an `x-request-id` of its own.
+    Raw,
 }
 
 struct Svc {
@@ -86,6 +88,17 @@ impl Service for Svc {
                 Mode::Empty => {
                     std::mem::forget(dropped);
                     Response::new(http_body_util::Empty::new().map_err(|e| match e {}).boxed())
+                }
+                Mode::Raw => {
+                    std::mem::forget(dropped);
+                    let mut r = text(StatusCode::OK, "raw".into());
+                    r.extensions_mut().insert(super::RawHead::parse(
+                        b"HTTP/1.1 200 OK\r\nX-Request-Id: origin\r\nDate: then\r\n\
+                          Connection: x-gone\r\nX-Gone: 1\r\nX-Kept: 1\r\nContent-Length: 3\r\n\r\n",
+                    ));
+                    r.headers_mut()
+                        .insert("x-request-id", HeaderValue::from_static("alb"));
+                    r
                 }
                 Mode::Never => {
                     let _dropped = dropped;
@@ -605,4 +618,19 @@ async fn requests_sent_after_a_close_are_read_and_dropped_not_reset() {
         assert_eq!(got.matches("HTTP/1.1 200 OK").count(), 1, "{got}");
         assert!(got.ends_with("GET /a HTTP/1.1 x=None body="), "{got}");
     }
+}
+
+#[tokio::test]
+async fn an_origins_head_goes_as_it_came_less_what_the_alb_replaces() {
+    let (addr, _, _) = server(Mode::Raw).await;
+    let mut c = client(addr).await;
+    c.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_answer(&mut c).await;
+    assert_eq!(
+        head,
+        "HTTP/1.1 200 OK\r\ndate: then\r\nx-kept: 1\r\nx-request-id: alb\r\ncontent-length: 3\r\n\r\n"
+    );
+    assert_eq!(body, "raw");
 }

@@ -85,6 +85,16 @@ async fn read_all(resp: Response<Answer>) -> (Vec<u8>, Option<HeaderMap>, Option
     (data, trailers, body.finish())
 }
 
+/// The answer's head as a client would get it: the origin's fields.
+fn head_of(resp: &Response<Answer>) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    resp.extensions()
+        .get::<RawHead>()
+        .expect("the origin's head")
+        .append_to(&mut headers);
+    headers
+}
+
 fn fails(r: Result<Response<Answer>, Failed>) -> Failed {
     match r {
         Ok(resp) => panic!("got an answer: {}", resp.status()),
@@ -130,7 +140,9 @@ async fn a_sized_answer_is_read_and_its_connection_reused() {
     let c = conn(addr).await;
     let resp = c.send(request(Method::GET, empty())).await.ok().unwrap();
     assert_eq!(resp.status(), 200);
-    assert_eq!(resp.headers()["x-a"], "b");
+    let head = head_of(&resp);
+    assert_eq!(head["x-a"], "b");
+    assert_eq!(head[CONTENT_LENGTH], "5");
     let (data, trailers, c) = read_all(resp).await;
     assert_eq!(data, b"hello");
     assert!(trailers.is_none());
@@ -202,7 +214,7 @@ async fn an_answer_with_both_a_coding_and_a_length_is_chunked_and_not_reused() {
     .await;
     let resp = answer_to(addr, Method::GET, empty()).await;
     assert!(
-        resp.headers().get(CONTENT_LENGTH).is_none(),
+        head_of(&resp).get(CONTENT_LENGTH).is_none(),
         "the length is not passed on"
     );
     let (data, _, c) = read_all(resp).await;
@@ -218,8 +230,9 @@ async fn empty_header_values_are_kept_empty() {
     )])
     .await;
     let resp = answer_to(addr, Method::GET, empty()).await;
-    assert_eq!(resp.headers()["x-empty"], "");
-    assert_eq!(resp.headers()["x-blank"], "");
+    let head = head_of(&resp);
+    assert_eq!(head["x-empty"], "");
+    assert_eq!(head["x-blank"], "");
 }
 
 #[tokio::test]
@@ -241,7 +254,7 @@ async fn interim_answers_are_skipped() {
     .await;
     let resp = answer_to(addr, Method::GET, empty()).await;
     assert_eq!(resp.status(), 201);
-    assert!(resp.headers().get("link").is_none());
+    assert!(head_of(&resp).get("link").is_none());
 }
 
 #[tokio::test]
@@ -767,4 +780,19 @@ async fn a_request_body_that_fails_after_an_early_answer_ends_the_exchange() {
         .expect("the exchange ended (the origin is not left waiting)");
     assert!(error.contains("the client went away"), "{error}");
     assert!(dropped);
+}
+
+#[tokio::test]
+async fn hop_by_hop_fields_and_those_connection_names_are_not_passed_on() {
+    let (addr, _seen) = origin(vec![(
+        0,
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive, x-secret\r\nKeep-Alive: timeout=5\r\n\
+          X-Secret: 1\r\nUpgrade: h2c\r\nX-Kept: 2\r\nProxy-Connection: x\r\nContent-Length: 0\r\n\r\n",
+    )])
+    .await;
+    let resp = answer_to(addr, Method::GET, empty()).await;
+    let raw = resp.extensions().get::<RawHead>().unwrap();
+    let fields: Vec<(&str, &[u8])> = raw.fields().map(|(n, v)| (n.as_str(), v)).collect();
+    assert_eq!(fields, [("x-kept", &b"2"[..])]);
+    assert_eq!(raw.content_length, Some(0));
 }
