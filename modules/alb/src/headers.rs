@@ -178,7 +178,8 @@ pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
 #[derive(Debug)]
 pub struct ClientNames {
     ip: HeaderValue,
-    node: Vec<u8>,
+    /// Its `Forwarded` node when that differs from `ip` (IPv6, quoted).
+    node: Option<Vec<u8>>,
     /// The last `Forwarded` value made for a request that brought none,
     /// with the host and scheme it names: a connection's requests name the
     /// same host, so the value is made once, not once a request.
@@ -192,11 +193,15 @@ impl ClientNames {
             IpAddr::V6(_) => ip.to_string(),
         };
         let node = match ip {
-            IpAddr::V4(_) => text.clone().into_bytes(),
-            IpAddr::V6(_) => [b"\"[", text.as_bytes(), b"]\""].concat(),
+            IpAddr::V4(_) => None,
+            IpAddr::V6(_) => Some([b"\"[", text.as_bytes(), b"]\""].concat()),
         };
+        // The text's own buffer, shared from here on: each request's
+        // `X-Forwarded-For` clones it by a count, not a copy.
+        let ip = HeaderValue::from_maybe_shared(bytes::Bytes::from(text.into_bytes()))
+            .expect("an IP address is a valid header value");
         ClientNames {
-            ip: HeaderValue::from_str(&text).expect("an IP address is a valid header value"),
+            ip,
             node,
             forwarded: parking_lot::Mutex::new(None),
         }
@@ -300,7 +305,7 @@ pub fn add_forwarding(
         parts[1] = b", ";
     }
     parts[2] = b"for=";
-    parts[3] = &client.node;
+    parts[3] = client.node.as_deref().unwrap_or(client.ip.as_bytes());
     if let Some(h) = host {
         parts[4] = b";host=\"";
         parts[5] = h;

@@ -793,13 +793,13 @@ impl Alb {
         *r.uri_mut() = upstream.uri(endpoint, path)?;
         *r.version_mut() = upstream.protocol.version();
         // A copy with room for the headers added below: a clone has none
-        // (its entries exactly fill their vector), so each of the five
-        // inserts that follow would grow it again.
+        // (its entries exactly fill their vector), so each of the inserts
+        // that follow would grow it again. Cloned, then grown once: the
+        // clone copies the table as it is, where appending each header
+        // would hash its name again.
         let h = r.headers_mut();
-        *h = HeaderMap::with_capacity(parts.headers.len() + ADDED_HEADERS);
-        for (name, value) in &parts.headers {
-            h.append(name.clone(), value.clone());
-        }
+        *h = parts.headers.clone();
+        h.reserve(ADDED_HEADERS);
         headers::strip_hop_by_hop(h, keep_upgrade);
         headers::add_forwarding(h, &peer.names, peer.tls, ex.host.as_ref());
         h.insert(X_REQUEST_ID, rid.clone());
