@@ -646,23 +646,27 @@ impl Alb {
                 why,
             )))
         };
-        // hyper reads at least 8 KiB of HTTP/1 head; a lower limit is kept
-        // here. The URI's length from its parts: no string is built for it.
+        // HTTP/2's header list, against the same limits as an HTTP/1 head
+        // (which the ALB's HTTP/1 server has held to them already). The
+        // URI's length from its parts: no string is built for it.
+        let http2 = req.version() == Version::HTTP_2;
         let max_head = limits.max_header_bytes;
-        let uri = req.uri();
-        let uri_len = uri.scheme_str().map_or(0, |s| s.len() + 3)
-            + uri.authority().map_or(0, |a| a.as_str().len())
-            + uri.path_and_query().map_or(0, |p| p.as_str().len());
-        let head: usize = uri_len
-            + req
-                .headers()
-                .iter()
-                .map(|(k, v)| k.as_str().len() + v.len() + 4)
-                .sum::<usize>();
-        if head > max_head {
-            return too_large(format!(
-                "the request's headers are larger than {max_head} bytes"
-            ));
+        if http2 {
+            let uri = req.uri();
+            let uri_len = uri.scheme_str().map_or(0, |s| s.len() + 3)
+                + uri.authority().map_or(0, |a| a.as_str().len())
+                + uri.path_and_query().map_or(0, |p| p.as_str().len());
+            let head: usize = uri_len
+                + req
+                    .headers()
+                    .iter()
+                    .map(|(k, v)| k.as_str().len() + v.len() + 4)
+                    .sum::<usize>();
+            if head > max_head {
+                return too_large(format!(
+                    "the request's headers are larger than {max_head} bytes"
+                ));
+            }
         }
         // A reverse proxy opens no tunnels: a 2xx answer to CONNECT would
         // turn the upstream connection into one.
@@ -675,7 +679,7 @@ impl Alb {
         }
         // HTTP/2 has no head size hyper counts headers by: count them here.
         let max_headers = limits.max_headers;
-        if req.headers().len() > max_headers {
+        if http2 && req.headers().len() > max_headers {
             return too_large(format!("the request has more than {max_headers} headers"));
         }
         // One host per request: the request target's authority and `Host`
