@@ -246,7 +246,6 @@ pub fn add_forwarding(
     https: bool,
     host: Option<&HeaderValue>,
 ) {
-    let proto: &[u8] = if https { b"https" } else { b"http" };
     // One lookup per header (the entry), not a `get` and an `insert`.
     match headers.entry(X_FORWARDED_FOR) {
         Entry::Occupied(mut prior) => {
@@ -271,52 +270,12 @@ pub fn add_forwarding(
     if let Some(h) = host {
         headers.insert(X_FORWARDED_HOST, h.clone());
     }
-    // A host goes into `Forwarded` only as a plain token inside quotes.
-    let host_value = host.filter(|h| {
-        h.as_bytes()
-            .iter()
-            .all(|&b| b.is_ascii_graphic() && b != b'"' && b != b';' && b != b',')
-    });
-    let host = host_value.map(HeaderValue::as_bytes);
     let entry = headers.entry(FORWARDED);
     let prior = match &entry {
-        Entry::Occupied(o) => Some(o.get().as_bytes()).filter(|p| !p.trim_ascii().is_empty()),
+        Entry::Occupied(o) => Some(o.get().as_bytes()),
         Entry::Vacant(_) => None,
     };
-    // The usual case, no `Forwarded` from the client: the value made for
-    // this connection's last request, when it names the same host.
-    if prior.is_none() {
-        if let Some(v) = client.cached_forwarded(host, https) {
-            match entry {
-                Entry::Occupied(mut o) => {
-                    o.insert(v);
-                }
-                Entry::Vacant(slot) => {
-                    slot.insert(v);
-                }
-            }
-            return;
-        }
-    }
-    let remember = prior.is_none();
-    let mut parts: [&[u8]; 9] = [b""; 9];
-    if let Some(p) = prior {
-        parts[0] = p;
-        parts[1] = b", ";
-    }
-    parts[2] = b"for=";
-    parts[3] = client.node.as_deref().unwrap_or(client.ip.as_bytes());
-    if let Some(h) = host {
-        parts[4] = b";host=\"";
-        parts[5] = h;
-        parts[6] = b"\"";
-    }
-    parts[7] = b";proto=";
-    parts[8] = proto;
-    if let Some(v) = joined(&parts) {
-        if remember {
-            *client.forwarded.lock() = Some((host_value.cloned(), https, v.clone()));
-        }
+    if let Some(v) = client.forwarded(prior, https, host) {
         match entry {
             Entry::Occupied(mut o) => {
                 o.insert(v);
@@ -328,7 +287,144 @@ pub fn add_forwarding(
     }
 }
 
-/// The parts one after the other, as a header value (`None` if not valid).
+/// Writes the forwarding fields for this hop as HTTP/1.1 lines, the values
+/// the client sent in `headers` (`X-Forwarded-For`, `Forwarded`) appended
+/// to as [`add_forwarding`] does; the client's own lines for these names
+/// (those [`set_by_proxy`] names) are not to be written as well.
+pub fn write_forwarding(
+    out: &mut Vec<u8>,
+    headers: &HeaderMap,
+    client: &ClientNames,
+    https: bool,
+    host: Option<&HeaderValue>,
+) {
+    let line = |out: &mut Vec<u8>, name: &[u8], parts: &[&[u8]]| {
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        for p in parts {
+            out.extend_from_slice(p);
+        }
+        out.extend_from_slice(b"\r\n");
+    };
+    let ip = client.ip.as_bytes();
+    match headers.get(X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
+        Some(p) if !p.trim_ascii().is_empty() => line(out, b"x-forwarded-for", &[p, b", ", ip]),
+        _ => line(out, b"x-forwarded-for", &[ip]),
+    }
+    let proto: &[u8] = if https { b"https" } else { b"http" };
+    line(out, b"x-forwarded-proto", &[proto]);
+    match host {
+        Some(h) => line(out, b"x-forwarded-host", &[h.as_bytes()]),
+        // No host of this hop's to name: the client's stand.
+        None => {
+            for v in headers.get_all(X_FORWARDED_HOST) {
+                line(out, b"x-forwarded-host", &[v.as_bytes()]);
+            }
+        }
+    }
+    let prior = headers.get(FORWARDED).map(HeaderValue::as_bytes);
+    if let Some(v) = client.forwarded(prior, https, host) {
+        line(out, b"forwarded", &[v.as_bytes()]);
+    }
+}
+
+impl ClientNames {
+    /// The `Forwarded` value for this hop after `prior` (the client's):
+    /// the value made for this connection's last request when the client
+    /// sent none and it names the same host and scheme.
+    fn forwarded(
+        &self,
+        prior: Option<&[u8]>,
+        https: bool,
+        host: Option<&HeaderValue>,
+    ) -> Option<HeaderValue> {
+        let prior = prior.filter(|p| !p.trim_ascii().is_empty());
+        // A host goes into `Forwarded` only as a plain token inside quotes.
+        let host_value = host.filter(|h| {
+            h.as_bytes()
+                .iter()
+                .all(|&b| b.is_ascii_graphic() && b != b'"' && b != b';' && b != b',')
+        });
+        let host = host_value.map(HeaderValue::as_bytes);
+        // The usual case, no `Forwarded` from the client: the value made
+        // for this connection's last request, when it names the same host.
+        if prior.is_none() {
+            if let Some(v) = self.cached_forwarded(host, https) {
+                return Some(v);
+            }
+        }
+        let proto: &[u8] = if https { b"https" } else { b"http" };
+        let mut parts: [&[u8]; 9] = [b""; 9];
+        if let Some(p) = prior {
+            parts[0] = p;
+            parts[1] = b", ";
+        }
+        parts[2] = b"for=";
+        parts[3] = self.node.as_deref().unwrap_or(self.ip.as_bytes());
+        if let Some(h) = host {
+            parts[4] = b";host=\"";
+            parts[5] = h;
+            parts[6] = b"\"";
+        }
+        parts[7] = b";proto=";
+        parts[8] = proto;
+        let v = joined(&parts)?;
+        if prior.is_none() {
+            *self.forwarded.lock() = Some((host_value.cloned(), https, v.clone()));
+        }
+        Some(v)
+    }
+}
+
+/// Writes `headers` as HTTP/1.1 field lines, less the hop-by-hop ones and
+/// those `Connection` names (`TE: trailers` kept, for gRPC), and less those
+/// `skip` says.
+pub fn write_end_to_end(
+    out: &mut Vec<u8>,
+    headers: &HeaderMap,
+    mut skip: impl FnMut(&HeaderName) -> bool,
+) {
+    // The headers `Connection` names beyond the usual ones (`close`,
+    // `keep-alive`): rare, so a list is made only for them.
+    let mut named: Vec<HeaderName> = Vec::new();
+    for value in headers.get_all(header::CONNECTION) {
+        for token in value
+            .as_bytes()
+            .split(|&b| b == b',')
+            .map(<[u8]>::trim_ascii)
+        {
+            let usual = token.is_empty()
+                || std::str::from_utf8(token).is_ok_and(|t| removed_anyway(t, false));
+            if !usual {
+                if let Ok(name) = HeaderName::from_bytes(token) {
+                    named.push(name);
+                }
+            }
+        }
+    }
+    let mut te_trailers = false;
+    for (name, value) in headers {
+        if let Some(i) = hop_index(name) {
+            te_trailers |= i == 5
+                && value
+                    .as_bytes()
+                    .split(|&b| b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"));
+            continue;
+        }
+        if skip(name) || named.contains(name) {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if te_trailers {
+        out.extend_from_slice(b"te: trailers\r\n");
+    }
+}
+
 fn joined(parts: &[&[u8]]) -> Option<HeaderValue> {
     let mut v = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
     for p in parts {
@@ -543,5 +639,76 @@ mod tests {
         // Never indexed by HPACK: each id is new.
         assert!(request_id(&HeaderMap::new()).is_sensitive());
         assert!(request_id(&map(&[("x-request-id", "abc-123")])).is_sensitive());
+    }
+
+    /// The lines the byte writers make, as a map.
+    fn written(
+        headers: &HeaderMap,
+        client: &ClientNames,
+        https: bool,
+        host: Option<&str>,
+    ) -> HeaderMap {
+        let host = host.map(HeaderValue::from_str).map(Result::unwrap);
+        let mut out = Vec::new();
+        write_end_to_end(&mut out, headers, set_by_proxy);
+        write_forwarding(&mut out, headers, client, https, host.as_ref());
+        let mut m = HeaderMap::new();
+        let text = String::from_utf8(out).unwrap();
+        for line in text.split_terminator("\r\n") {
+            let (k, v) = line.split_once(": ").unwrap();
+            m.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        m
+    }
+
+    #[test]
+    fn the_byte_writers_say_what_the_map_editors_do() {
+        let cases: [&[(&str, &str)]; 4] = [
+            &[
+                ("host", "a.test"),
+                ("user-agent", "curl"),
+                ("accept", "*/*"),
+            ],
+            &[
+                ("connection", "keep-alive, x-secret"),
+                ("x-secret", "1"),
+                ("keep-alive", "timeout=5"),
+                ("te", "trailers, gzip"),
+                ("upgrade", "h2c"),
+                ("x-multi", "1"),
+                ("x-multi", "2"),
+            ],
+            &[
+                ("x-forwarded-for", "198.51.100.1"),
+                ("forwarded", "for=198.51.100.1"),
+                ("x-forwarded-proto", "ftp"),
+                ("x-forwarded-host", "elsewhere"),
+                ("x-request-id", "theirs"),
+            ],
+            &[("x-forwarded-for", "  "), ("forwarded", "")],
+        ];
+        for (i, pairs) in cases.into_iter().enumerate() {
+            for (ip, https, host) in [
+                ("203.0.113.7", true, Some("api.example.com")),
+                ("2001:db8::1", false, None),
+            ] {
+                let client = ClientNames::new(ip.parse().unwrap());
+                let mut want = map(pairs);
+                strip_hop_by_hop(&mut want, false);
+                let host_value = host.map(HeaderValue::from_str).map(Result::unwrap);
+                add_forwarding(&mut want, &client, https, host_value.as_ref());
+                want.remove(X_REQUEST_ID);
+                let got = written(
+                    &map(pairs),
+                    &ClientNames::new(ip.parse().unwrap()),
+                    https,
+                    host,
+                );
+                assert_eq!(got, want, "case {i}, {ip}");
+            }
+        }
     }
 }

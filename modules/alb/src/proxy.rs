@@ -20,7 +20,7 @@ use switchyard_sdk::{Connection, Context};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::alb::Alb;
-use crate::cluster::{Outcome, MAX_ATTEMPTS};
+use crate::cluster::{Outcome, UpstreamProtocol, MAX_ATTEMPTS};
 use crate::conn_timer::ConnTimer;
 use crate::deadline::{Arrived, FirstStream};
 use crate::headers::{self, X_REQUEST_ID};
@@ -796,6 +796,41 @@ impl Alb {
         *r.method_mut() = parts.method.clone();
         *r.uri_mut() = upstream.uri(endpoint, path)?;
         *r.version_mut() = upstream.protocol.version();
+        // The origin gets the host the request was routed on (already
+        // there when it is the request's own `Host`).
+        let new_host = ex.host.as_ref().filter(|_| !ex.host_is_header);
+        if upstream.protocol == UpstreamProtocol::Http1 && !keep_upgrade {
+            // To an HTTP/1.1 origin the head goes as bytes made here: the
+            // client's fields as they came (less the hop-by-hop ones and
+            // those rewritten), then this hop's.
+            let mut head = Vec::with_capacity(512);
+            crate::h1::request_line(&mut head, &parts.method, r.uri());
+            headers::write_end_to_end(&mut head, &parts.headers, |name| {
+                headers::set_by_proxy(name)
+                    || name == header::CONTENT_LENGTH
+                    || name == header::TRANSFER_ENCODING
+                    || (new_host.is_some() && name == header::HOST)
+            });
+            headers::write_forwarding(
+                &mut head,
+                &parts.headers,
+                &peer.names,
+                peer.tls,
+                ex.host.as_ref(),
+            );
+            let mut line = |name: &[u8], value: &HeaderValue| {
+                head.extend_from_slice(name);
+                head.extend_from_slice(b": ");
+                head.extend_from_slice(value.as_bytes());
+                head.extend_from_slice(b"\r\n");
+            };
+            line(b"x-request-id", rid);
+            if let Some(v) = new_host {
+                line(b"host", v);
+            }
+            r.extensions_mut().insert(crate::h1::Encoded(head));
+            return Ok(r);
+        }
         // A copy with room for the headers added below: a clone has none
         // (its entries exactly fill their vector), so each of the inserts
         // that follow would grow it again. Cloned, then grown once: the
@@ -807,9 +842,7 @@ impl Alb {
         headers::strip_hop_by_hop(h, keep_upgrade);
         headers::add_forwarding(h, &peer.names, peer.tls, ex.host.as_ref());
         h.insert(X_REQUEST_ID, rid.clone());
-        // The origin gets the host the request was routed on (already
-        // there when it is the request's own `Host`).
-        if let (Some(v), false) = (&ex.host, ex.host_is_header) {
+        if let Some(v) = new_host {
             h.insert(header::HOST, v.clone());
         }
         Ok(r)

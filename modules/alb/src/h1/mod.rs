@@ -41,6 +41,7 @@ use answer::{parse_head, Head};
 pub use answer::{Answer, RawHead};
 use framing::{Decoder, Kind};
 use request::{encode_head, Framing, Sending};
+pub use request::{request_line, Encoded};
 
 /// Most header lines an answer (or a chunked body's trailers) may have,
 /// as hyper's client allows.

@@ -20,19 +20,14 @@ pub(super) fn encode_head(
     parts: &http::request::Parts,
     body: &ProxyBody,
 ) -> Framing {
-    out.extend_from_slice(parts.method.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(
-        parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .as_bytes(),
-    );
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &parts.headers {
-        if name != CONTENT_LENGTH && name != TRANSFER_ENCODING {
-            put_header(out, name, value);
+    if let Some(Encoded(head)) = parts.extensions.get::<Encoded>() {
+        out.extend_from_slice(head);
+    } else {
+        request_line(out, &parts.method, &parts.uri);
+        for (name, value) in &parts.headers {
+            if name != CONTENT_LENGTH && name != TRANSFER_ENCODING {
+                put_header(out, name, value);
+            }
         }
     }
     let framing = if body.is_end_stream() {
@@ -50,6 +45,22 @@ pub(super) fn encode_head(
     };
     out.extend_from_slice(b"\r\n");
     framing
+}
+
+/// A request's head made by the proxy as HTTP/1.1 bytes, the request line
+/// and its fields but not its framing (`Content-Length`,
+/// `Transfer-Encoding`) nor the blank line: sent as it is, and the
+/// request's header map (empty) is not looked at. It saves making a second
+/// header map from the client's only to encode it.
+#[derive(Clone, Debug)]
+pub struct Encoded(pub Vec<u8>);
+
+/// `METHOD /path?query HTTP/1.1`, its line end included.
+pub fn request_line(out: &mut Vec<u8>, method: &Method, uri: &http::Uri) {
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
 }
 
 pub(super) fn put_header(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
