@@ -322,10 +322,46 @@ pub fn write_forwarding(
             }
         }
     }
-    let prior = headers.get(FORWARDED).map(HeaderValue::as_bytes);
-    if let Some(v) = client.forwarded(prior, https, host) {
-        line(out, b"forwarded", &[v.as_bytes()]);
+    // Written out directly: cheaper than the per-connection value that
+    // `add_forwarding` keeps (no value made, no lock, no copy kept).
+    let prior = headers
+        .get(FORWARDED)
+        .map(HeaderValue::as_bytes)
+        .filter(|p| !p.trim_ascii().is_empty());
+    let (prior, comma): (&[u8], &[u8]) = match prior {
+        Some(p) => (p, b", "),
+        None => (b"", b""),
+    };
+    let node = client.node.as_deref().unwrap_or(ip);
+    match host.filter(|h| forwarded_host(h)) {
+        Some(h) => line(
+            out,
+            b"forwarded",
+            &[
+                prior,
+                comma,
+                b"for=",
+                node,
+                b";host=\"",
+                h.as_bytes(),
+                b"\";proto=",
+                proto,
+            ],
+        ),
+        None => line(
+            out,
+            b"forwarded",
+            &[prior, comma, b"for=", node, b";proto=", proto],
+        ),
     }
+}
+
+/// Whether a host can go into `Forwarded`: only as a plain token inside
+/// quotes.
+fn forwarded_host(h: &HeaderValue) -> bool {
+    h.as_bytes()
+        .iter()
+        .all(|&b| b.is_ascii_graphic() && b != b'"' && b != b';' && b != b',')
 }
 
 impl ClientNames {
@@ -339,12 +375,7 @@ impl ClientNames {
         host: Option<&HeaderValue>,
     ) -> Option<HeaderValue> {
         let prior = prior.filter(|p| !p.trim_ascii().is_empty());
-        // A host goes into `Forwarded` only as a plain token inside quotes.
-        let host_value = host.filter(|h| {
-            h.as_bytes()
-                .iter()
-                .all(|&b| b.is_ascii_graphic() && b != b'"' && b != b';' && b != b',')
-        });
+        let host_value = host.filter(|h| forwarded_host(h));
         let host = host_value.map(HeaderValue::as_bytes);
         // The usual case, no `Forwarded` from the client: the value made
         // for this connection's last request, when it names the same host.
