@@ -307,7 +307,14 @@ pub fn write_forwarding(
         out.extend_from_slice(b"\r\n");
     };
     let ip = client.ip.as_bytes();
-    match headers.get(X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
+    // A client's value counts only if it reaches the origin at all: not
+    // when `Connection` names it (as `strip_hop_by_hop` removes it).
+    let prior = |name: &HeaderName| {
+        headers
+            .get(name)
+            .filter(|_| !named_by_connection(headers, name))
+    };
+    match prior(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
         Some(p) if !p.trim_ascii().is_empty() => line(out, b"x-forwarded-for", &[p, b", ", ip]),
         _ => line(out, b"x-forwarded-for", &[ip]),
     }
@@ -316,16 +323,16 @@ pub fn write_forwarding(
     match host {
         Some(h) => line(out, b"x-forwarded-host", &[h.as_bytes()]),
         // No host of this hop's to name: the client's stand.
-        None => {
+        None if !named_by_connection(headers, &X_FORWARDED_HOST) => {
             for v in headers.get_all(X_FORWARDED_HOST) {
                 line(out, b"x-forwarded-host", &[v.as_bytes()]);
             }
         }
+        None => {}
     }
     // Written out directly: cheaper than the per-connection value that
     // `add_forwarding` keeps (no value made, no lock, no copy kept).
-    let prior = headers
-        .get(FORWARDED)
+    let prior = prior(&FORWARDED)
         .map(HeaderValue::as_bytes)
         .filter(|p| !p.trim_ascii().is_empty());
     let (prior, comma): (&[u8], &[u8]) = match prior {
@@ -354,6 +361,17 @@ pub fn write_forwarding(
             &[prior, comma, b"for=", node, b";proto=", proto],
         ),
     }
+}
+
+/// Whether a `Connection` header names `name` (which then goes no further
+/// than this hop).
+fn named_by_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
+    headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.as_bytes().split(|&b| b == b',').any(|t| {
+            t.trim_ascii()
+                .eq_ignore_ascii_case(name.as_str().as_bytes())
+        })
+    })
 }
 
 /// Whether a host can go into `Forwarded`: only as a plain token inside
@@ -697,7 +715,7 @@ mod tests {
 
     #[test]
     fn the_byte_writers_say_what_the_map_editors_do() {
-        let cases: [&[(&str, &str)]; 4] = [
+        let cases: [&[(&str, &str)]; 5] = [
             &[
                 ("host", "a.test"),
                 ("user-agent", "curl"),
@@ -720,6 +738,15 @@ mod tests {
                 ("x-request-id", "theirs"),
             ],
             &[("x-forwarded-for", "  "), ("forwarded", "")],
+            &[
+                (
+                    "connection",
+                    "close, x-forwarded-for, forwarded, x-forwarded-host",
+                ),
+                ("x-forwarded-for", "6.6.6.6"),
+                ("forwarded", "for=6.6.6.6"),
+                ("x-forwarded-host", "evil"),
+            ],
         ];
         for (i, pairs) in cases.into_iter().enumerate() {
             for (ip, https, host) in [
