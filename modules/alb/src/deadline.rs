@@ -18,9 +18,6 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-/// The answer to a request head that did not arrive in time.
-pub(crate) const RESPONSE: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 51\r\nconnection: close\r\n\r\nthe request headers did not arrive within the limit\n";
-
 /// Set by the service when the first stream arrives.
 #[derive(Clone, Default)]
 pub struct Arrived(Arc<AtomicBool>);

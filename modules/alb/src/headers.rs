@@ -79,6 +79,25 @@ fn removed_anyway(token: &str, keep_upgrade: bool) -> bool {
         || (keep_upgrade && token.eq_ignore_ascii_case("upgrade"))
 }
 
+/// A comma-separated header value's items, each trimmed.
+pub fn items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|&b| b == b',').map(<[u8]>::trim_ascii)
+}
+
+/// Adds to `named` the headers a `Connection` value names beyond those
+/// removed anyway (see `removed_anyway`).
+pub fn connection_names(value: &[u8], keep_upgrade: bool, named: &mut Vec<HeaderName>) {
+    for token in items(value) {
+        let usual = token.is_empty()
+            || std::str::from_utf8(token).is_ok_and(|t| removed_anyway(t, keep_upgrade));
+        if !usual {
+            if let Ok(name) = HeaderName::from_bytes(token) {
+                named.push(name);
+            }
+        }
+    }
+}
+
 /// Removes the hop-by-hop headers and those the `Connection` header names.
 /// `keep_upgrade`: a WebSocket upgrade keeps `Connection: upgrade` and
 /// `Upgrade`. `TE: trailers` is kept for gRPC (the only TE value HTTP/2
@@ -294,6 +313,7 @@ pub fn add_forwarding(
 pub fn write_forwarding(
     out: &mut Vec<u8>,
     headers: &HeaderMap,
+    connection_named: &[HeaderName],
     client: &ClientNames,
     https: bool,
     host: Option<&HeaderValue>,
@@ -312,7 +332,7 @@ pub fn write_forwarding(
     let prior = |name: &HeaderName| {
         headers
             .get(name)
-            .filter(|_| !named_by_connection(headers, name))
+            .filter(|_| !connection_named.contains(name))
     };
     match prior(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
         Some(p) if !p.trim_ascii().is_empty() => line(out, b"x-forwarded-for", &[p, b", ", ip]),
@@ -323,7 +343,7 @@ pub fn write_forwarding(
     match host {
         Some(h) => line(out, b"x-forwarded-host", &[h.as_bytes()]),
         // No host of this hop's to name: the client's stand.
-        None if !named_by_connection(headers, &X_FORWARDED_HOST) => {
+        None if !connection_named.contains(&X_FORWARDED_HOST) => {
             for v in headers.get_all(X_FORWARDED_HOST) {
                 line(out, b"x-forwarded-host", &[v.as_bytes()]);
             }
@@ -361,17 +381,6 @@ pub fn write_forwarding(
             &[prior, comma, b"for=", node, b";proto=", proto],
         ),
     }
-}
-
-/// Whether a `Connection` header names `name` (which then goes no further
-/// than this hop).
-fn named_by_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|v| {
-        v.as_bytes().split(|&b| b == b',').any(|t| {
-            t.trim_ascii()
-                .eq_ignore_ascii_case(name.as_str().as_bytes())
-        })
-    })
 }
 
 /// Whether a host can go into `Forwarded`: only as a plain token inside
@@ -427,38 +436,23 @@ impl ClientNames {
 
 /// Writes `headers` as HTTP/1.1 field lines, less the hop-by-hop ones and
 /// those `Connection` names (`TE: trailers` kept, for gRPC), and less those
-/// `skip` says.
+/// `skip` says. Returns the names `Connection` gave.
 pub fn write_end_to_end(
     out: &mut Vec<u8>,
     headers: &HeaderMap,
     mut skip: impl FnMut(&HeaderName) -> bool,
-) {
+) -> Vec<HeaderName> {
     // The headers `Connection` names beyond the usual ones (`close`,
-    // `keep-alive`): rare, so a list is made only for them.
+    // `keep-alive`): rare, so the list is empty and costs nothing.
     let mut named: Vec<HeaderName> = Vec::new();
     for value in headers.get_all(header::CONNECTION) {
-        for token in value
-            .as_bytes()
-            .split(|&b| b == b',')
-            .map(<[u8]>::trim_ascii)
-        {
-            let usual = token.is_empty()
-                || std::str::from_utf8(token).is_ok_and(|t| removed_anyway(t, false));
-            if !usual {
-                if let Ok(name) = HeaderName::from_bytes(token) {
-                    named.push(name);
-                }
-            }
-        }
+        connection_names(value.as_bytes(), false, &mut named);
     }
     let mut te_trailers = false;
     for (name, value) in headers {
         if let Some(i) = hop_index(name) {
-            te_trailers |= i == 5
-                && value
-                    .as_bytes()
-                    .split(|&b| b == b',')
-                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"));
+            te_trailers |=
+                i == 5 && items(value.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"trailers"));
             continue;
         }
         if skip(name) || named.contains(name) {
@@ -472,6 +466,7 @@ pub fn write_end_to_end(
     if te_trailers {
         out.extend_from_slice(b"te: trailers\r\n");
     }
+    named
 }
 
 fn joined(parts: &[&[u8]]) -> Option<HeaderValue> {
@@ -699,8 +694,8 @@ mod tests {
     ) -> HeaderMap {
         let host = host.map(HeaderValue::from_str).map(Result::unwrap);
         let mut out = Vec::new();
-        write_end_to_end(&mut out, headers, set_by_proxy);
-        write_forwarding(&mut out, headers, client, https, host.as_ref());
+        let named = write_end_to_end(&mut out, headers, set_by_proxy);
+        write_forwarding(&mut out, headers, &named, client, https, host.as_ref());
         let mut m = HeaderMap::new();
         let text = String::from_utf8(out).unwrap();
         for line in text.split_terminator("\r\n") {

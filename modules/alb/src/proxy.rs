@@ -115,16 +115,11 @@ async fn serve_http<S>(
     let timer = ConnTimer::default();
     // HTTP/2 (prior knowledge, or after ALPN `h2`) or HTTP/1, from the first
     // bytes; they are given to the protocol that serves the rest.
+    // A client that has not said which by the deadline is HTTP/1's to
+    // answer (its server finds the deadline passed: 408).
     let (read, http2) = match read_version(&mut stream, first_deadline, &timer).await {
         Ok(Some(read)) => read,
         Ok(None) => return, // closed before a byte came
-        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-            alb.metrics().refused_header_timeout.inc();
-            use tokio::io::AsyncWriteExt;
-            let _ = stream.write_all(crate::deadline::RESPONSE).await;
-            let _ = stream.shutdown().await;
-            return;
-        }
         Err(e) => {
             tracing::debug!(%client, error = %e, "connection ended before its first request");
             return;
@@ -307,9 +302,9 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Reads until the first bytes tell HTTP/2 (the whole preface) from HTTP/1
 /// (anything else): what was read, and `true` for HTTP/2; `None` if the
-/// connection ended before a byte came, a `TimedOut` error if nothing
-/// decided it by `deadline`. One read is usually enough, and it reads as
-/// much as a request head needs.
+/// connection ended before a byte came. Undecided at `deadline`: what was
+/// read, as HTTP/1. One read is usually enough, and it reads as much as a
+/// request head needs.
 async fn read_version<S>(
     stream: &mut S,
     deadline: tokio::time::Instant,
@@ -323,16 +318,14 @@ where
         let before = buf.len();
         let read = std::future::poll_fn(|cx| {
             match tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *stream), cx, &mut buf) {
-                Poll::Pending => timer.poll_until(deadline, cx).map(|()| {
-                    Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "the first request did not arrive in time",
-                    ))
-                }),
-                ready => ready,
+                Poll::Pending => timer.poll_until(deadline, cx).map(|()| Ok(None)),
+                ready => ready.map(|r| r.map(Some)),
             }
         })
         .await?;
+        let Some(read) = read else {
+            break false; // late: HTTP/1 answers it
+        };
         if read == 0 {
             if buf.is_empty() {
                 return Ok(None);
@@ -805,7 +798,7 @@ impl Alb {
             // those rewritten), then this hop's.
             let mut head = Vec::with_capacity(512);
             crate::h1::request_line(&mut head, &parts.method, r.uri());
-            headers::write_end_to_end(&mut head, &parts.headers, |name| {
+            let named = headers::write_end_to_end(&mut head, &parts.headers, |name| {
                 headers::set_by_proxy(name)
                     || name == header::CONTENT_LENGTH
                     || name == header::TRANSFER_ENCODING
@@ -814,6 +807,7 @@ impl Alb {
             headers::write_forwarding(
                 &mut head,
                 &parts.headers,
+                &named,
                 &peer.names,
                 peer.tls,
                 ex.host.as_ref(),

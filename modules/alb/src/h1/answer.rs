@@ -3,6 +3,7 @@
 
 use super::framing::{content_length, Chunk, Decoder, Kind};
 use super::*;
+use crate::headers::{connection_names, items};
 
 /// An answer's head as parsed, before its header values are copied out.
 pub(super) struct Parsed {
@@ -137,26 +138,17 @@ impl Parsed {
             let value = &bytes[range.clone()];
             // The headers that frame the message, read on the way.
             if name == CONNECTION {
-                for token in value.split(|&b| b == b',') {
-                    let token = token.trim_ascii();
-                    if token.eq_ignore_ascii_case(b"close") {
-                        close = true;
-                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                        keep_alive_asked = true;
-                    } else if let Ok(n) = HeaderName::from_bytes(token) {
-                        named.push(n);
-                    }
+                for token in items(value) {
+                    close |= token.eq_ignore_ascii_case(b"close");
+                    keep_alive_asked |= token.eq_ignore_ascii_case(b"keep-alive");
                 }
+                connection_names(value, false, &mut named);
             } else if name == TRANSFER_ENCODING {
                 // Only `chunked` is spoken: another coding (gzip) would
                 // reach the client undone, with nothing saying so. So the
                 // body is chunked once a line names a coding; lines that
                 // name none leave it to run to the close.
-                let mut codings = value
-                    .split(|&b| b == b',')
-                    .map(<[u8]>::trim_ascii)
-                    .filter(|t| !t.is_empty())
-                    .peekable();
+                let mut codings = items(value).filter(|t| !t.is_empty()).peekable();
                 let named_any = codings.peek().is_some();
                 if codings.any(|t| !t.eq_ignore_ascii_case(b"chunked")) {
                     return Err(Error::Answer(format!(

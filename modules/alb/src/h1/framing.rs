@@ -151,8 +151,7 @@ impl Decoder {
 /// as one), given the one already known.
 pub(super) fn content_length(value: &[u8], known: Option<u64>) -> Result<Option<u64>, String> {
     let mut length = known;
-    for part in value.split(|&b| b == b',') {
-        let digits = part.trim_ascii();
+    for digits in crate::headers::items(value) {
         if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
             return Err(format!(
                 "Content-Length {:?}",

@@ -3,6 +3,7 @@
 
 use super::respond::{put_date, status_line};
 use super::*;
+use crate::headers::items;
 
 /// A request the server answers itself, and closes the connection after.
 pub(super) struct Refusal {
@@ -23,6 +24,15 @@ impl Refusal {
 
     fn bad(message: impl Into<String>) -> Self {
         Refusal::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    /// A head that did not arrive within the limit.
+    pub(super) fn late() -> Self {
+        Refusal::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "header_timeout",
+            "the request headers did not arrive within the limit",
+        )
     }
 
     pub(super) fn encode(&self, out: &mut Vec<u8>) {
@@ -152,7 +162,7 @@ impl Parsed {
             } else if name == TRANSFER_ENCODING {
                 chunked = Some(transfer_coding(&value, chunked.is_some())?);
             } else if name == CONNECTION {
-                for token in tokens(&value) {
+                for token in items(value.as_bytes()) {
                     close |= token.eq_ignore_ascii_case(b"close");
                     keep_alive_asked |= token.eq_ignore_ascii_case(b"keep-alive");
                     connection_upgrade |= token.eq_ignore_ascii_case(b"upgrade");
@@ -160,7 +170,7 @@ impl Parsed {
             } else if name == EXPECT {
                 expect_continue |= value.as_bytes().eq_ignore_ascii_case(b"100-continue");
             } else if name == TE {
-                trailers |= tokens(&value).any(|t| t.eq_ignore_ascii_case(b"trailers"));
+                trailers |= items(value.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"trailers"));
             }
             headers.append(name, value);
         }
@@ -201,7 +211,7 @@ impl Parsed {
 /// A `Transfer-Encoding` line: only `chunked` is taken, once, last (RFC
 /// 9112 §6.3); `seen`: an earlier line named a coding.
 fn transfer_coding(value: &HeaderValue, seen: bool) -> Result<bool, Refusal> {
-    let mut codings = tokens(value).filter(|t| !t.is_empty());
+    let mut codings = items(value.as_bytes()).filter(|t| !t.is_empty());
     match (codings.next(), codings.next()) {
         (None, _) if seen => Ok(true),
         (None, _) => Err(Refusal::bad(
@@ -220,12 +230,4 @@ fn transfer_coding(value: &HeaderValue, seen: bool) -> Result<bool, Refusal> {
             ),
         )),
     }
-}
-
-/// A comma-separated header value's tokens, trimmed.
-fn tokens(value: &HeaderValue) -> impl Iterator<Item = &[u8]> {
-    value
-        .as_bytes()
-        .split(|&b| b == b',')
-        .map(<[u8]>::trim_ascii)
 }

@@ -75,8 +75,6 @@ const STACK_HEADERS: usize = 100;
 const LINGER_TIME: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 1024 * 1024;
 
-const TIMEOUT_408: &[u8] = crate::deadline::RESPONSE;
-
 /// Serves `io` until the client is done, the connection breaks, or
 /// `closing` says to finish (the request under way is answered first, with
 /// `Connection: close`). `read` holds what has been read from it already;
@@ -124,21 +122,14 @@ pub async fn serve<S, Svc>(
                 shut(&link).await;
                 return;
             }
-            Waited::Late { any } => {
-                if any || first {
-                    service.refused("header_timeout");
-                    let _ = write_out(&link, TIMEOUT_408).await;
-                    linger(&link, timer).await;
-                }
+            // An idle kept-alive connection ends without a word.
+            Waited::Late { any: false } if !first => return,
+            Waited::Late { .. } => {
+                refuse(&link, service, Refusal::late(), &mut out, timer).await;
                 return;
             }
             Waited::Refused(refusal) => {
-                service.refused(refusal.reason);
-                out.clear();
-                refusal.encode(&mut out);
-                if write_out(&link, &out).await.is_ok() {
-                    linger(&link, timer).await;
-                }
+                refuse(&link, service, refusal, &mut out, timer).await;
                 return;
             }
         };
@@ -185,7 +176,7 @@ pub async fn serve<S, Svc>(
             tracing::debug!("the client closed its connection before its answer");
             return;
         };
-        meta.keep_alive &= !closing_seen && !probe.is_closing();
+        meta.keep_alive &= !probe.is_closing();
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS && upgraded.is_some();
         let written = respond(&link, resp, &mut meta, &mut out).await;
         if let Err(e) = written {
@@ -317,6 +308,23 @@ fn poll_head<S: Io>(
             }),
             Poll::Pending => Poll::Pending,
         };
+    }
+}
+
+/// Answers a request the server refuses itself (counted), and ends the
+/// connection.
+async fn refuse<S: Io, Svc: Service>(
+    link: &Shared<S>,
+    service: &Svc,
+    refusal: Refusal,
+    out: &mut Vec<u8>,
+    timer: &ConnTimer,
+) {
+    service.refused(refusal.reason);
+    out.clear();
+    refusal.encode(out);
+    if write_out(link, out).await.is_ok() {
+        linger(link, timer).await;
     }
 }
 
