@@ -75,6 +75,7 @@ fn check_config(path: &Path) -> ExitCode {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    shared_types::allocator::keep_freed_memory();
     let args = Args::parse();
     if let Some(path) = &args.check_config {
         return check_config(path);

@@ -10,6 +10,7 @@ use alb::config::AlbConfig;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    shared_types::allocator::keep_freed_memory();
     switchyard_sdk::main("alb", |section| {
         let config = AlbConfig::from_section(section)?;
         Ok(AlbModule(Arc::new(Alb::new(config)?)))
