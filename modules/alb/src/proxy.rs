@@ -143,6 +143,7 @@ async fn serve_http<S>(
             max_head: limits.max_header_bytes,
             max_headers: limits.max_headers,
             header_timeout,
+            close_notify: tls,
         };
         let timer = on_conn
             .upstream_timer

@@ -148,6 +148,7 @@ const SETTINGS: Settings = Settings {
     max_head: 2048,
     max_headers: 10,
     header_timeout: Duration::from_millis(300),
+    close_notify: false,
 };
 
 /// A server for one connection at a time, serving with `mode`: its

@@ -61,6 +61,9 @@ pub struct Settings {
     pub max_headers: usize,
     /// How long a request head may take to arrive.
     pub header_timeout: Duration,
+    /// The connection's end is said in it before it closes (TLS's
+    /// close_notify); a plain TCP socket's close sends its FIN itself.
+    pub close_notify: bool,
 }
 
 /// Answer bytes gathered before they are written.
@@ -119,7 +122,7 @@ pub async fn serve<S, Svc>(
         let head = match waited {
             Waited::Head(head) => head,
             Waited::Done => {
-                shut(&link).await;
+                shut(&link, settings.close_notify).await;
                 return;
             }
             // An idle kept-alive connection ends without a word.
@@ -210,7 +213,7 @@ pub async fn serve<S, Svc>(
             if unread {
                 linger(&link, timer).await;
             } else {
-                shut(&link).await;
+                shut(&link, settings.close_notify).await;
             }
             return;
         }
@@ -348,8 +351,16 @@ async fn write_out<S: Io>(link: &Shared<S>, bytes: &[u8]) -> io::Result<()> {
 }
 
 /// Ends a connection the client has nothing more to send on: its write
-/// side is shut (with TLS, close_notify) before it is dropped.
-async fn shut<S: Io>(link: &Shared<S>) {
+/// side is shut (with TLS, after close_notify) before it is dropped. A
+/// plain socket that the server alone holds is not: dropping it closes it,
+/// which sends the same FIN, and a `shutdown` first would only cost a
+/// system call. (A socket also held elsewhere, by an HTTP/2 upstream's
+/// task still sending the request's body, is shut now, not when that
+/// lets go.)
+async fn shut<S: Io>(link: &Shared<S>, close_notify: bool) {
+    if !close_notify && Arc::strong_count(link) == 1 {
+        return;
+    }
     let _ = std::future::poll_fn(|cx| Pin::new(&mut link.lock().io).poll_shutdown(cx)).await;
 }
 
