@@ -30,16 +30,38 @@ const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 /// with each of the names would cost seven.
 fn hop_index(name: &HeaderName) -> Option<usize> {
     match name.as_str() {
-        "connection" => Some(0),
+        "connection" => Some(HOP_CONNECTION),
         "keep-alive" => Some(1),
         "proxy-connection" => Some(2),
         "proxy-authenticate" => Some(3),
         "proxy-authorization" => Some(4),
         "te" => Some(5),
-        "transfer-encoding" => Some(6),
+        "transfer-encoding" => Some(HOP_TRANSFER_ENCODING),
         "upgrade" => Some(7),
         _ => None,
     }
+}
+
+/// [`hop_index`] of `Connection`.
+pub const HOP_CONNECTION: usize = 0;
+/// [`hop_index`] of `Transfer-Encoding`.
+pub const HOP_TRANSFER_ENCODING: usize = 6;
+
+/// [`hop_index`] of a name as it came, in any case: told by its length and
+/// first letter, then compared once.
+pub fn hop_index_of(name: &[u8]) -> Option<usize> {
+    let (index, lower) = match (name.len(), name.first().map(u8::to_ascii_lowercase)) {
+        (10, Some(b'c')) => (HOP_CONNECTION, "connection"),
+        (10, Some(b'k')) => (1, "keep-alive"),
+        (16, _) => (2, "proxy-connection"),
+        (18, _) => (3, "proxy-authenticate"),
+        (19, _) => (4, "proxy-authorization"),
+        (2, _) => (5, "te"),
+        (17, _) => (HOP_TRANSFER_ENCODING, "transfer-encoding"),
+        (7, _) => (7, "upgrade"),
+        _ => return None,
+    };
+    name.eq_ignore_ascii_case(lower.as_bytes()).then_some(index)
 }
 
 /// Whether `name` describes one hop (`Upgrade` included): never passed on
@@ -512,6 +534,45 @@ fn request_id_value(headers: &HeaderMap) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hop_by_hop_names_are_told_by_their_bytes_in_any_case() {
+        let names = HOP_BY_HOP.iter().map(HeaderName::as_str).chain(["upgrade"]);
+        for (i, name) in names.enumerate() {
+            let upper = name.to_ascii_uppercase();
+            let mixed: String = name
+                .chars()
+                .enumerate()
+                .map(|(j, c)| {
+                    if j % 2 == 0 {
+                        c.to_ascii_uppercase()
+                    } else {
+                        c
+                    }
+                })
+                .collect();
+            for form in [name, upper.as_str(), mixed.as_str()] {
+                assert_eq!(hop_index_of(form.as_bytes()), Some(i), "{form}");
+            }
+            assert_eq!(hop_index(&HeaderName::from_static(name)), Some(i), "{name}");
+        }
+        // Same lengths and first letters, other names.
+        for near in [
+            "connectiox",
+            "keep-alivf",
+            "proxy-connectior",
+            "proxy-authenticatf",
+            "proxy-authorizatior",
+            "tf",
+            "transfer-encodinh",
+            "upgrada",
+            "content-length",
+            "",
+            "x",
+        ] {
+            assert_eq!(hop_index_of(near.as_bytes()), None, "{near}");
+        }
+    }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut m = HeaderMap::new();

@@ -5,12 +5,15 @@ use super::framing::{content_length, Chunk, Decoder, Kind};
 use super::*;
 use crate::headers::{connection_names, items};
 
+/// Where a field's name and value are in its head's bytes.
+type Place = (std::ops::Range<u32>, std::ops::Range<u32>);
+
 /// An answer's head as parsed, before its header values are copied out.
 pub(super) struct Parsed {
     pub(super) status: StatusCode,
     version: Version,
-    /// Each header's name, and its value's place in the head.
-    headers: Vec<(HeaderName, std::ops::Range<usize>)>,
+    /// Each header's name and value, as places in the head.
+    headers: Vec<Place>,
 }
 
 /// A final answer's head.
@@ -33,11 +36,14 @@ pub(super) struct Head {
 /// HTTP/2 client's answer needs a map ([`RawHead::append_to`]). It rides in
 /// the response's extensions; the response's own headers are those the ALB
 /// adds.
+/// Field names are kept as the origin wrote them, and only the few the
+/// ALB acts on are told apart, by their bytes: no `HeaderName` is made for
+/// each.
 #[derive(Clone, Debug)]
 pub struct RawHead {
     bytes: Bytes,
-    /// Each field's name, and where its value is in `bytes`.
-    fields: Vec<(HeaderName, std::ops::Range<usize>)>,
+    /// Each field's name and value, as places in `bytes`.
+    fields: Vec<Place>,
     /// The length the origin declared (its `Content-Length`), when the
     /// body is not chunked.
     pub content_length: Option<u64>,
@@ -51,20 +57,28 @@ impl RawHead {
         parsed.build(&Bytes::from_static(&head[..len])).unwrap().raw
     }
 
-    /// The fields in order: each name and value.
-    pub fn fields(&self) -> impl Iterator<Item = (&HeaderName, &[u8])> {
-        self.fields
-            .iter()
-            .map(|(name, range)| (name, &self.bytes[range.clone()]))
+    /// The fields in order: each name (as the origin wrote it) and value.
+    pub fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.fields.iter().map(|(name, value)| {
+            (
+                &self.bytes[usize_range(name)],
+                &self.bytes[usize_range(value)],
+            )
+        })
     }
 
     /// Adds the fields (and `Content-Length`) to `headers`, values shared
     /// with the head's bytes, not copied.
     pub fn append_to(&self, headers: &mut HeaderMap) {
         headers.reserve(self.fields.len() + 1);
-        for (name, range) in &self.fields {
-            if let Ok(value) = HeaderValue::from_maybe_shared(self.bytes.slice(range.clone())) {
-                headers.append(name.clone(), value);
+        for (name, value) in &self.fields {
+            // (httparse took the name as a token, which a `HeaderName` is.)
+            let Ok(name) = HeaderName::from_bytes(&self.bytes[usize_range(name)]) else {
+                continue;
+            };
+            if let Ok(value) = HeaderValue::from_maybe_shared(self.bytes.slice(usize_range(value)))
+            {
+                headers.append(name, value);
             }
         }
         if let Some(n) = self.content_length {
@@ -96,23 +110,11 @@ pub(super) fn parse_head(buf: &[u8]) -> Result<Option<(usize, Parsed)>, Error> {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    let base = buf.as_ptr() as usize;
-    let mut headers = Vec::with_capacity(resp.headers.len());
-    for h in resp.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| Error::Answer(format!("header name {:?}", h.name)))?;
-        // The value's place in `buf` (an empty value may point anywhere).
-        let start = (h.value.as_ptr() as usize)
-            .checked_sub(base)
-            .filter(|&start| start + h.value.len() <= len)
-            .unwrap_or(0);
-        let end = if h.value.is_empty() {
-            start
-        } else {
-            start + h.value.len()
-        };
-        headers.push((name, start..end));
-    }
+    let headers = resp
+        .headers
+        .iter()
+        .map(|h| (place(buf, len, h.name.as_bytes()), place(buf, len, h.value)))
+        .collect();
     Ok(Some((
         len,
         Parsed {
@@ -121,6 +123,22 @@ pub(super) fn parse_head(buf: &[u8]) -> Result<Option<(usize, Parsed)>, Error> {
             headers,
         },
     )))
+}
+
+/// Where `part`, a slice of `buf`'s first `len` bytes, is in them (an
+/// empty part may point anywhere: it is put at 0). A head is at most
+/// `MAX_HEAD` bytes, so its places fit in `u32`.
+fn place(buf: &[u8], len: usize, part: &[u8]) -> std::ops::Range<u32> {
+    let start = (part.as_ptr() as usize)
+        .checked_sub(buf.as_ptr() as usize)
+        .filter(|&start| !part.is_empty() && start + part.len() <= len)
+        .unwrap_or(0);
+    let start = u32::try_from(start).unwrap_or(0);
+    start..start + part.len() as u32
+}
+
+fn usize_range(r: &std::ops::Range<u32>) -> std::ops::Range<usize> {
+    r.start as usize..r.end as usize
 }
 
 impl Parsed {
@@ -134,16 +152,18 @@ impl Parsed {
         let mut named: Vec<HeaderName> = Vec::new();
         let mut te = None;
         let mut length = Ok(None);
-        for (name, range) in self.headers {
-            let value = &bytes[range.clone()];
+        for (name_at, value_at) in self.headers {
+            let name = &bytes[usize_range(&name_at)];
+            let value = &bytes[usize_range(&value_at)];
             // The headers that frame the message, read on the way.
-            if name == CONNECTION {
+            let hop = crate::headers::hop_index_of(name);
+            if hop == Some(crate::headers::HOP_CONNECTION) {
                 for token in items(value) {
                     close |= token.eq_ignore_ascii_case(b"close");
                     keep_alive_asked |= token.eq_ignore_ascii_case(b"keep-alive");
                 }
                 connection_names(value, false, &mut named);
-            } else if name == TRANSFER_ENCODING {
+            } else if hop == Some(crate::headers::HOP_TRANSFER_ENCODING) {
                 // Only `chunked` is spoken: another coding (gzip) would
                 // reach the client undone, with nothing saying so. So the
                 // body is chunked once a line names a coding; lines that
@@ -157,14 +177,19 @@ impl Parsed {
                     )));
                 }
                 te = Some(te == Some(true) || named_any);
-            } else if name == CONTENT_LENGTH {
+            } else if name.eq_ignore_ascii_case(b"content-length") {
                 length = length.and_then(|known| content_length(value, known));
-            } else if !crate::headers::is_hop_by_hop(&name) {
-                fields.push((name, range));
+            } else if hop.is_none() {
+                fields.push((name_at, value_at));
             }
         }
         if !named.is_empty() {
-            fields.retain(|(name, _)| !named.contains(name));
+            fields.retain(|(name, _)| {
+                let name = &bytes[usize_range(name)];
+                !named
+                    .iter()
+                    .any(|n| n.as_str().as_bytes().eq_ignore_ascii_case(name))
+            });
         }
         let mut keep_alive = !close && (self.version == Version::HTTP_11 || keep_alive_asked);
         if te.is_some() && self.version == Version::HTTP_10 {

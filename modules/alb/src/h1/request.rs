@@ -64,12 +64,12 @@ pub fn request_line(out: &mut Vec<u8>, method: &Method, uri: &http::Uri) {
 }
 
 pub(super) fn put_header(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
-    put_field(out, name, value.as_bytes());
+    put_line(out, name.as_str().as_bytes(), value.as_bytes());
 }
 
-/// A header line from its name and its value's bytes.
-pub(super) fn put_field(out: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
-    out.extend_from_slice(name.as_str().as_bytes());
+/// A header line from its name's and value's bytes.
+pub(super) fn put_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");

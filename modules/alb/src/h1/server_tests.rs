@@ -631,7 +631,7 @@ async fn an_origins_head_goes_as_it_came_less_what_the_alb_replaces() {
     let (head, body) = read_answer(&mut c).await;
     assert_eq!(
         head,
-        "HTTP/1.1 200 OK\r\ndate: then\r\nx-kept: 1\r\nx-request-id: alb\r\ncontent-length: 3\r\n\r\n"
+        "HTTP/1.1 200 OK\r\nDate: then\r\nX-Kept: 1\r\nx-request-id: alb\r\ncontent-length: 3\r\n\r\n"
     );
     assert_eq!(body, "raw");
 }

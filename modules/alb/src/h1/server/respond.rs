@@ -69,11 +69,15 @@ pub(super) async fn respond<S: Io>(
     if let Some(raw) = raw {
         for (name, value) in raw.fields() {
             // The ALB's own headers (`x-request-id`) replace the origin's.
-            if parts.headers.keys().any(|own| own == name) {
+            if parts
+                .headers
+                .keys()
+                .any(|own| own.as_str().as_bytes().eq_ignore_ascii_case(name))
+            {
                 continue;
             }
-            has_date |= name == DATE;
-            put_field(out, name, value);
+            has_date |= name.eq_ignore_ascii_case(b"date");
+            put_line(out, name, value);
         }
     }
     for (name, value) in &parts.headers {
