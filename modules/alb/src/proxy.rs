@@ -29,70 +29,74 @@ use crate::upstream::{BoxError, ProxyBody, Upstream};
 /// Serves one connection until it ends or the SDK asks it to finish.
 ///
 /// The connection's HTTP future (several KiB: the request's whole exchange
-/// is in it) is boxed, here, once: held inline, it would make this future
-/// as large, and the SDK's boxing of this one and its first poll would each
-/// copy all of it.
+/// is in it) is boxed, here, once, and so is a TLS handshake's: this future
+/// stays a few hundred bytes, which the SDK's boxing of it and its first
+/// poll each copy. (Held inline, the HTTP future made this one as large,
+/// and each of those copied all of it; the handshake's state, inline, made
+/// it 3.4 KiB for plain connections too.)
 pub async fn serve(alb: Arc<Alb>, conn: Connection) {
+    match alb.tls_config() {
+        Some(config) => Box::pin(serve_tls(alb, conn, config)).await,
+        None => {
+            let (client, closing, ctx) = (conn.client, conn.closing.clone(), conn.ctx.clone());
+            Box::pin(serve_http(alb, conn.stream, client, false, closing, ctx)).await
+        }
+    }
+}
+
+/// A connection to the TLS listener: plaintext is served as such (the
+/// first bytes say which), TLS after its handshake.
+async fn serve_tls(alb: Arc<Alb>, conn: Connection, config: Arc<rustls::ServerConfig>) {
     let client = conn.client;
     let ctx = conn.ctx.clone();
     let closing = conn.closing.clone();
     let header_timeout = Duration::from_millis(alb.limits().header_read_timeout_ms);
-    let tls = match alb.tls_config() {
-        Some(config) => {
-            // Peek until the first bytes say TLS or not (a ClientHello may
-            // arrive a byte at a time).
-            let sniff = async {
-                let mut first = [0u8; crate::tls::TLS_SNIFF_BYTES];
-                loop {
-                    let n = conn.stream.get_ref().peek(&mut first).await?;
-                    match crate::tls::sniff_tls(&first[..n]) {
-                        crate::tls::TlsSniff::Tls => return Ok::<_, std::io::Error>(true),
-                        crate::tls::TlsSniff::NotTls => return Ok(false),
-                        crate::tls::TlsSniff::NeedMore if n == 0 => return Ok(false),
-                        crate::tls::TlsSniff::NeedMore => {
-                            tokio::time::sleep(Duration::from_millis(5)).await
-                        }
-                    }
-                }
-            };
-            match tokio::time::timeout(header_timeout, sniff).await {
-                Ok(Ok(true)) => Some(config),
-                Ok(Ok(false)) => None,
-                _ => {
-                    alb.metrics()
-                        .refused
-                        .with_label_values(&["header_timeout"])
-                        .inc();
-                    return;
+    // Peek until the first bytes say TLS or not (a ClientHello may arrive a
+    // byte at a time).
+    let sniff = async {
+        let mut first = [0u8; crate::tls::TLS_SNIFF_BYTES];
+        loop {
+            let n = conn.stream.get_ref().peek(&mut first).await?;
+            match crate::tls::sniff_tls(&first[..n]) {
+                crate::tls::TlsSniff::Tls => return Ok::<_, std::io::Error>(true),
+                crate::tls::TlsSniff::NotTls => return Ok(false),
+                crate::tls::TlsSniff::NeedMore if n == 0 => return Ok(false),
+                crate::tls::TlsSniff::NeedMore => {
+                    tokio::time::sleep(Duration::from_millis(5)).await
                 }
             }
         }
-        None => None,
     };
-    match tls {
-        Some(config) => {
-            let acceptor = tokio_rustls::TlsAcceptor::from(config);
-            match tokio::time::timeout(header_timeout, acceptor.accept(conn.stream)).await {
-                Ok(Ok(stream)) => {
-                    Box::pin(serve_http(alb, stream, client, true, closing, ctx)).await
-                }
-                Ok(Err(e)) => {
-                    alb.metrics()
-                        .refused
-                        .with_label_values(&["tls_handshake"])
-                        .inc();
-                    tracing::debug!(%client, error = %e, "TLS handshake failed");
-                }
-                Err(_) => {
-                    alb.metrics()
-                        .refused
-                        .with_label_values(&["tls_handshake"])
-                        .inc();
-                    tracing::debug!(%client, "TLS handshake did not finish in time");
-                }
-            }
+    let tls = match tokio::time::timeout(header_timeout, sniff).await {
+        Ok(Ok(tls)) => tls,
+        _ => {
+            alb.metrics()
+                .refused
+                .with_label_values(&["header_timeout"])
+                .inc();
+            return;
         }
-        None => Box::pin(serve_http(alb, conn.stream, client, false, closing, ctx)).await,
+    };
+    if !tls {
+        return serve_http(alb, conn.stream, client, false, closing, ctx).await;
+    }
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    match tokio::time::timeout(header_timeout, acceptor.accept(conn.stream)).await {
+        Ok(Ok(stream)) => serve_http(alb, stream, client, true, closing, ctx).await,
+        Ok(Err(e)) => {
+            alb.metrics()
+                .refused
+                .with_label_values(&["tls_handshake"])
+                .inc();
+            tracing::debug!(%client, error = %e, "TLS handshake failed");
+        }
+        Err(_) => {
+            alb.metrics()
+                .refused
+                .with_label_values(&["tls_handshake"])
+                .inc();
+            tracing::debug!(%client, "TLS handshake did not finish in time");
+        }
     }
 }
 
