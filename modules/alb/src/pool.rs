@@ -36,7 +36,7 @@ use tokio::time::Instant;
 
 use crate::cluster::UpstreamProtocol;
 use crate::h1::{self, Io};
-use crate::upstream::{BoxError, ProxyBody};
+use crate::upstream::{BoxError, Outgoing, ProxyBody};
 
 /// How connections to a cluster's endpoints are opened and kept.
 pub struct Connector {
@@ -181,19 +181,16 @@ impl EndpointPool {
     /// Sends `req` (its URI in the form the protocol wants) and returns the
     /// answer once its head has arrived. The connection is reused after the
     /// answer's body has been read to its end.
-    pub async fn send(
-        self: &Arc<Self>,
-        req: Request<ProxyBody>,
-    ) -> Result<Response<Leased>, UpstreamError> {
+    pub async fn send(self: &Arc<Self>, req: Outgoing) -> Result<Response<Leased>, UpstreamError> {
         match self.connector.protocol {
             UpstreamProtocol::Http1 => self.send_h1(req).await,
-            UpstreamProtocol::Http2 => self.send_h2(req).await,
+            UpstreamProtocol::Http2 => self.send_h2(req.req).await,
         }
     }
 
     async fn send_h1(
         self: &Arc<Self>,
-        mut req: Request<ProxyBody>,
+        mut req: Outgoing,
     ) -> Result<Response<Leased>, UpstreamError> {
         let shard = self.shard();
         while let Some(mut conn) = self.take_idle(shard) {
@@ -644,7 +641,10 @@ mod tests {
     }
 
     async fn fetch(pool: &Arc<EndpointPool>, addr: std::net::SocketAddr) -> Bytes {
-        let resp = pool.send(get(pool.connector.protocol, addr)).await.unwrap();
+        let resp = pool
+            .send(get(pool.connector.protocol, addr).into())
+            .await
+            .unwrap();
         resp.into_body().collect().await.unwrap().to_bytes()
     }
 
@@ -680,7 +680,10 @@ mod tests {
     async fn an_answer_dropped_half_read_does_not_return_its_connection() {
         let o = origin(false).await;
         let p = pool(o.addr, UpstreamProtocol::Http1, 8, 60_000);
-        let resp = p.send(get(UpstreamProtocol::Http1, o.addr)).await.unwrap();
+        let resp = p
+            .send(get(UpstreamProtocol::Http1, o.addr).into())
+            .await
+            .unwrap();
         drop(resp);
         let last = p.shards.len() - 1;
         assert_eq!(p.shards[last].lock().idle.len(), 0);
@@ -804,7 +807,7 @@ mod tests {
             .header(http::header::HOST, addr.to_string())
             .body(Empty::<Bytes>::new().map_err(|e| match e {}).boxed())
             .unwrap();
-        assert!(p.send(post).await.is_err());
+        assert!(p.send(post.into()).await.is_err());
         assert_eq!(dropped.load(Ordering::SeqCst), 2);
     }
 
@@ -855,7 +858,7 @@ mod tests {
                 max_idle: 8,
             }),
         ));
-        let Err(err) = p.send(get(UpstreamProtocol::Http1, addr)).await else {
+        let Err(err) = p.send(get(UpstreamProtocol::Http1, addr).into()).await else {
             panic!("the request got an answer");
         };
         assert!(err.is_connect(), "{err}");
@@ -868,7 +871,7 @@ mod tests {
         let addr = unused.local_addr().unwrap();
         drop(unused);
         let p = pool(addr, UpstreamProtocol::Http1, 8, 60_000);
-        let Err(err) = p.send(get(UpstreamProtocol::Http1, addr)).await else {
+        let Err(err) = p.send(get(UpstreamProtocol::Http1, addr).into()).await else {
             panic!("the request got an answer");
         };
         assert!(err.is_connect());

@@ -24,7 +24,7 @@ use crate::cluster::{Outcome, UpstreamProtocol, MAX_ATTEMPTS};
 use crate::conn_timer::ConnTimer;
 use crate::deadline::{Arrived, FirstStream};
 use crate::headers::{self, X_REQUEST_ID};
-use crate::upstream::{BoxError, ProxyBody, Upstream};
+use crate::upstream::{BoxError, Outgoing, ProxyBody, Upstream};
 
 /// Serves one connection until it ends or the SDK asks it to finish.
 ///
@@ -777,7 +777,7 @@ impl Alb {
         hop: &Hop<'_>,
         body: ProxyBody,
         keep_upgrade: bool,
-    ) -> Result<Request<ProxyBody>, http::Error> {
+    ) -> Result<Outgoing, http::Error> {
         let Hop {
             ex,
             peer,
@@ -827,8 +827,10 @@ impl Alb {
             if let Some(v) = new_host {
                 line(b"host", v);
             }
-            r.extensions_mut().insert(crate::h1::Encoded(head));
-            return Ok(r);
+            return Ok(Outgoing {
+                req: r,
+                head: Some(head),
+            });
         }
         // A copy with room for the headers added below: a clone has none
         // (its entries exactly fill their vector), so each of the inserts
@@ -844,7 +846,7 @@ impl Alb {
         if let Some(v) = new_host {
             h.insert(header::HOST, v.clone());
         }
-        Ok(r)
+        Ok(r.into())
     }
 
     async fn forward(
@@ -1132,7 +1134,7 @@ impl Alb {
         let in_flight = pick.endpoint.start();
         let sent = tokio::time::timeout(
             upstream.request_timeout,
-            upstream.pools[pick.index].send_upgrade(up_req),
+            upstream.pools[pick.index].send_upgrade(up_req.req),
         )
         .await;
         let mut resp = match sent {

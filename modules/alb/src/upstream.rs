@@ -17,6 +17,24 @@ use crate::pool::{Connector, EndpointPool};
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
+/// A request on its way to an endpoint. To an HTTP/1.1 origin its head
+/// may go as bytes made by the proxy (`head`): the request line and its
+/// fields, but not its framing (`Content-Length`, `Transfer-Encoding`)
+/// nor the blank line; the request's header map (empty) is then not
+/// looked at. It saves making a second header map from the client's only
+/// to encode it.
+pub struct Outgoing {
+    pub req: http::Request<ProxyBody>,
+    pub head: Option<Vec<u8>>,
+}
+
+impl From<http::Request<ProxyBody>> for Outgoing {
+    /// A request whose head is its header map.
+    fn from(req: http::Request<ProxyBody>) -> Self {
+        Outgoing { req, head: None }
+    }
+}
+
 /// A cluster and how to reach it.
 pub struct Upstream {
     pub cluster: Arc<Cluster>,
@@ -164,7 +182,7 @@ impl Upstream {
                     .body(Empty::<Bytes>::new().map_err(|e| match e {}).boxed())
             })
             .map_err(|e| format!("health check {target}: {e}"))?;
-        match tokio::time::timeout(timeout, self.pools[index].send(req)).await {
+        match tokio::time::timeout(timeout, self.pools[index].send(req.into())).await {
             Ok(Ok(resp)) => {
                 let status = resp.status().as_u16();
                 // Read the answer to its end, so the connection is reused.

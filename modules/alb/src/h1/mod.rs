@@ -25,7 +25,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Status
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use crate::upstream::{BoxError, ProxyBody};
+use crate::upstream::{BoxError, Outgoing, ProxyBody};
 
 mod answer;
 mod framing;
@@ -40,8 +40,8 @@ mod tests;
 use answer::{parse_head, Head};
 pub use answer::{Answer, RawHead};
 use framing::{Decoder, Kind};
+pub use request::request_line;
 use request::{encode_head, Framing, Sending};
-pub use request::{request_line, Encoded};
 
 /// Most header lines an answer (or a chunked body's trailers) may have,
 /// as hyper's client allows.
@@ -120,7 +120,7 @@ impl std::error::Error for Error {
 /// can go on another connection).
 pub struct Failed {
     pub error: Error,
-    pub unsent: Option<Request<ProxyBody>>,
+    pub unsent: Option<Outgoing>,
 }
 
 /// A failure after which the request cannot go again.
@@ -164,18 +164,20 @@ impl Conn {
     /// Sends `req` (its URI in origin form) and reads the answer's head.
     /// The body reads on from the same connection; [`Answer::finish`]
     /// gives the connection back once the body has been read to its end.
-    pub async fn send(mut self, req: Request<ProxyBody>) -> Result<Response<Answer>, Failed> {
+    pub async fn send(mut self, outgoing: Outgoing) -> Result<Response<Answer>, Failed> {
+        let Outgoing { req, head } = outgoing;
         let head_only = req.method() == Method::HEAD;
         let (parts, body) = req.into_parts();
         let mut out = Vec::with_capacity(512);
-        let framing = encode_head(&mut out, &parts, &body);
+        let framing = encode_head(&mut out, &parts, head.as_deref(), &body);
         if body.is_end_stream() {
+            let unsent = (parts, body, head);
             return match self.write_whole(&out).await {
                 Ok(()) => match self.read_head(head_only).await {
                     Ok((head, kind)) => Ok(self.answer(head, kind, true, None)),
-                    Err(error) => Err(self.failed(error, parts, body)),
+                    Err(error) => Err(self.failed(error, unsent)),
                 },
-                Err(error) => Err(self.failed(error, parts, body)),
+                Err(error) => Err(self.failed(error, unsent)),
             };
         }
         let mut sending = Sending {
@@ -219,7 +221,11 @@ impl Conn {
     /// another connection when this one was reused and ended before any
     /// of the answer came (the origin had closed it while it waited), and
     /// its method is safe to repeat (RFC 9110 §9.2.2).
-    fn failed(&self, error: Error, parts: http::request::Parts, body: ProxyBody) -> Failed {
+    fn failed(
+        &self,
+        error: Error,
+        (parts, body, head): (http::request::Parts, ProxyBody, Option<Vec<u8>>),
+    ) -> Failed {
         let stale = self.reused
             && match &error {
                 Error::Closed => true,
@@ -237,8 +243,10 @@ impl Conn {
                 }
                 _ => false,
             };
-        let unsent = (stale && crate::proxy::idempotent(&parts.method))
-            .then(|| Request::from_parts(parts, body));
+        let unsent = (stale && crate::proxy::idempotent(&parts.method)).then(|| Outgoing {
+            req: Request::from_parts(parts, body),
+            head,
+        });
         Failed { error, unsent }
     }
 

@@ -18,9 +18,10 @@ pub(super) enum Framing {
 pub(super) fn encode_head(
     out: &mut Vec<u8>,
     parts: &http::request::Parts,
+    head: Option<&[u8]>,
     body: &ProxyBody,
 ) -> Framing {
-    if let Some(Encoded(head)) = parts.extensions.get::<Encoded>() {
+    if let Some(head) = head {
         out.extend_from_slice(head);
     } else {
         request_line(out, &parts.method, &parts.uri);
@@ -46,14 +47,6 @@ pub(super) fn encode_head(
     out.extend_from_slice(b"\r\n");
     framing
 }
-
-/// A request's head made by the proxy as HTTP/1.1 bytes, the request line
-/// and its fields but not its framing (`Content-Length`,
-/// `Transfer-Encoding`) nor the blank line: sent as it is, and the
-/// request's header map (empty) is not looked at. It saves making a second
-/// header map from the client's only to encode it.
-#[derive(Clone, Debug)]
-pub struct Encoded(pub Vec<u8>);
 
 /// `METHOD /path?query HTTP/1.1`, its line end included.
 pub fn request_line(out: &mut Vec<u8>, method: &Method, uri: &http::Uri) {

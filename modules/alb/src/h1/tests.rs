@@ -54,7 +54,7 @@ async fn conn(addr: std::net::SocketAddr) -> Conn {
     Conn::new(Box::new(TcpStream::connect(addr).await.unwrap()))
 }
 
-fn request(method: Method, body: ProxyBody) -> Request<ProxyBody> {
+fn request(method: Method, body: ProxyBody) -> Outgoing {
     Request::builder()
         .method(method)
         .uri("/path?q=1")
@@ -62,6 +62,7 @@ fn request(method: Method, body: ProxyBody) -> Request<ProxyBody> {
         .header("x-one", "1")
         .body(body)
         .unwrap()
+        .into()
 }
 
 fn empty() -> ProxyBody {
@@ -327,7 +328,8 @@ async fn a_sized_request_body_is_sent_with_its_length() {
     let mut req = request(Method::POST, body);
     // The client's own framing is not passed on: the ALB frames what it
     // sends.
-    req.headers_mut()
+    req.req
+        .headers_mut()
         .insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
     let resp = conn(addr).await.send(req).await.ok().unwrap();
     assert_eq!(resp.status(), 200);
