@@ -790,7 +790,10 @@ impl Alb {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        let mut r = Request::new(body);
+        // Made where it is returned from, and filled in there: a request
+        // is a few hundred bytes, and each move of it a copy.
+        let mut out = Outgoing::from(Request::new(body));
+        let r = &mut out.req;
         *r.method_mut() = parts.method.clone();
         *r.uri_mut() = upstream.uri(endpoint, path)?;
         *r.version_mut() = upstream.protocol.version();
@@ -827,10 +830,8 @@ impl Alb {
             if let Some(v) = new_host {
                 line(b"host", v);
             }
-            return Ok(Outgoing {
-                req: r,
-                head: Some(head),
-            });
+            out.head = Some(head);
+            return Ok(out);
         }
         // A copy with room for the headers added below: a clone has none
         // (its entries exactly fill their vector), so each of the inserts
@@ -846,7 +847,7 @@ impl Alb {
         if let Some(v) = new_host {
             h.insert(header::HOST, v.clone());
         }
-        Ok(r.into())
+        Ok(out)
     }
 
     async fn forward(

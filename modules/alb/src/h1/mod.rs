@@ -165,9 +165,9 @@ impl Conn {
     /// The body reads on from the same connection; [`Answer::finish`]
     /// gives the connection back once the body has been read to its end.
     pub async fn send(mut self, outgoing: Outgoing) -> Result<Response<Answer>, Failed> {
-        let Outgoing { req, head } = outgoing;
-        let head_only = req.method() == Method::HEAD;
-        let (parts, body) = req.into_parts();
+        let head_only = outgoing.req.method() == Method::HEAD;
+        let head = outgoing.head;
+        let (parts, body) = outgoing.req.into_parts();
         let mut out = Vec::with_capacity(512);
         let framing = encode_head(&mut out, &parts, head.as_deref(), &body);
         if body.is_end_stream() {
