@@ -12,7 +12,8 @@
 //! so that the fuzz targets reach them). And [`spread`], which evens out
 //! connections over the data threads of both, and [`data_thread`], the timer
 //! each of those threads keeps. With the `mimalloc` feature, [`allocator`]
-//! tunes the allocator the NLB and the ALB run on.
+//! tunes the allocator the NLB and the ALB run on, and [`id_map`] keeps
+//! their live connections by id.
 
 #![deny(unsafe_code)]
 
@@ -20,6 +21,7 @@
 pub mod allocator;
 pub mod data_thread;
 pub mod error;
+pub mod id_map;
 pub mod names;
 pub mod proxy_v2;
 pub mod query;

@@ -121,7 +121,11 @@ pub async fn both_ways(
         let (mut up_end, mut down_end) = (None, None);
         let mut upstream_first = false;
         loop {
+            // In order (`biased`): each branch completes once, so neither
+            // can starve the other, and the random start costs a draw from
+            // the thread's generator at each turn.
             tokio::select! {
+                biased;
                 w = &mut up, if up_end.is_none() => up_end = Some(w),
                 w = &mut down, if down_end.is_none() => down_end = Some(w),
             }
@@ -163,6 +167,7 @@ pub async fn both_ways(
         }
     };
     tokio::select! {
+        biased;
         ending = copy => ending,
         () = watchdog => Ending {
             end: End::Idle,

@@ -20,7 +20,7 @@ pub mod copy;
 pub mod limit;
 pub mod metrics;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -133,7 +133,7 @@ const LIVE_SHARDS: usize = 16;
 
 /// Per connection id: its listener's id and its task (`None`: the task
 /// ended before it was entered).
-type LiveShard = Mutex<HashMap<u64, Option<(u64, AbortHandle)>>>;
+type LiveShard = Mutex<shared_types::id_map::IdMap<Option<(u64, AbortHandle)>>>;
 
 /// Every connection task, so a drain deadline can close those left.
 #[derive(Default)]
