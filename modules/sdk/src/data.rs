@@ -14,7 +14,6 @@
 //! runtime.
 
 use std::cell::Cell;
-use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -24,6 +23,7 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use shared_types::id_map::IdMap;
 use shared_types::proxy_v2::{self, Decoded};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -210,7 +210,8 @@ impl Drop for Entry {
 #[derive(Default)]
 pub struct Connections {
     next: AtomicU64,
-    live: Mutex<BTreeMap<u64, Entry>>,
+    /// By id: ids count up, so the smallest are the oldest.
+    live: Mutex<IdMap<Entry>>,
     /// `live`'s length, read without the lock (every accept checks it).
     count: AtomicUsize,
     /// Drains waiting: closes notify only then.
@@ -274,16 +275,20 @@ impl Connections {
     pub fn shed(self: &Arc<Self>, n: usize, grace: Duration) -> usize {
         let picked: Vec<u64> = {
             let live = self.live.lock();
-            let picked: Vec<u64> = live
+            let mut open: Vec<u64> = live
                 .iter()
                 .filter(|(_, e)| !e.closing.is_closing())
-                .take(n)
                 .map(|(id, _)| *id)
                 .collect();
-            for id in &picked {
+            // The oldest first.
+            if open.len() > n {
+                open.select_nth_unstable(n);
+                open.truncate(n);
+            }
+            for id in &open {
                 live[id].closing.close();
             }
-            picked
+            open
         };
         if !picked.is_empty() {
             let conns = self.clone();
@@ -647,4 +652,31 @@ async fn serve_one(
         _guard: guard,
     };
     module.serve(conn).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn shedding_asks_the_oldest_open_connections_once() {
+        let conns = Arc::new(Connections::default());
+        let tracked: Vec<(Tracked, Closing)> = (0..10).map(|_| conns.track()).collect();
+        // The two oldest are finishing already: not asked again, not counted.
+        tracked[0].1.close();
+        tracked[1].1.close();
+        assert_eq!(conns.shed(3, Duration::from_secs(60)), 3);
+        let closing: Vec<bool> = tracked.iter().map(|(_, c)| c.is_closing()).collect();
+        assert_eq!(
+            closing,
+            [true, true, true, true, true, false, false, false, false, false]
+        );
+        // More than are open: all that are left.
+        assert_eq!(conns.shed(100, Duration::from_secs(60)), 5);
+        assert!(tracked.iter().all(|(_, c)| c.is_closing()));
+        assert_eq!(conns.shed(1, Duration::from_secs(60)), 0);
+        assert_eq!(conns.len(), 10);
+        drop(tracked);
+        assert!(conns.is_empty());
+    }
 }
