@@ -36,6 +36,7 @@ pub(super) struct Head {
 /// HTTP/2 client's answer needs a map ([`RawHead::append_to`]). It rides in
 /// the response's extensions; the response's own headers are those the ALB
 /// adds.
+///
 /// Field names are kept as the origin wrote them, and only the few the
 /// ALB acts on are told apart, by their bytes: no `HeaderName` is made for
 /// each.
