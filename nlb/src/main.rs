@@ -73,9 +73,22 @@ fn check_config(path: &Path) -> ExitCode {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // Before any other thread starts: mimalloc's options are plain fields.
     shared_types::allocator::keep_freed_memory();
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(run()),
+        Err(e) => {
+            eprintln!("nlb: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> ExitCode {
     let args = Args::parse();
     if let Some(path) = &args.check_config {
         return check_config(path);

@@ -1,5 +1,6 @@
 //! How the proxies' allocator (mimalloc) is tuned: the NLB and the ALB
-//! call [`keep_freed_memory`] first thing in `main`.
+//! call [`keep_freed_memory`] first thing in `main`, before any other
+//! thread starts.
 //!
 //! mimalloc gives memory it has freed back to the OS (`madvise`) 10 ms
 //! after it went unused. A proxy frees most of what a connection held
@@ -10,8 +11,10 @@
 //! each `madvise` of a threaded process interrupts its other threads' cores
 //! to flush their address translations. Held for [`PURGE_DELAY_MS`]
 //! instead, memory in steady use stays mapped (no `madvise`, no faults in
-//! the same run), and memory left over after a burst still goes back
-//! within a second or two.
+//! the same run). What a burst took still goes back once it has gone
+//! unused that long (memory mimalloc has handed back to its arenas, ten
+//! times that long), at the allocator's next frees: an idle process keeps
+//! what it holds.
 
 use std::ffi::c_long;
 
@@ -23,24 +26,37 @@ pub const PURGE_DELAY_MS: c_long = 1_000;
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// Sets mimalloc's purge delay to [`PURGE_DELAY_MS`], unless the
-/// environment chose one (`MIMALLOC_PURGE_DELAY`, which mimalloc reads
-/// itself).
+/// environment chose one: `MIMALLOC_PURGE_DELAY`, or its older name
+/// `MIMALLOC_RESET_DELAY`, in any case (as mimalloc reads them). Call it
+/// before any other thread starts.
 #[allow(unsafe_code)]
 pub fn keep_freed_memory() {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+    if std::env::vars_os().any(|(name, _)| chosen_by_environment(&name)) {
         return;
     }
-    // SAFETY: mimalloc's options are plain integers it reads atomically;
-    // setting one is safe at any time, from any thread.
+    // SAFETY: the call has no precondition of its own; mimalloc's options
+    // are plain fields, written here and read by its other calls, so this
+    // runs before any other thread can allocate (the callers make it the
+    // first thing in `main`).
     unsafe {
         libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS);
     }
 }
 
+/// Whether `name` is an environment variable that sets mimalloc's purge
+/// delay.
+fn chosen_by_environment(name: &std::ffi::OsStr) -> bool {
+    name.to_str().is_some_and(|n| {
+        n.eq_ignore_ascii_case("MIMALLOC_PURGE_DELAY")
+            || n.eq_ignore_ascii_case("MIMALLOC_RESET_DELAY")
+    })
+}
+
 /// The purge delay mimalloc uses now, in milliseconds.
 #[allow(unsafe_code)]
 pub fn purge_delay_ms() -> c_long {
-    // SAFETY: as above; reading an option is as safe as setting one.
+    // SAFETY: no precondition; a read of the option that the setting
+    // above, made before other threads start, does not race with.
     unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) }
 }
 
@@ -54,10 +70,33 @@ mod tests {
         // is what mimalloc reads back (a wrong option number would read
         // another option's value).
         keep_freed_memory();
-        let want = match std::env::var("MIMALLOC_PURGE_DELAY") {
-            Ok(v) => v.trim().parse().expect("MIMALLOC_PURGE_DELAY is a number"),
-            Err(_) => PURGE_DELAY_MS,
+        let chosen = std::env::vars_os().find(|(name, _)| chosen_by_environment(name));
+        let want = match chosen {
+            Some((_, v)) => v
+                .to_str()
+                .and_then(|v| v.trim().parse().ok())
+                .expect("the purge delay in the environment is a number"),
+            None => PURGE_DELAY_MS,
         };
         assert_eq!(purge_delay_ms(), want);
+    }
+
+    #[test]
+    fn both_names_of_the_setting_count_in_any_case() {
+        for name in [
+            "MIMALLOC_PURGE_DELAY",
+            "mimalloc_purge_delay",
+            "MIMALLOC_RESET_DELAY",
+            "Mimalloc_Reset_Delay",
+        ] {
+            assert!(chosen_by_environment(name.as_ref()), "{name}");
+        }
+        for name in [
+            "MIMALLOC_PURGE_DECOMMITS",
+            "PURGE_DELAY",
+            "MIMALLOC_PURGE_DELAY_X",
+        ] {
+            assert!(!chosen_by_environment(name.as_ref()), "{name}");
+        }
     }
 }

@@ -11,9 +11,9 @@
 //! detectors the NLB runs on a connection's first bytes (pure bytes too, here
 //! so that the fuzz targets reach them). And [`spread`], which evens out
 //! connections over the data threads of both, and [`data_thread`], the timer
-//! each of those threads keeps. With the `mimalloc` feature, [`allocator`]
-//! tunes the allocator the NLB and the ALB run on, and [`id_map`] keeps
-//! their live connections by id.
+//! each of those threads keeps. [`id_map`] keeps their live connections
+//! by id. With the `mimalloc` feature, [`allocator`] tunes the allocator
+//! the NLB and the ALB run on.
 
 #![deny(unsafe_code)]
 
