@@ -25,21 +25,9 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
-/// Which of [`HOP_BY_HOP`] `name` is (`Some(7)` for `Upgrade`). A match on
-/// the name's text: a length switch and one comparison, where comparing
-/// with each of the names would cost seven.
+/// Which of [`HOP_BY_HOP`] `name` is (`Some(7)` for `Upgrade`).
 fn hop_index(name: &HeaderName) -> Option<usize> {
-    match name.as_str() {
-        "connection" => Some(HOP_CONNECTION),
-        "keep-alive" => Some(1),
-        "proxy-connection" => Some(2),
-        "proxy-authenticate" => Some(3),
-        "proxy-authorization" => Some(4),
-        "te" => Some(5),
-        "transfer-encoding" => Some(HOP_TRANSFER_ENCODING),
-        "upgrade" => Some(7),
-        _ => None,
-    }
+    hop_index_of(name.as_str().as_bytes())
 }
 
 /// [`hop_index`] of `Connection`.
@@ -48,7 +36,8 @@ pub const HOP_CONNECTION: usize = 0;
 pub const HOP_TRANSFER_ENCODING: usize = 6;
 
 /// [`hop_index`] of a name as it came, in any case: told by its length and
-/// first letter, then compared once.
+/// first letter, then compared once (where comparing with each of the
+/// names would cost eight).
 pub fn hop_index_of(name: &[u8]) -> Option<usize> {
     let (index, lower) = match (name.len(), name.first().map(u8::to_ascii_lowercase)) {
         (10, Some(b'c')) => (HOP_CONNECTION, "connection"),
@@ -377,32 +366,14 @@ pub fn write_forwarding(
     let prior = prior(&FORWARDED)
         .map(HeaderValue::as_bytes)
         .filter(|p| !p.trim_ascii().is_empty());
-    let (prior, comma): (&[u8], &[u8]) = match prior {
-        Some(p) => (p, b", "),
-        None => (b"", b""),
-    };
-    let node = client.node.as_deref().unwrap_or(ip);
-    match host.filter(|h| forwarded_host(h)) {
-        Some(h) => line(
-            out,
-            b"forwarded",
-            &[
-                prior,
-                comma,
-                b"for=",
-                node,
-                b";host=\"",
-                h.as_bytes(),
-                b"\";proto=",
-                proto,
-            ],
-        ),
-        None => line(
-            out,
-            b"forwarded",
-            &[prior, comma, b"for=", node, b";proto=", proto],
-        ),
-    }
+    let host = host
+        .filter(|h| forwarded_host(h))
+        .map(HeaderValue::as_bytes);
+    line(
+        out,
+        b"forwarded",
+        &client.forwarded_parts(prior, host, https),
+    );
 }
 
 /// Whether a host can go into `Forwarded`: only as a plain token inside
@@ -414,6 +385,32 @@ fn forwarded_host(h: &HeaderValue) -> bool {
 }
 
 impl ClientNames {
+    /// The pieces of this hop's `Forwarded` element, after `prior` (the
+    /// client's value, not empty) when there is one, naming `host` (one
+    /// that can go in it) and the scheme; the pieces left out are empty.
+    fn forwarded_parts<'a>(
+        &'a self,
+        prior: Option<&'a [u8]>,
+        host: Option<&'a [u8]>,
+        https: bool,
+    ) -> [&'a [u8]; 9] {
+        let mut parts: [&[u8]; 9] = [b""; 9];
+        if let Some(p) = prior {
+            parts[0] = p;
+            parts[1] = b", ";
+        }
+        parts[2] = b"for=";
+        parts[3] = self.node.as_deref().unwrap_or(self.ip.as_bytes());
+        if let Some(h) = host {
+            parts[4] = b";host=\"";
+            parts[5] = h;
+            parts[6] = b"\"";
+        }
+        parts[7] = b";proto=";
+        parts[8] = if https { b"https" } else { b"http" };
+        parts
+    }
+
     /// The `Forwarded` value for this hop after `prior` (the client's):
     /// the value made for this connection's last request when the client
     /// sent none and it names the same host and scheme.
@@ -433,22 +430,7 @@ impl ClientNames {
                 return Some(v);
             }
         }
-        let proto: &[u8] = if https { b"https" } else { b"http" };
-        let mut parts: [&[u8]; 9] = [b""; 9];
-        if let Some(p) = prior {
-            parts[0] = p;
-            parts[1] = b", ";
-        }
-        parts[2] = b"for=";
-        parts[3] = self.node.as_deref().unwrap_or(self.ip.as_bytes());
-        if let Some(h) = host {
-            parts[4] = b";host=\"";
-            parts[5] = h;
-            parts[6] = b"\"";
-        }
-        parts[7] = b";proto=";
-        parts[8] = proto;
-        let v = joined(&parts)?;
+        let v = joined(&self.forwarded_parts(prior, host, https))?;
         if prior.is_none() {
             *self.forwarded.lock() = Some((host_value.cloned(), https, v.clone()));
         }
@@ -480,15 +462,20 @@ pub fn write_end_to_end(
         if skip(name) || named.contains(name) {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        put_line(out, name.as_str().as_bytes(), value.as_bytes());
     }
     if te_trailers {
         out.extend_from_slice(b"te: trailers\r\n");
     }
     named
+}
+
+/// A header line from its name's and value's bytes.
+pub fn put_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
 }
 
 fn joined(parts: &[&[u8]]) -> Option<HeaderValue> {

@@ -820,15 +820,9 @@ impl Alb {
                 peer.tls,
                 ex.host.as_ref(),
             );
-            let mut line = |name: &[u8], value: &HeaderValue| {
-                head.extend_from_slice(name);
-                head.extend_from_slice(b": ");
-                head.extend_from_slice(value.as_bytes());
-                head.extend_from_slice(b"\r\n");
-            };
-            line(b"x-request-id", rid);
+            headers::put_line(&mut head, b"x-request-id", rid.as_bytes());
             if let Some(v) = new_host {
-                line(b"host", v);
+                headers::put_line(&mut head, b"host", v.as_bytes());
             }
             out.head = Some(head);
             return Ok(out);

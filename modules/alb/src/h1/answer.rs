@@ -6,7 +6,7 @@ use super::*;
 use crate::headers::{connection_names, items};
 
 /// Where a field's name and value are in its head's bytes.
-type Place = (std::ops::Range<u32>, std::ops::Range<u32>);
+type Place = (std::ops::Range<usize>, std::ops::Range<usize>);
 
 /// An answer's head as parsed, before its header values are copied out.
 pub(super) struct Parsed {
@@ -60,12 +60,9 @@ impl RawHead {
 
     /// The fields in order: each name (as the origin wrote it) and value.
     pub fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.fields.iter().map(|(name, value)| {
-            (
-                &self.bytes[usize_range(name)],
-                &self.bytes[usize_range(value)],
-            )
-        })
+        self.fields
+            .iter()
+            .map(|(name, value)| (&self.bytes[name.clone()], &self.bytes[value.clone()]))
     }
 
     /// Adds the fields (and `Content-Length`) to `headers`, values shared
@@ -74,11 +71,10 @@ impl RawHead {
         headers.reserve(self.fields.len() + 1);
         for (name, value) in &self.fields {
             // (httparse took the name as a token, which a `HeaderName` is.)
-            let Ok(name) = HeaderName::from_bytes(&self.bytes[usize_range(name)]) else {
+            let Ok(name) = HeaderName::from_bytes(&self.bytes[name.clone()]) else {
                 continue;
             };
-            if let Ok(value) = HeaderValue::from_maybe_shared(self.bytes.slice(usize_range(value)))
-            {
+            if let Ok(value) = HeaderValue::from_maybe_shared(self.bytes.slice(value.clone())) {
                 headers.append(name, value);
             }
         }
@@ -126,22 +122,6 @@ pub(super) fn parse_head(buf: &[u8]) -> Result<Option<(usize, Parsed)>, Error> {
     )))
 }
 
-/// Where `part`, a slice of `buf`'s first `len` bytes, is in them (an
-/// empty part may point anywhere: it is put at 0). A head is at most
-/// `MAX_HEAD` bytes, so its places fit in `u32`.
-fn place(buf: &[u8], len: usize, part: &[u8]) -> std::ops::Range<u32> {
-    let start = (part.as_ptr() as usize)
-        .checked_sub(buf.as_ptr() as usize)
-        .filter(|&start| !part.is_empty() && start + part.len() <= len)
-        .unwrap_or(0);
-    let start = u32::try_from(start).unwrap_or(0);
-    start..start + part.len() as u32
-}
-
-fn usize_range(r: &std::ops::Range<u32>) -> std::ops::Range<usize> {
-    r.start as usize..r.end as usize
-}
-
 impl Parsed {
     /// The head over `bytes` (its own bytes, shared, not copied), and how
     /// its body is framed.
@@ -154,8 +134,8 @@ impl Parsed {
         let mut te = None;
         let mut length = Ok(None);
         for (name_at, value_at) in self.headers {
-            let name = &bytes[usize_range(&name_at)];
-            let value = &bytes[usize_range(&value_at)];
+            let name = &bytes[name_at.clone()];
+            let value = &bytes[value_at.clone()];
             // The headers that frame the message, read on the way.
             let hop = crate::headers::hop_index_of(name);
             if hop == Some(crate::headers::HOP_CONNECTION) {
@@ -186,7 +166,7 @@ impl Parsed {
         }
         if !named.is_empty() {
             fields.retain(|(name, _)| {
-                let name = &bytes[usize_range(name)];
+                let name = &bytes[name.clone()];
                 !named
                     .iter()
                     .any(|n| n.as_str().as_bytes().eq_ignore_ascii_case(name))

@@ -66,6 +66,16 @@ pub trait Io: AsyncRead + AsyncWrite + Send + Sync + Unpin {}
 
 impl<T: AsyncRead + AsyncWrite + Send + Sync + Unpin> Io for T {}
 
+/// Where `part`, a slice of `buf`'s first `len` bytes (a head httparse
+/// read), is in them; an empty part may point anywhere, and is put at 0.
+fn place(buf: &[u8], len: usize, part: &[u8]) -> std::ops::Range<usize> {
+    let start = (part.as_ptr() as usize)
+        .checked_sub(buf.as_ptr() as usize)
+        .filter(|&start| !part.is_empty() && start + part.len() <= len)
+        .unwrap_or(0);
+    start..start + part.len()
+}
+
 /// An open HTTP/1.1 connection to an endpoint, between requests.
 pub struct Conn {
     io: Box<dyn Io>,

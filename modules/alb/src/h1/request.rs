@@ -2,7 +2,7 @@
 //! and written while the answer may already be coming.
 
 use super::*;
-use crate::headers;
+use crate::headers::{self, put_line};
 
 /// How the request's body is framed.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -58,14 +58,6 @@ pub fn request_line(out: &mut Vec<u8>, method: &Method, uri: &http::Uri) {
 
 pub(super) fn put_header(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
     put_line(out, name.as_str().as_bytes(), value.as_bytes());
-}
-
-/// A header line from its name's and value's bytes.
-pub(super) fn put_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
 }
 
 /// A request body on its way out: what is gathered and not yet written.

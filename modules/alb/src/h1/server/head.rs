@@ -109,22 +109,14 @@ fn parse_with<'b>(
     if len > settings.max_head {
         return Err(too_large(settings.max_head));
     }
-    let base = buf.as_ptr() as usize;
-    let place = |s: &[u8]| {
-        let start = (s.as_ptr() as usize)
-            .checked_sub(base)
-            .filter(|&start| start + s.len() <= len)
-            .unwrap_or(0);
-        start..start + if s.is_empty() { 0 } else { s.len() }
-    };
     let method = Method::from_bytes(req.method.unwrap_or_default().as_bytes())
         .map_err(|_| Refusal::bad("the request's method is not a token"))?;
-    let target = place(req.path.unwrap_or_default().as_bytes());
+    let target = place(buf, len, req.path.unwrap_or_default().as_bytes());
     let mut headers = Vec::with_capacity(req.headers.len());
     for h in req.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| Refusal::bad(format!("the header name {:?}", h.name)))?;
-        headers.push((name, place(h.value)));
+        headers.push((name, place(buf, len, h.value)));
     }
     Ok(Some(Parsed {
         len,

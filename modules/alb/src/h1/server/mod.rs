@@ -31,10 +31,11 @@ use tokio::time::Instant;
 use super::framing::{content_length, Chunk, Decoder, Kind};
 pub use super::incoming::{BodyError, OnUpgrade, Upgraded};
 use super::incoming::{Continue, Link, RequestBody, Shared};
-use super::request::{put_header, put_line};
+use super::request::put_header;
 use super::RawHead;
 use super::*;
 use crate::conn_timer::ConnTimer;
+use crate::headers::put_line;
 use std::task::ready;
 
 mod head;
